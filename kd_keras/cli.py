@@ -1,0 +1,327 @@
+"""`kd-keras`: a thin command line over the library.
+
+    kd-keras COMMAND [--flag=value ...]
+    kd-keras COMMAND --help
+
+Each command is one or two library calls; the command prints what they
+return.
+"""
+
+import pathlib
+import sys
+import textwrap
+
+from absl import flags
+from absl import logging
+
+COMMANDS = {}
+
+
+def _command(*flag_groups):
+    """Registers a command; its flags live in a FlagValues of its own."""
+
+    def register(function):
+        flag_values = flags.FlagValues()
+        for group in flag_groups:
+            group(flag_values)
+        name = function.__name__.rstrip("_").replace("_", "-")
+        COMMANDS[name] = (function, flag_values)
+        return function
+
+    return register
+
+
+# Flag groups.
+
+
+def _data_flags(fv):
+    flags.DEFINE_string(
+        "dataset", "mnist",
+        "tensorflow-datasets name, or 'mnist_sample' for the digits shipped "
+        "with the package.", flag_values=fv)
+    flags.DEFINE_string(
+        "data_dir", None,
+        "tensorflow-datasets data folder (see `kd-keras data` to import local "
+        "MNIST IDX files into one).", flag_values=fv)
+    flags.DEFINE_string("train_split", "train", "Split to train on.",
+                        flag_values=fv)
+    flags.DEFINE_string("test_split", "test", "Split to validate and test on.",
+                        flag_values=fv)
+    flags.DEFINE_integer("batch_size", 128, "Batch size.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of weights, shuffles and jitter.",
+                         flag_values=fv)
+
+
+def _model_flags(fv):
+    flags.DEFINE_enum("family", "mlp", ["mlp", "plain_cnn"],
+                      "Model family of the model to train.", flag_values=fv)
+    flags.DEFINE_list("hidden", ["800", "800"],
+                      "mlp: hidden layer widths, e.g. 1200,1200.",
+                      flag_values=fv)
+    flags.DEFINE_float("dropout", 0.0, "mlp: dropout after hidden layers.",
+                       flag_values=fv)
+    flags.DEFINE_float("input_dropout", 0.0, "mlp: dropout on the inputs.",
+                       flag_values=fv)
+    flags.DEFINE_float("max_norm", None,
+                       "mlp: max-norm of each unit's incoming weights.",
+                       flag_values=fv)
+    flags.DEFINE_integer("depth", 2, "plain_cnn: depth (2, 4, 6, 8 or 10).",
+                         flag_values=fv)
+    flags.DEFINE_float("width", 1.0, "plain_cnn: width multiplier.",
+                       flag_values=fv)
+
+
+def _fit_flags(fv):
+    flags.DEFINE_integer("epochs", 10, "Epochs to train.", flag_values=fv)
+    flags.DEFINE_float("learning_rate", 1e-3, "Adam's learning rate.",
+                       flag_values=fv)
+    flags.DEFINE_integer("jitter", 0,
+                         "Shift training images by up to this many pixels.",
+                         flag_values=fv)
+    flags.DEFINE_string("output", None, "Where to write the trained .keras "
+                        "model.", required=True, flag_values=fv)
+    flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0, 1 (progress "
+                         "bars) or 2 (a line per epoch).", flag_values=fv)
+
+
+def _distill_flags(fv):
+    flags.DEFINE_string("teacher", None, "The trained teacher, a .keras file.",
+                        required=True, flag_values=fv)
+    flags.DEFINE_float("temperature", 4.0, "Distillation temperature T > 0.",
+                       flag_values=fv)
+    flags.DEFINE_float("distillation_weight", 0.9,
+                       "Weight λ of the distillation term, in [0, 1].",
+                       flag_values=fv)
+    flags.DEFINE_enum("cache_teacher", "auto", ["auto", "yes", "no"],
+                      "Cache the teacher's logits once ('auto': unless the "
+                      "data is jittered).", flag_values=fv)
+
+
+def _evaluate_flags(fv):
+    flags.DEFINE_string("model", None, "The .keras model to evaluate.",
+                        required=True, flag_values=fv)
+
+
+def _demo_flags(fv):
+    flags.DEFINE_string("workdir", "kd_keras_demo",
+                        "Folder for the trained models and the plot.",
+                        flag_values=fv)
+    flags.DEFINE_integer("epochs", 20, "Epochs of each student.",
+                         flag_values=fv)
+    flags.DEFINE_integer("teacher_epochs", 30, "Epochs of the teacher.",
+                         flag_values=fv)
+    flags.DEFINE_float("temperature", 8.0, "Distillation temperature.",
+                       flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed.", flag_values=fv)
+    flags.DEFINE_integer("verbose", 2, "Keras verbosity.", flag_values=fv)
+
+
+def _import_flags(fv):
+    flags.DEFINE_string("idx_dir", None,
+                        "Folder with the four MNIST IDX files (.gz or not).",
+                        required=True, flag_values=fv)
+    flags.DEFINE_string("data_dir", "~/tensorflow_datasets",
+                        "tensorflow-datasets folder to import into.",
+                        flag_values=fv)
+
+
+# Helpers.
+
+
+def _table(rows, columns):
+    widths = {
+        c: max(len(c), *(len(_cell(r.get(c, ""))) for r in rows)) for c in columns
+    }
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns),
+             "  ".join("-" * widths[c] for c in columns)]
+    for row in rows:
+        lines.append("  ".join(_cell(row.get(c, "")).ljust(widths[c])
+                               for c in columns))
+    return "\n".join(lines)
+
+
+def _cell(value):
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def _load_splits(fv, jitter=0):
+    from kd_keras import data
+
+    load = dict(name=fv.dataset, data_dir=fv.data_dir,
+                batch_size=fv.batch_size, seed=fv.seed)
+    train = data.load(split=fv.train_split, shuffle=True, max_shift=jitter,
+                      **load)
+    test = data.load(split=fv.test_split, **load)
+    return train, test
+
+
+def _build_model(fv, name):
+    from kd_keras import models
+
+    if fv.family == "mlp":
+        return models.mlp(
+            tuple(int(w) for w in fv.hidden), dropout=fv.dropout,
+            input_dropout=fv.input_dropout, max_norm=fv.max_norm, name=name)
+    return models.plain_cnn(fv.depth, width=fv.width, name=name)
+
+
+def _output_path(fv):
+    path = pathlib.Path(fv.output)
+    if path.suffix != ".keras":
+        raise ValueError(
+            f"Expected --output to end in .keras. Received: --output={path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _report(model, test, path):
+    from kd_keras import training
+
+    errors, examples = training.test_errors(model, test)
+    print(_table([{
+        "model": str(path), "params": model.count_params(),
+        "test_errors": errors, "test_examples": examples,
+        "error_percent": 100.0 * errors / examples}],
+        ["model", "params", "test_errors", "test_examples", "error_percent"]))
+
+
+# Commands.
+
+
+@_command(_demo_flags)
+def demo(fv):
+    """Distils a teacher into a student on the MNIST sample shipped with the
+    package, and prints the test errors of teacher, scratch student and
+    distilled student. Takes a few minutes on two cores."""
+    from kd_keras.demo import run_demo
+
+    rows = run_demo(workdir=fv.workdir, epochs=fv.epochs,
+                    teacher_epochs=fv.teacher_epochs,
+                    temperature=fv.temperature, seed=fv.seed,
+                    verbose=fv.verbose)
+    print()
+    print(_table(rows, ["model", "params", "test_errors", "test_examples",
+                        "error_percent", "epochs", "seconds"]))
+    print(f"\nModels and students_val_accuracy.png are in {fv.workdir}/")
+
+
+@_command(_data_flags, _model_flags, _fit_flags)
+def train(fv):
+    """Trains a model on the labels (a teacher, or a student from scratch)
+    and writes it as a .keras file. Rerunning an interrupted command resumes
+    from its last finished epoch."""
+    from kd_keras import training
+
+    path = _output_path(fv)
+    train_data, test = _load_splits(fv, jitter=fv.jitter)
+    model = _build_model(fv, path.stem)
+    training.train(model, train_data, test, epochs=fv.epochs,
+                   learning_rate=fv.learning_rate,
+                   backup_dir=path.with_suffix(".backup"), verbose=fv.verbose)
+    model.save(path)
+    _report(model, test, path)
+
+
+@_command(_data_flags, _model_flags, _fit_flags, _distill_flags)
+def distill(fv):
+    """Distils a trained teacher (.keras) into a new student and writes the
+    student as a .keras file (without the teacher). Rerunning an interrupted
+    command resumes from its last finished epoch."""
+    import keras
+    from kd_keras import training
+
+    path = _output_path(fv)
+    train_data, test = _load_splits(fv, jitter=fv.jitter)
+    teacher = keras.saving.load_model(fv.teacher)
+    student = _build_model(fv, path.stem)
+    cache = {"auto": "auto", "yes": True, "no": False}[fv.cache_teacher]
+    training.distill(teacher, student, train_data, test,
+                     temperature=fv.temperature,
+                     distillation_weight=fv.distillation_weight,
+                     epochs=fv.epochs, learning_rate=fv.learning_rate,
+                     cache=cache, backup_dir=path.with_suffix(".backup"),
+                     verbose=fv.verbose)
+    student.save(path)
+    _report(student, test, path)
+
+
+@_command(_data_flags, _evaluate_flags)
+def evaluate(fv):
+    """Prints a .keras model's test errors on a dataset split."""
+    import keras
+
+    _, test = _load_splits(fv)
+    model = keras.saving.load_model(fv.model)
+    _report(model, test, fv.model)
+
+
+@_command(_import_flags)
+def data(fv):
+    """Imports local MNIST IDX files into a tensorflow-datasets folder, so
+    that `--dataset mnist --data_dir DIR` works with no network."""
+    from kd_keras import data as data_lib
+
+    counts = data_lib.import_mnist(fv.idx_dir, fv.data_dir)
+    print(_table([{"split": k, "examples": v} for k, v in counts.items()],
+                 ["split", "examples"]))
+    print(f"\nMNIST is ready in {fv.data_dir}: pass --data_dir {fv.data_dir}")
+
+
+# Entry point.
+
+
+def _usage():
+    lines = ["usage: kd-keras COMMAND [--flag=value ...]", "",
+             "Knowledge distillation for Keras. Commands:", ""]
+    for name, (function, _) in COMMANDS.items():
+        summary = " ".join(function.__doc__.split()).split(". ")[0]
+        lines.append(f"  {name:10s} {summary}.")
+    lines += ["", "`kd-keras COMMAND --help` lists a command's flags."]
+    return "\n".join(lines)
+
+
+def _command_help(name):
+    function, flag_values = COMMANDS[name]
+    doc = textwrap.fill(" ".join(function.__doc__.split()), 79)
+    return f"usage: kd-keras {name} [--flag=value ...]\n\n{doc}\n\nflags:\n" + (
+        flag_values.get_help(include_special_flags=False))
+
+
+def run(argv=None):
+    """Runs `kd-keras`; returns the process exit status."""
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name = argv[1]
+    if name not in COMMANDS:
+        print(f"kd-keras: unknown command {name!r}.\n\n{_usage()}",
+              file=sys.stderr)
+        return 2
+    if any(arg in ("-h", "--help", "-help", "--helpfull") for arg in argv[2:]):
+        print(_command_help(name))
+        return 0
+    function, flag_values = COMMANDS[name]
+    try:
+        rest = flag_values([f"kd-keras {name}"] + argv[2:])
+    except flags.Error as error:
+        print(f"kd-keras {name}: {error}\nSee `kd-keras {name} --help`.",
+              file=sys.stderr)
+        return 2
+    if len(rest) > 1:
+        print(f"kd-keras {name}: unexpected arguments {rest[1:]}. "
+              f"See `kd-keras {name} --help`.", file=sys.stderr)
+        return 2
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    logging.set_verbosity(logging.WARNING)
+    try:
+        function(flag_values)
+    except ValueError as error:
+        print(f"kd-keras {name}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,419 @@
+"""Data: tensorflow-datasets loading, offline MNIST import, the shipped
+sample, jitter and class filters.
+
+Every pipeline yields `(image, label)` batches with float32 images in [0, 1]
+of shape `(28, 28, 1)` for MNIST, and int32 labels.
+"""
+
+import gzip
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+import keras
+import tensorflow as tf
+
+SAMPLE_PATH = pathlib.Path(__file__).parent / "sample_data" / "mnist_sample.npz"
+SAMPLE_NAME = "mnist_sample"
+
+# The four MNIST files, as LeCun distributed them.
+MNIST_FILES = {
+    "train_data": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_data": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4",
+               0x0D: ">f4", 0x0E: ">f8"}
+
+
+def _open(path):
+    path = pathlib.Path(path)
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
+def read_idx_header(path):
+    """Returns `(dtype, shape)` from an IDX(.gz) file's header."""
+    with _open(path) as f:
+        head = f.read(4)
+        if len(head) != 4 or head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES:
+            raise ValueError(
+                f"{path} is not an IDX file: its first bytes are {head!r}, "
+                "expected 00 00 <type> <rank>. Pass the MNIST files "
+                "train-images-idx3-ubyte(.gz) and the like."
+            )
+        rank = head[3]
+        dims = f.read(4 * rank)
+        if len(dims) != 4 * rank:
+            raise ValueError(f"{path} ends inside its IDX header.")
+        shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big")
+                      for i in range(rank))
+    return np.dtype(_IDX_DTYPES[head[2]]), shape
+
+
+def read_idx(path):
+    """Reads an IDX(.gz) file into a NumPy array."""
+    dtype, shape = read_idx_header(path)
+    with _open(path) as f:
+        f.read(4 + 4 * len(shape))
+        buffer = f.read()
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(buffer) != expected:
+        raise ValueError(
+            f"{path} holds {len(buffer)} bytes of data but its header "
+            f"{shape} promises {expected}. The file is truncated or corrupt."
+        )
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _find_idx_files(idx_dir):
+    idx_dir = pathlib.Path(idx_dir)
+    if not idx_dir.is_dir():
+        raise ValueError(
+            f"Expected a folder holding the four MNIST IDX files. Received: "
+            f"idx_dir={str(idx_dir)!r}, which is not a folder."
+        )
+    found, missing = {}, []
+    for key, stem in MNIST_FILES.items():
+        candidates = [
+            idx_dir / name
+            for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
+                         stem.replace("-idx", ".idx") + ".gz")
+        ]
+        existing = [c for c in candidates if c.is_file()]
+        if existing:
+            found[key] = existing[0]
+        else:
+            missing.append(stem + "[.gz]")
+    if missing:
+        raise ValueError(
+            f"{idx_dir} lacks {', '.join(missing)}. Put the four MNIST IDX "
+            "files (gzipped or not) in one folder."
+        )
+    return found
+
+
+def _check_mnist_files(files):
+    """Checks headers; returns the number of examples per split."""
+    counts = {}
+    for split in ("train", "test"):
+        _, image_shape = read_idx_header(files[split + "_data"])
+        _, label_shape = read_idx_header(files[split + "_labels"])
+        if len(image_shape) != 3 or image_shape[1:] != (28, 28):
+            raise ValueError(
+                f"{files[split + '_data']} holds arrays of shape "
+                f"{image_shape}, expected (N, 28, 28) MNIST images."
+            )
+        if label_shape != image_shape[:1]:
+            raise ValueError(
+                f"{split}: {image_shape[0]} images but {label_shape} labels. "
+                "Use an image file and a label file of the same split."
+            )
+        counts[split] = image_shape[0]
+    return counts
+
+
+def _local_mnist_builder(files, counts, data_dir):
+    """The tfds MNIST builder, reading the given files instead of the web."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.image_classification import mnist
+
+    class LocalMNIST(mnist.MNIST, skip_registration=True):
+        name = "mnist"
+
+        def _split_generators(self, dl_manager):
+            paths = dl_manager.extract({k: str(v) for k, v in files.items()})
+            return [
+                tfds.core.SplitGenerator(
+                    name=split,
+                    gen_kwargs=dict(
+                        num_examples=counts[split],
+                        data_path=paths[split + "_data"],
+                        label_path=paths[split + "_labels"],
+                    ),
+                )
+                for split in ("train", "test")
+            ]
+
+    return LocalMNIST(data_dir=str(data_dir))
+
+
+def import_mnist(idx_dir, data_dir):
+    """Imports local MNIST IDX files into a tensorflow-datasets folder.
+
+    Afterwards `load("mnist", split, data_dir=data_dir)` (and
+    `tfds.load("mnist", data_dir=data_dir)`) read them with no network. The
+    files are the four of LeCun's distribution, gzipped or not. Importing
+    again into a folder that holds them already does nothing.
+
+    Args:
+        idx_dir: folder with `train-images-idx3-ubyte(.gz)`,
+            `train-labels-idx1-ubyte(.gz)`, `t10k-images-idx3-ubyte(.gz)` and
+            `t10k-labels-idx1-ubyte(.gz)`.
+        data_dir: the tensorflow-datasets data folder to write to.
+
+    Returns:
+        A dict `{"train": n_train, "test": n_test}` of example counts.
+
+    Example:
+
+    >>> import_mnist("~/Downloads/mnist", "~/tensorflow_datasets")
+    {'train': 60000, 'test': 10000}
+    """
+    import tensorflow_datasets as tfds
+
+    idx_dir = pathlib.Path(os.path.expanduser(str(idx_dir)))
+    data_dir = pathlib.Path(os.path.expanduser(str(data_dir)))
+    files = _find_idx_files(idx_dir)
+    counts = _check_mnist_files(files)
+    builder = _local_mnist_builder(files, counts, data_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        builder.download_and_prepare(
+            download_dir=scratch,
+            download_config=tfds.download.DownloadConfig(
+                try_download_gcs=False,
+                extract_dir=os.path.join(scratch, "extracted"),
+            ),
+        )
+    return {
+        split: builder.info.splits[split].num_examples
+        for split in ("train", "test")
+    }
+
+
+def sample():
+    """Returns the small MNIST sample shipped with the package.
+
+    It holds the first 8,000 training and the first 2,000 test images of
+    MNIST (Y. LeCun, C. Cortes, C. J. C. Burges; CC BY-SA 3.0), in the form
+    `keras.datasets.mnist.load_data()` returns.
+
+    Returns:
+        `((x_train, y_train), (x_test, y_test))`: uint8 images of shape
+        `(n, 28, 28)` and uint8 labels.
+
+    Example:
+
+    >>> (x_train, y_train), (x_test, y_test) = sample()
+    >>> x_train.shape
+    (8000, 28, 28)
+    """
+    with np.load(SAMPLE_PATH) as arrays:
+        return (
+            (arrays["x_train"], arrays["y_train"]),
+            (arrays["x_test"], arrays["y_test"]),
+        )
+
+
+def filter_classes(dataset, keep=None, drop=None):
+    """Keeps the examples of some classes in an unbatched `(x, y)` dataset.
+
+    Args:
+        dataset: an unbatched `tf.data.Dataset` of `(x, y)` with integer y.
+        keep: class ids to keep (all others are dropped).
+        drop: class ids to drop, e.g. `[3]` for Hinton's omitted-3 transfer set.
+
+    Returns:
+        The filtered dataset.
+    """
+    keep = None if keep is None else sorted(set(int(c) for c in keep))
+    drop = sorted(set(int(c) for c in drop or ()))
+    if keep is not None and not keep:
+        raise ValueError("Expected at least one class in `keep`. Received: []")
+
+    def wanted(x, y):
+        label = tf.cast(tf.reshape(y, []), tf.int64)
+        result = tf.constant(True)
+        if keep is not None:
+            result = tf.reduce_any(tf.equal(label, tf.constant(keep, tf.int64)))
+        if drop:
+            result = tf.logical_and(
+                result,
+                tf.logical_not(
+                    tf.reduce_any(tf.equal(label, tf.constant(drop, tf.int64)))
+                ),
+            )
+        return result
+
+    return dataset.filter(wanted)
+
+
+def jitter(dataset, max_shift=2, seed=None):
+    """Shifts each image of a batched dataset by up to `max_shift` pixels.
+
+    Hinton et al. (2015) trained the MNIST teacher on inputs jittered by up to
+    two pixels in any direction. Shifts are whole pixels (nearest
+    interpolation), empty borders are filled with zeros.
+
+    Args:
+        dataset: a batched dataset of `(images, labels)`, images NHWC.
+        max_shift: the largest shift, in pixels.
+        seed: seed of the random shifts.
+
+    Returns:
+        The jittered dataset. It differs on every pass, so do not cache
+        teacher logits of it.
+    """
+    height, width = dataset.element_spec[0].shape[1:3]
+    translate = keras.layers.RandomTranslation(
+        height_factor=max_shift / height,
+        width_factor=max_shift / width,
+        fill_mode="constant",
+        interpolation="nearest",
+        seed=seed,
+    )
+
+    def shift(x, y, *rest):
+        return (translate(x, training=True), y, *rest)
+
+    return dataset.map(shift, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _normalise(x, y, *rest):
+    x = tf.cast(x, tf.float32) / 255.0
+    if x.shape.rank == 3:
+        x = x[..., tf.newaxis]
+    return (x, tf.cast(y, tf.int32), *rest)
+
+
+def pipeline(
+    examples,
+    batch_size=128,
+    shuffle=False,
+    seed=None,
+    max_shift=0,
+    keep_classes=None,
+    drop_classes=None,
+    limit=None,
+):
+    """Turns unbatched `(uint8 image, label)` examples into training batches.
+
+    Args:
+        examples: an unbatched `tf.data.Dataset`, or a tuple `(x, y)` of arrays.
+        batch_size: examples per batch.
+        shuffle: reshuffle every epoch.
+        seed: seed of the shuffle and the jitter.
+        max_shift: jitter by up to this many pixels (0: none).
+        keep_classes: if set, keep only these class ids.
+        drop_classes: drop these class ids.
+        limit: keep only the first `limit` examples (after class filtering).
+
+    Returns:
+        A batched, prefetched `tf.data.Dataset` of (float32 images in [0, 1],
+        int32 labels).
+    """
+    if isinstance(examples, tuple):
+        examples = tf.data.Dataset.from_tensor_slices(examples)
+    if keep_classes is not None or drop_classes:
+        examples = filter_classes(examples, keep=keep_classes, drop=drop_classes)
+    if limit is not None:
+        examples = examples.take(limit)
+    if shuffle:
+        examples = examples.shuffle(10_000, seed=seed)
+    batches = examples.batch(batch_size).map(
+        _normalise, num_parallel_calls=tf.data.AUTOTUNE
+    )
+    if max_shift:
+        batches = jitter(batches, max_shift, seed=seed)
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def _sample_split(split):
+    (x_train, y_train), (x_test, y_test) = sample()
+    arrays = {"train": (x_train, y_train), "test": (x_test, y_test)}
+    if split not in arrays:
+        raise ValueError(
+            f"The sample has the splits 'train' and 'test'. Received: "
+            f"split={split!r}"
+        )
+    return arrays[split]
+
+
+def load(
+    name="mnist",
+    split="train",
+    data_dir=None,
+    batch_size=128,
+    shuffle=False,
+    seed=None,
+    max_shift=0,
+    keep_classes=None,
+    drop_classes=None,
+    limit=None,
+    download=True,
+    in_memory=True,
+):
+    """Loads a dataset through tensorflow-datasets as normalised batches.
+
+    Args:
+        name: a tensorflow-datasets image classification name such as
+            `"mnist"`, or `"mnist_sample"` for the sample shipped with the
+            package.
+        split: a tfds split such as `"train"`, `"test"` or `"train[:90%]"`.
+        data_dir: the tensorflow-datasets data folder (see `import_mnist`).
+        batch_size: examples per batch.
+        shuffle: reshuffle every epoch.
+        seed: seed of the shuffle and jitter.
+        max_shift: jitter by up to this many pixels (Hinton's teacher: 2).
+        keep_classes: if set, keep only these class ids.
+        drop_classes: drop these class ids (e.g. `[3]`).
+        limit: keep only the first `limit` examples.
+        download: let tensorflow-datasets download the data if it is missing.
+        in_memory: decode the whole split once into memory (fast epochs for
+            MNIST-sized data); False streams and decodes every epoch.
+
+    Returns:
+        A batched `tf.data.Dataset` of `(images, labels)`.
+
+    Example:
+
+    >>> train = load("mnist", "train", batch_size=128, shuffle=True)
+    >>> test = load("mnist", "test")
+    """
+    if name == SAMPLE_NAME:
+        examples = _sample_split(split)
+    else:
+        import tensorflow_datasets as tfds
+
+        try:
+            examples = tfds.load(
+                name,
+                split=split,
+                data_dir=None if data_dir is None else os.path.expanduser(
+                    str(data_dir)),
+                as_supervised=True,
+                download=download,
+                batch_size=-1 if in_memory else None,
+            )
+            if in_memory:
+                examples = tuple(tfds.as_numpy(examples))
+        except (tfds.core.registered.DatasetNotFoundError,
+                AssertionError, OSError) as error:
+            raise ValueError(
+                f"Could not load {name!r} split {split!r} from "
+                f"data_dir={data_dir!r}: {error}. For MNIST with no network, "
+                "import the IDX files first: `kd-keras data --idx_dir DIR "
+                "--data_dir DATA_DIR` (or `kd_keras.data.import_mnist`)."
+            ) from error
+    return pipeline(
+        examples,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        max_shift=max_shift,
+        keep_classes=keep_classes,
+        drop_classes=drop_classes,
+        limit=limit,
+    )
+
+
+def to_arrays(dataset):
+    """Collects a batched `(x, y)` dataset into two NumPy arrays."""
+    xs, ys = [], []
+    for x, y, *_ in dataset.as_numpy_iterator():
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs), np.concatenate(ys)

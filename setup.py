@@ -1,0 +1,5 @@
+"""Installs kd_keras; the metadata and dependencies are in setup.cfg."""
+
+import setuptools
+
+setuptools.setup()

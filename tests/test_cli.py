@@ -1,0 +1,78 @@
+import keras
+import pytest
+
+from kd_keras import cli
+
+
+def run(*args):
+    return cli.run(["kd-keras", *map(str, args)])
+
+
+def test_usage_lists_every_command(capsys):
+    assert run() == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "train", "distill", "evaluate", "data"):
+        assert f"  {name} " in out
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "distill", "evaluate",
+                                     "data"])
+def test_every_command_has_a_help_with_its_flags(command, capsys):
+    assert run(command, "--help") == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: kd-keras {command}")
+    assert "--" in out.split("flags:")[1]
+
+
+def test_unknown_command_and_bad_flags_fail_with_a_hint(capsys):
+    assert run("teach") == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert run("train", "--epochs=many", "--output=x.keras") == 2
+    assert "kd-keras train --help" in capsys.readouterr().err
+    assert run("train") == 2
+    assert "--output" in capsys.readouterr().err
+
+
+def test_tiny_demo_prints_the_table_and_writes_the_students(tmp_path, capsys):
+    assert run("demo", "--epochs=1", "--teacher_epochs=1", "--verbose=0",
+               f"--workdir={tmp_path}") == 0
+    out = capsys.readouterr().out
+    for row in ("teacher 2x1200", "student 2x800 from scratch",
+                "student 2x800 distilled"):
+        assert row in out
+    assert "test_errors" in out
+    for name in ("teacher.keras", "scratch_student.keras",
+                 "distilled_student.keras", "students_val_accuracy.png"):
+        assert (tmp_path / name).is_file()
+
+
+def test_train_distill_and_evaluate_on_the_sample(tmp_path, capsys):
+    common = ["--dataset=mnist_sample", "--epochs=1", "--verbose=0",
+              "--batch_size=256"]
+    teacher, student = tmp_path / "teacher.keras", tmp_path / "student.keras"
+    assert run("train", *common, "--hidden=64", f"--output={teacher}") == 0
+    assert run("distill", *common, "--hidden=16", f"--teacher={teacher}",
+               "--temperature=3", f"--output={student}") == 0
+    loaded = keras.saving.load_model(student)
+    assert loaded.count_params() == 784 * 16 + 16 + 16 * 10 + 10
+    capsys.readouterr()
+    assert run("evaluate", "--dataset=mnist_sample", f"--model={student}") == 0
+    assert "test_errors" in capsys.readouterr().out
+
+
+def test_distill_reports_bad_values_without_a_traceback(tmp_path, capsys):
+    teacher = tmp_path / "teacher.keras"
+    assert run("train", "--dataset=mnist_sample", "--epochs=1", "--verbose=0",
+               "--hidden=8", f"--output={teacher}") == 0
+    assert run("distill", "--dataset=mnist_sample", f"--teacher={teacher}",
+               "--temperature=0", f"--output={tmp_path / 's.keras'}") == 1
+    assert "temperature" in capsys.readouterr().err
+
+
+def test_data_command_imports_mnist(mnist_data_dir, capsys):
+    from conftest import SHARED_MNIST
+
+    assert run("data", f"--idx_dir={SHARED_MNIST}",
+               f"--data_dir={mnist_data_dir}") == 0
+    out = capsys.readouterr().out
+    assert "60000" in out and "10000" in out

@@ -1,0 +1,346 @@
+import numpy as np
+import keras
+import pytest
+import tensorflow as tf
+
+import kd_keras
+from conftest import FEATURES, NUM_CLASSES, copy_of, counting_teacher, tiny_mlp
+from test_losses import np_distillation_loss, np_log_softmax
+
+
+def make_distiller(teacher=None, student=None, optimizer="sgd", **kwargs):
+    distiller = kd_keras.Distiller(
+        teacher or tiny_mlp(32, seed=1), student or tiny_mlp(8, seed=2), **kwargs
+    )
+    distiller.compile(optimizer, metrics=["accuracy"])
+    return distiller
+
+
+def np_cross_entropy(logits, labels):
+    return -np_log_softmax(logits)[np.arange(len(labels)), labels].mean()
+
+
+def weights_of(model):
+    return [w.copy() for w in model.get_weights()]
+
+
+def assert_same_weights(a, b, **tolerance):
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, **tolerance)
+
+
+# The loss.
+
+
+def test_total_loss_matches_numpy_reference(tiny_data):
+    x, y = tiny_data
+    distiller = make_distiller(temperature=3.0, distillation_weight=0.7)
+    logs = distiller.evaluate(x, y, batch_size=len(x), return_dict=True,
+                              verbose=0)
+    t = distiller.teacher.predict(x, verbose=0).astype("float64")
+    s = distiller.student.predict(x, verbose=0).astype("float64")
+    label = np_cross_entropy(s, y)
+    kd = np_distillation_loss(t, s, 3.0)
+    assert logs["student_loss"] == pytest.approx(label, rel=1e-5)
+    assert logs["distillation_loss"] == pytest.approx(kd, rel=1e-5)
+    assert logs["loss"] == pytest.approx(0.3 * label + 0.7 * kd, rel=1e-5)
+
+
+def test_weight_zero_step_equals_student_only_step(tiny_data):
+    x, y = tiny_data
+    student = tiny_mlp(8, seed=2)
+    alone = copy_of(student)
+    alone.compile(
+        keras.optimizers.SGD(0.1),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    distiller = make_distiller(student=student, distillation_weight=0.0,
+                               optimizer=keras.optimizers.SGD(0.1))
+    alone_loss = alone.train_on_batch(x, y)
+    logs = distiller.train_on_batch(x, y, return_dict=True)
+    assert logs["loss"] == pytest.approx(alone_loss, rel=1e-6)
+    assert logs["distillation_loss"] == 0.0
+    assert_same_weights(student.get_weights(), alone.get_weights(),
+                        rtol=1e-6, atol=1e-7)
+
+
+def test_teacher_is_not_run_when_weight_is_zero(tiny_data):
+    x, y = tiny_data
+    teacher = counting_teacher()
+    distiller = make_distiller(teacher=teacher, distillation_weight=0.0)
+    before = teacher.count()
+    distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert teacher.count() == before
+
+
+def test_teacher_runs_once_per_training_batch(tiny_data):
+    x, y = tiny_data
+    teacher = counting_teacher()
+    distiller = make_distiller(teacher=teacher)
+    before = teacher.count()
+    distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert teacher.count() - before == len(x) // 16
+
+
+def test_one_hot_labels_give_the_same_loss_as_integer_labels(tiny_data):
+    x, y = tiny_data
+    sparse = make_distiller().evaluate(x, y, return_dict=True, verbose=0)
+    # A new Distiller: Keras resolves "accuracy" for the first labels it sees.
+    one_hot = make_distiller().evaluate(
+        x, keras.utils.to_categorical(y, NUM_CLASSES), return_dict=True,
+        verbose=0)
+    assert one_hot["loss"] == pytest.approx(sparse["loss"], rel=1e-6)
+    assert one_hot["accuracy"] == pytest.approx(sparse["accuracy"])
+
+
+def test_sample_weight_is_honoured(tiny_data):
+    x, y = tiny_data
+    distiller = make_distiller(temperature=2.0, distillation_weight=0.5)
+    weights = np.zeros(len(x), "float32")
+    weights[:10] = 1.0
+    logs = distiller.evaluate(x, y, sample_weight=weights, batch_size=len(x),
+                              return_dict=True, verbose=0)
+    t = distiller.teacher.predict(x[:10], verbose=0).astype("float64")
+    s = distiller.student.predict(x[:10], verbose=0).astype("float64")
+    # Keras' "sum_over_batch_size": the weighted sum over the whole batch.
+    scale = 10 / len(x)
+    expected = 0.5 * scale * np_cross_entropy(s, y[:10]) + (
+        0.5 * scale * np_distillation_loss(t, s, 2.0))
+    assert logs["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+# Training.
+
+
+def test_teacher_weights_do_not_change_during_fit(tiny_data):
+    x, y = tiny_data
+    distiller = make_distiller(optimizer="adam")
+    before = weights_of(distiller.teacher)
+    distiller.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert_same_weights(distiller.teacher.get_weights(), before, rtol=0, atol=0)
+
+
+def test_student_weights_change_during_fit(tiny_data):
+    x, y = tiny_data
+    distiller = make_distiller(optimizer="adam")
+    before = weights_of(distiller.student)
+    distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    for old, new in zip(before, distiller.student.get_weights()):
+        assert not np.allclose(old, new)
+
+
+def test_only_student_weights_are_trainable():
+    distiller = make_distiller()
+    assert {id(v) for v in distiller.trainable_variables} == {
+        id(v) for v in distiller.student.trainable_variables}
+    assert distiller.teacher.trainable is False
+
+
+def test_fit_and_evaluate_log_losses_and_compiled_metrics(tiny_data):
+    x, y = tiny_data
+    distiller = make_distiller()
+    history = distiller.fit(x, y, validation_data=(x, y), epochs=1, verbose=0)
+    for key in ("loss", "student_loss", "distillation_loss", "accuracy"):
+        assert key in history.history
+        assert "val_" + key in history.history
+    assert history.history["temperature"] == [pytest.approx(4.0)]
+    assert history.history["distillation_weight"] == [pytest.approx(0.9)]
+    logs = distiller.evaluate(x, y, return_dict=True, verbose=0)
+    assert {"loss", "student_loss", "distillation_loss", "accuracy"} <= set(logs)
+
+
+def test_new_temperature_takes_effect_on_the_next_step_without_retrace(
+        tiny_data):
+    class CountingTraces(kd_keras.Distiller):
+        traces = 0
+
+        def train_step(self, data):
+            CountingTraces.traces += 1  # Python runs only while tracing.
+            return super().train_step(data)
+
+    x, y = tiny_data
+    distiller = CountingTraces(tiny_mlp(32, seed=1), tiny_mlp(8, seed=2))
+    distiller.compile("sgd")
+    distiller.train_on_batch(x, y)
+    distiller.temperature.assign(2.0)
+    distiller.distillation_weight.assign(1.0)
+    logs = distiller.train_on_batch(x, y, return_dict=True)
+    assert CountingTraces.traces == 1
+    assert logs["temperature"] == pytest.approx(2.0)
+    assert logs["loss"] == pytest.approx(logs["distillation_loss"], rel=1e-6)
+
+
+def test_temperature_setter_validates():
+    distiller = make_distiller()
+    distiller.temperature = 7
+    assert float(distiller.temperature.numpy()) == 7.0
+    with pytest.raises(ValueError, match="temperature"):
+        distiller.temperature = 0.0
+    with pytest.raises(ValueError, match="distillation_weight"):
+        distiller.distillation_weight = 2.0
+
+
+def test_call_and_predict_return_student_logits(tiny_data):
+    x, _ = tiny_data
+    distiller = make_distiller()
+    expected = distiller.student.predict(x, verbose=0)
+    np.testing.assert_allclose(distiller.predict(x, verbose=0), expected,
+                               rtol=1e-6)
+    np.testing.assert_allclose(distiller(x), expected, rtol=1e-6)
+
+
+def test_labels_are_optional_when_only_the_teacher_teaches(tiny_data):
+    x, _ = tiny_data
+    distiller = make_distiller(distillation_weight=1.0)
+    history = distiller.fit(x, epochs=1, batch_size=16, verbose=0)
+    assert history.history["student_loss"] == [0.0]
+
+
+# Saving.
+
+
+def test_saved_student_does_not_contain_the_teacher(tiny_data, tmp_path):
+    x, y = tiny_data
+    distiller = make_distiller()
+    distiller.fit(x, y, epochs=1, verbose=0)
+    distiller.student.save(tmp_path / "student.keras")
+    loaded = keras.saving.load_model(tmp_path / "student.keras")
+    assert loaded.count_params() == distiller.student.count_params()
+    assert loaded.count_params() < distiller.count_params()
+    np.testing.assert_allclose(loaded.predict(x, verbose=0),
+                               distiller.predict(x, verbose=0), rtol=1e-6)
+
+
+def test_distiller_round_trips_through_a_keras_file(tiny_data, tmp_path):
+    x, y = tiny_data
+    distiller = make_distiller(temperature=3.0, distillation_weight=0.6,
+                               optimizer="adam")
+    distiller.fit(x, y, epochs=1, verbose=0)
+    distiller.temperature.assign(5.0)
+    distiller.save(tmp_path / "distiller.keras")
+    loaded = keras.saving.load_model(tmp_path / "distiller.keras")
+    assert isinstance(loaded, kd_keras.Distiller)
+    assert float(loaded.temperature.numpy()) == 5.0
+    assert float(loaded.distillation_weight.numpy()) == pytest.approx(0.6)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0),
+                               distiller.predict(x, verbose=0), rtol=1e-6)
+    assert loaded.evaluate(x, y, return_dict=True, verbose=0)["loss"] == (
+        pytest.approx(distiller.evaluate(x, y, return_dict=True,
+                                         verbose=0)["loss"], rel=1e-5))
+    loaded.fit(x, y, epochs=1, verbose=0)
+
+
+def test_custom_student_loss_round_trips(tmp_path):
+    loss = keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                label_smoothing=0.1)
+    distiller = make_distiller(student_loss=loss)
+    distiller.save(tmp_path / "d.keras")
+    loaded = keras.saving.load_model(tmp_path / "d.keras")
+    assert loaded.get_config()["student_loss"]["config"]["label_smoothing"] == (
+        pytest.approx(0.1))
+
+
+# Validation.
+
+
+def test_output_shapes_that_differ_raise():
+    with pytest.raises(ValueError, match="same shape"):
+        kd_keras.Distiller(tiny_mlp(seed=1), tiny_mlp(seed=2, num_classes=3))
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_a_model_ending_in_softmax_raises(role):
+    models = {"teacher": tiny_mlp(seed=1), "student": tiny_mlp(seed=2)}
+    models[role] = tiny_mlp(seed=3, activation="softmax")
+    with pytest.raises(ValueError, match=f"{role}.*softmax.*logits"):
+        kd_keras.Distiller(**models)
+
+
+def test_a_subclassed_model_returning_probabilities_raises_on_first_batch(
+        tiny_data):
+    class Probabilities(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(NUM_CLASSES)
+
+        def call(self, x):
+            return tf.nn.softmax(self.dense(x))
+
+    x, y = tiny_data
+    student = Probabilities()
+    student.build((None, FEATURES))
+    distiller = make_distiller(student=student)
+    with pytest.raises(ValueError, match="probabilities"):
+        distiller.fit(x, y, epochs=1, verbose=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -2.0, None])
+def test_bad_temperature_raises(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        make_distiller(temperature=temperature)
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5])
+def test_distillation_weight_outside_unit_interval_raises(weight):
+    with pytest.raises(ValueError, match=r"distillation_weight.*\[0, 1\]"):
+        make_distiller(distillation_weight=weight)
+
+
+def test_integer_labels_out_of_range_raise_before_training(tiny_data):
+    x, y = tiny_data
+    distiller = make_distiller()
+    before = weights_of(distiller.student)
+    with pytest.raises(ValueError, match=rf"labels in \[0, {NUM_CLASSES}\)"):
+        distiller.fit(x, y + NUM_CLASSES, epochs=1, verbose=0)
+    assert_same_weights(distiller.student.get_weights(), before, rtol=0, atol=0)
+
+
+def test_one_hot_labels_of_the_wrong_width_raise(tiny_data):
+    x, y = tiny_data
+    distiller = make_distiller()
+    with pytest.raises(ValueError, match="labels have 7 classes"):
+        distiller.fit(x, keras.utils.to_categorical(y, 7), verbose=0)
+
+
+def test_labels_out_of_range_in_a_dataset_raise(tiny_data):
+    x, y = tiny_data
+    dataset = tf.data.Dataset.from_tensor_slices((x, y * 3)).batch(16)
+    with pytest.raises(ValueError, match="Relabel"):
+        make_distiller().fit(dataset, verbose=0)
+
+
+def test_a_model_that_is_not_built_raises():
+    unbuilt = keras.Sequential([keras.layers.Dense(NUM_CLASSES)])
+    with pytest.raises(ValueError, match=r"not built.*keras\.Input"):
+        kd_keras.Distiller(tiny_mlp(seed=1), unbuilt)
+
+
+def test_a_teacher_that_is_not_a_model_raises():
+    with pytest.raises(ValueError, match="keras.Model"):
+        kd_keras.Distiller(lambda x: x, tiny_mlp())
+
+
+def test_a_student_loss_expecting_probabilities_raises():
+    with pytest.raises(ValueError, match="from_logits"):
+        make_distiller(student_loss=keras.losses.SparseCategoricalCrossentropy())
+    with pytest.raises(ValueError, match="from_logits"):
+        make_distiller(student_loss="sparse_categorical_crossentropy")
+
+
+def test_missing_labels_with_a_label_term_raise(tiny_data):
+    x, _ = tiny_data
+    with pytest.raises(ValueError, match="no labels"):
+        make_distiller(distillation_weight=0.5).fit(x, verbose=0)
+
+
+def test_student_loss_given_to_compile_is_used(tiny_data):
+    x, y = tiny_data
+    distiller = kd_keras.Distiller(tiny_mlp(seed=1), tiny_mlp(seed=2),
+                                   distillation_weight=0.0)
+    distiller.compile("sgd", loss=keras.losses.CategoricalCrossentropy(
+        from_logits=True))
+    one_hot = keras.utils.to_categorical(y, NUM_CLASSES)
+    logs = distiller.evaluate(x, one_hot, batch_size=len(x), return_dict=True,
+                              verbose=0)
+    s = distiller.student.predict(x, verbose=0).astype("float64")
+    assert logs["loss"] == pytest.approx(np_cross_entropy(s, y), rel=1e-5)

@@ -1,0 +1,133 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kd_keras
+
+
+def np_log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def np_distillation_loss(t, s, temperature):
+    log_p = np_log_softmax(t / temperature)
+    log_q = np_log_softmax(s / temperature)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+    return temperature**2 * kl.mean()
+
+
+def random_logits(seed, shape=(5, 7), scale=3.0):
+    return np.random.default_rng(seed).normal(scale=scale, size=shape)
+
+
+def test_softmax_with_temperature_matches_numpy():
+    logits = random_logits(0)
+    expected = np.exp(np_log_softmax(logits / 2.5))
+    got = kd_keras.softmax_with_temperature(logits.astype("float32"), 2.5)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_higher_temperature_gives_softer_distribution():
+    logits = np.array([[4.0, 1.0, -2.0]], "float32")
+    sharp = np.asarray(kd_keras.softmax_with_temperature(logits, 1.0))
+    soft = np.asarray(kd_keras.softmax_with_temperature(logits, 10.0))
+    assert soft.max() < sharp.max()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 20.0])
+def test_distillation_loss_matches_numpy_reference(temperature):
+    t, s = random_logits(1), random_logits(2)
+    got = kd_keras.distillation_loss(
+        t.astype("float32"), s.astype("float32"), temperature
+    )
+    assert float(got) == pytest.approx(
+        np_distillation_loss(t, s, temperature), rel=1e-5
+    )
+
+
+def test_distillation_loss_gives_true_kl_on_the_reference_example():
+    # keras.distillation's default returns 0.9025 here (KL on raw logits).
+    got = kd_keras.distillation_loss([[2.0, 1.0, 0.1]], [[0.5, 1.5, -1.0]], 4.0)
+    assert float(got) == pytest.approx(0.4023, abs=1e-4)
+
+
+def test_distillation_loss_gradient_is_t_times_q_minus_p_over_batch():
+    temperature, t, s = 3.0, random_logits(3), random_logits(4)
+    student = tf.Variable(s.astype("float32"))
+    with tf.GradientTape() as tape:
+        loss = kd_keras.distillation_loss(
+            t.astype("float32"), student, temperature
+        )
+    gradient = tape.gradient(loss, student).numpy()
+    p = np.exp(np_log_softmax(t / temperature))
+    q = np.exp(np_log_softmax(s / temperature))
+    expected = temperature * (q - p) / len(s)
+    np.testing.assert_allclose(gradient, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_high_temperature_limit_is_logit_matching():
+    # With zero-mean logits, T²·KL → mean over the batch of ‖s − t‖² / (2N),
+    # and its gradient → (s − t) / (N · batch).
+    temperature = 1000.0
+    t, s = random_logits(5), random_logits(6)
+    t -= t.mean(axis=-1, keepdims=True)
+    s -= s.mean(axis=-1, keepdims=True)
+    batch, classes = s.shape
+    student = tf.Variable(s.astype("float32"))
+    with tf.GradientTape() as tape:
+        loss = kd_keras.distillation_loss(
+            t.astype("float32"), student, temperature
+        )
+    gradient = tape.gradient(loss, student).numpy()
+    matching = ((s - t) ** 2).sum(axis=-1).mean() / (2 * classes)
+    assert float(loss) == pytest.approx(matching, rel=2e-2)
+    np.testing.assert_allclose(
+        gradient, (s - t) / (classes * batch), rtol=2e-2, atol=1e-5
+    )
+
+
+def test_distillation_loss_is_finite_for_huge_logits():
+    t = np.array([[1e4, -1e4, 0.0]], "float32")
+    s = np.array([[-1e4, 1e4, 0.0]], "float32")
+    loss = float(kd_keras.distillation_loss(t, s, 1.0))
+    assert np.isfinite(loss)
+    assert loss == pytest.approx(2e4, rel=1e-3)
+
+
+def test_distillation_loss_is_float32_for_float16_logits():
+    t, s = random_logits(7, scale=2.0), random_logits(8, scale=2.0)
+    got = kd_keras.distillation_loss(
+        tf.constant(t, tf.float16), tf.constant(s, tf.float16), 4.0
+    )
+    assert got.dtype == tf.float32
+    expected = np_distillation_loss(
+        t.astype("float16").astype("float64"),
+        s.astype("float16").astype("float64"),
+        4.0,
+    )
+    assert float(got) == pytest.approx(expected, rel=1e-4)
+
+
+def test_distillation_loss_weights_examples_and_divides_by_batch_size():
+    t, s = random_logits(9, (4, 3)), random_logits(10, (4, 3))
+    weights = np.array([1.0, 0.0, 2.0, 0.5], "float32")
+    per_example = [np_distillation_loss(t[i:i + 1], s[i:i + 1], 2.0)
+                   for i in range(4)]
+    got = kd_keras.distillation_loss(
+        t.astype("float32"), s.astype("float32"), 2.0, sample_weight=weights
+    )
+    assert float(got) == pytest.approx(
+        np.dot(weights, per_example) / 4, rel=1e-5
+    )
+
+
+@pytest.mark.parametrize("temperature", [0, -1.0, "4"])
+def test_bad_temperature_raises(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        kd_keras.distillation_loss([[1.0, 0.0]], [[0.0, 1.0]], temperature)
+
+
+def test_logits_of_different_shapes_raise():
+    with pytest.raises(ValueError, match="same shape"):
+        kd_keras.distillation_loss([[1.0, 0.0]], [[0.0, 1.0, 2.0]], 2.0)

@@ -1,0 +1,107 @@
+import numpy as np
+import keras
+import pytest
+import tensorflow as tf
+
+import kd_keras
+from kd_keras import data
+from conftest import copy_of, counting_teacher, tiny_mlp
+
+
+def in_order(x, y, batch_size=16):
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+
+
+def test_cached_training_matches_on_the_fly_training(tiny_data):
+    x, y = tiny_data
+    teacher, student = tiny_mlp(32, seed=1), tiny_mlp(8, seed=2)
+    twin = copy_of(student)
+    on_the_fly = kd_keras.Distiller(teacher, student, temperature=3.0)
+    on_the_fly.compile("adam")
+    cached = kd_keras.Distiller(teacher, twin, temperature=3.0)
+    cached.compile("adam")
+    history = on_the_fly.fit(in_order(x, y), epochs=3, verbose=0)
+    cached_history = cached.fit(
+        kd_keras.cache_teacher_logits(teacher, in_order(x, y), shuffle=False),
+        epochs=3, verbose=0)
+    np.testing.assert_allclose(cached_history.history["loss"],
+                               history.history["loss"], rtol=1e-5)
+    for a, b in zip(student.get_weights(), twin.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_training_on_cached_logits_does_not_run_the_teacher(tiny_data):
+    x, y = tiny_data
+    teacher = counting_teacher()
+    cached = kd_keras.cache_teacher_logits(teacher, in_order(x, y))
+    after_caching = teacher.count()
+    assert after_caching == len(x) // 16
+    distiller = kd_keras.Distiller(teacher, tiny_mlp(8, seed=2))
+    distiller.compile("sgd")
+    distiller.fit(cached, validation_data=cached, epochs=2, verbose=0)
+    distiller.evaluate(cached, verbose=0)
+    assert teacher.count() == after_caching
+
+
+def test_cached_logits_belong_to_their_inputs_after_shuffling(tiny_data):
+    x, y = tiny_data
+    teacher = tiny_mlp(32, seed=1)
+    shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(64).batch(10)
+    cached = kd_keras.cache_teacher_logits(teacher, shuffled, seed=3)
+    seen = 0
+    for epoch in range(2):
+        for inputs, labels in cached:
+            np.testing.assert_allclose(
+                inputs["teacher_logits"],
+                teacher.predict(inputs["inputs"], verbose=0), rtol=1e-5,
+                atol=1e-6)
+            seen += len(labels)
+    assert seen == 2 * len(x)
+
+
+def test_cache_keeps_batch_size_labels_and_sample_weights(tiny_data):
+    x, y = tiny_data
+    weights = np.linspace(0, 1, len(x)).astype("float32")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(16)
+    cached = kd_keras.cache_teacher_logits(tiny_mlp(seed=1), dataset,
+                                           shuffle=False)
+    (inputs, labels, sample_weight), = cached.take(1).as_numpy_iterator()
+    assert len(labels) == 16
+    np.testing.assert_array_equal(labels, y[:16])
+    np.testing.assert_allclose(sample_weight, weights[:16])
+    np.testing.assert_allclose(inputs["inputs"], x[:16])
+    assert int(cached.cardinality()) == len(x) // 16
+
+
+def test_cache_accepts_arrays_with_a_batch_size(tiny_data):
+    x, y = tiny_data
+    cached = kd_keras.cache_teacher_logits(tiny_mlp(seed=1), (x, y),
+                                           batch_size=8)
+    assert int(cached.cardinality()) == len(x) // 8
+    with pytest.raises(ValueError, match="batch_size"):
+        kd_keras.cache_teacher_logits(tiny_mlp(seed=1), (x, y))
+
+
+def test_cache_refuses_a_randomly_augmented_dataset(tiny_data):
+    x, y = tiny_data
+    noisy = in_order(x, y).map(
+        lambda a, b: (a + tf.random.normal(tf.shape(a)), b))
+    with pytest.raises(ValueError, match="random ops.*on the fly"):
+        kd_keras.cache_teacher_logits(tiny_mlp(seed=1), noisy)
+
+
+def test_cache_refuses_jittered_images():
+    (x, y), _ = data.sample()
+    jittered = data.pipeline((x[:64], y[:64]), batch_size=32, max_shift=2)
+    teacher = kd_keras.models.mlp((8,))
+    with pytest.raises(ValueError, match="random ops"):
+        kd_keras.cache_teacher_logits(teacher, jittered)
+    cached = kd_keras.cache_teacher_logits(teacher, jittered,
+                                           allow_random=True)
+    assert int(cached.cardinality()) == 2
+
+
+def test_cache_refuses_a_teacher_that_outputs_probabilities(tiny_data):
+    with pytest.raises(ValueError, match="logits"):
+        kd_keras.cache_teacher_logits(tiny_mlp(activation="softmax"),
+                                      in_order(*tiny_data))
