@@ -269,6 +269,9 @@ class Distiller(keras.Model):
         loss_fn = self._student_loss
         if loss_fn is None:
             loss_fn = self._default_label_loss(y, student_logits)
+        if not isinstance(loss_fn, keras.losses.Loss):
+            # A plain function returns one loss per example.
+            return reduce_over_batch(loss_fn(y, student_logits), sample_weight)
         value = ops.cast(
             loss_fn(y, student_logits, sample_weight=sample_weight), "float32"
         )

@@ -344,3 +344,18 @@ def test_student_loss_given_to_compile_is_used(tiny_data):
                               verbose=0)
     s = distiller.student.predict(x, verbose=0).astype("float64")
     assert logs["loss"] == pytest.approx(np_cross_entropy(s, y), rel=1e-5)
+
+
+def test_a_plain_function_works_as_student_loss(tiny_data):
+    def squared_logit_of_true_class(y, logits):
+        picked = tf.gather(logits, tf.cast(y, tf.int32), batch_dims=1)
+        return tf.square(picked)
+
+    x, y = tiny_data
+    distiller = make_distiller(student_loss=squared_logit_of_true_class,
+                               distillation_weight=0.0)
+    logs = distiller.evaluate(x, y, batch_size=len(x), return_dict=True,
+                              verbose=0)
+    s = distiller.student.predict(x, verbose=0)
+    assert logs["loss"] == pytest.approx(
+        np.mean(s[np.arange(len(y)), y] ** 2), rel=1e-5)
