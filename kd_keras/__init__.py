@@ -12,6 +12,7 @@ from kd_keras.losses import distillation_loss
 from kd_keras.losses import softmax_with_temperature
 from kd_keras.distiller import Distiller
 from kd_keras.teachers import cache_teacher_logits
+from kd_keras import callbacks
 from kd_keras import data
 from kd_keras import models
 from kd_keras import plots

@@ -84,6 +84,15 @@ def _fit_flags(fv):
                          "bars) or 2 (a line per epoch).", flag_values=fv)
 
 
+def _snapshot_flags(fv):
+    flags.DEFINE_list("snapshot_epochs", [],
+                      "Also save the model after these epochs (counted from "
+                      "1), e.g. 5,10,20, into OUTPUT.snapshots/ with a "
+                      "manifest, for early-stopped teachers.", flag_values=fv)
+    flags.DEFINE_integer("snapshot_every", None,
+                         "Also save the model every N epochs.", flag_values=fv)
+
+
 def _distill_flags(fv):
     flags.DEFINE_string("teacher", None, "The trained teacher, a .keras file.",
                         required=True, flag_values=fv)
@@ -95,6 +104,19 @@ def _distill_flags(fv):
     flags.DEFINE_enum("cache_teacher", "auto", ["auto", "yes", "no"],
                       "Cache the teacher's logits once ('auto': unless the "
                       "data is jittered).", flag_values=fv)
+    flags.DEFINE_integer("teacher_snapshot", None,
+                         "Distil from the snapshot of the teacher taken after "
+                         "this epoch (see `train --snapshot_epochs`) instead "
+                         "of the final teacher.", flag_values=fv)
+    flags.DEFINE_integer("student_early_stop_epoch", None,
+                         "Distil for this many epochs, then train on the "
+                         "labels only.", flag_values=fv)
+    flags.DEFINE_string("student_early_stop_monitor", None,
+                        "Train on the labels only once this logged metric "
+                        "(e.g. val_accuracy) stops improving.", flag_values=fv)
+    flags.DEFINE_integer("student_early_stop_patience", 2,
+                         "Epochs without improvement of the monitored metric "
+                         "before the switch.", flag_values=fv)
 
 
 def _evaluate_flags(fv):
@@ -174,6 +196,10 @@ def _output_path(fv):
     return path
 
 
+def _snapshot_dir(model_path):
+    return model_path.with_suffix(".snapshots")
+
+
 def _report(model, test, path):
     from kd_keras import training
 
@@ -205,21 +231,32 @@ def demo(fv):
     print(f"\nModels and students_val_accuracy.png are in {fv.workdir}/")
 
 
-@_command(_data_flags, _model_flags, _fit_flags)
+@_command(_data_flags, _model_flags, _fit_flags, _snapshot_flags)
 def train(fv):
     """Trains a model on the labels (a teacher, or a student from scratch)
     and writes it as a .keras file. Rerunning an interrupted command resumes
     from its last finished epoch."""
     from kd_keras import training
 
+    from kd_keras.callbacks import TeacherSnapshots
+
     path = _output_path(fv)
     train_data, test = _load_splits(fv, jitter=fv.jitter)
     model = _build_model(fv, path.stem)
+    callbacks = []
+    if fv.snapshot_epochs or fv.snapshot_every:
+        callbacks.append(TeacherSnapshots(
+            _snapshot_dir(path), epochs=[int(e) for e in fv.snapshot_epochs],
+            every=fv.snapshot_every))
     training.train(model, train_data, test, epochs=fv.epochs,
-                   learning_rate=fv.learning_rate,
+                   learning_rate=fv.learning_rate, callbacks=callbacks,
                    backup_dir=path.with_suffix(".backup"), verbose=fv.verbose)
     model.save(path)
     _report(model, test, path)
+    if callbacks:
+        print(f"\nSnapshots of epochs "
+              f"{', '.join(TeacherSnapshots.read_manifest(_snapshot_dir(path)))}"
+              f" are in {_snapshot_dir(path)}/")
 
 
 @_command(_data_flags, _model_flags, _fit_flags, _distill_flags)
@@ -230,19 +267,36 @@ def distill(fv):
     import keras
     from kd_keras import training
 
+    from kd_keras.callbacks import StudentEarlyStop
+    from kd_keras.callbacks import TeacherSnapshots
+
     path = _output_path(fv)
     train_data, test = _load_splits(fv, jitter=fv.jitter)
-    teacher = keras.saving.load_model(fv.teacher)
+    if fv.teacher_snapshot is None:
+        teacher = keras.saving.load_model(fv.teacher)
+    else:
+        teacher = TeacherSnapshots.load(
+            _snapshot_dir(pathlib.Path(fv.teacher)), fv.teacher_snapshot)
     student = _build_model(fv, path.stem)
+    callbacks = []
+    if fv.student_early_stop_epoch is not None or fv.student_early_stop_monitor:
+        callbacks.append(StudentEarlyStop(
+            epoch=fv.student_early_stop_epoch,
+            monitor=fv.student_early_stop_monitor,
+            patience=fv.student_early_stop_patience))
     cache = {"auto": "auto", "yes": True, "no": False}[fv.cache_teacher]
     training.distill(teacher, student, train_data, test,
                      temperature=fv.temperature,
                      distillation_weight=fv.distillation_weight,
                      epochs=fv.epochs, learning_rate=fv.learning_rate,
-                     cache=cache, backup_dir=path.with_suffix(".backup"),
+                     cache=cache, callbacks=callbacks,
+                     backup_dir=path.with_suffix(".backup"),
                      verbose=fv.verbose)
     student.save(path)
     _report(student, test, path)
+    if callbacks and callbacks[0].switch_epoch is not None:
+        print(f"\nThe student trained on the labels only from epoch "
+              f"{callbacks[0].switch_epoch + 1}.")
 
 
 @_command(_data_flags, _evaluate_flags)
@@ -302,6 +356,7 @@ def run(argv=None):
         print(_command_help(name))
         return 0
     function, flag_values = COMMANDS[name]
+    flag_values.unparse_flags()  # Each run starts from the defaults.
     try:
         rest = flag_values([f"kd-keras {name}"] + argv[2:])
     except flags.Error as error:

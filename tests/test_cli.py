@@ -76,3 +76,22 @@ def test_data_command_imports_mnist(mnist_data_dir, capsys):
                f"--data_dir={mnist_data_dir}") == 0
     out = capsys.readouterr().out
     assert "60000" in out and "10000" in out
+
+
+def test_teacher_snapshots_and_student_early_stop_from_the_cli(tmp_path,
+                                                               capsys):
+    common = ["--dataset=mnist_sample", "--verbose=0", "--batch_size=512"]
+    teacher = tmp_path / "teacher.keras"
+    assert run("train", *common, "--epochs=3", "--hidden=32",
+               "--snapshot_epochs=1,2", f"--output={teacher}") == 0
+    assert "Snapshots of epochs 1, 2" in capsys.readouterr().out
+    assert (tmp_path / "teacher.snapshots" / "epoch_001.keras").is_file()
+    student = tmp_path / "student.keras"
+    assert run("distill", *common, "--epochs=2", "--hidden=8",
+               f"--teacher={teacher}", "--teacher_snapshot=1",
+               "--student_early_stop_epoch=1", f"--output={student}") == 0
+    assert "labels only from epoch 2" in capsys.readouterr().out
+    assert run("distill", *common, "--epochs=1", "--hidden=8",
+               f"--teacher={teacher}", "--teacher_snapshot=7",
+               f"--output={student}") == 1
+    assert "Available epochs: 1, 2" in capsys.readouterr().err

@@ -1,0 +1,283 @@
+"""Keras callbacks for the heuristics that make distillation work:
+early stop of the student's distillation term, early-stopped teachers, and
+schedules of temperature and distillation weight."""
+
+import json
+import numbers
+import os
+import pathlib
+
+from absl import logging
+import keras
+
+from kd_keras.distiller import Distiller
+
+PARAMETERS = ("temperature", "distillation_weight")
+
+
+def _check_distiller(model, callback):
+    if not isinstance(model, Distiller):
+        raise ValueError(
+            f"{callback} changes a `kd_keras.Distiller` during `fit`, but was "
+            f"passed to the `fit` of {type(model).__name__} "
+            f"`{getattr(model, 'name', model)}`. Pass it to "
+            "`distiller.fit(..., callbacks=[...])`."
+        )
+
+
+class StudentEarlyStop(keras.callbacks.EarlyStopping):
+    """Turns the distillation term off, from an epoch or on a plateau.
+
+    At the end of training a small student may lack the capacity to minimise
+    both the label loss and the distillation loss; Cho & Hariharan (2019)
+    found that training on distillation plus labels first, then on the labels
+    alone, teaches better. This callback sets the Distiller's
+    `distillation_weight` to 0, after which only the labels train the student
+    and the teacher is no longer run.
+
+    The switch happens at the start of epoch `epoch`, or when `monitor` has
+    not improved for `patience` epochs (Keras' `EarlyStopping` logic, which
+    here switches the term off instead of stopping), whichever comes first.
+    Each epoch's logs (and so the History) get `distillation_active`, 1 or 0;
+    `switch_epoch` holds the first epoch without the term, and the switch is
+    logged through `absl.logging`.
+
+    Args:
+        epoch: index (from 0, as Keras counts) of the first epoch trained on
+            the labels only: `epoch=5` distils during the first 5 epochs.
+        monitor: a logged quantity, e.g. `"val_accuracy"`, whose plateau
+            triggers the switch.
+        patience: epochs without improvement of `monitor` before the switch.
+        mode: `"auto"`, `"min"` or `"max"`, as for `EarlyStopping`.
+        min_delta: the smallest change of `monitor` that counts as improvement.
+        start_from_epoch: epochs to wait before watching `monitor`.
+
+    Example:
+
+    ```python
+    distiller.fit(train, validation_data=val, epochs=30, callbacks=[
+        kd_keras.callbacks.StudentEarlyStop(monitor="val_accuracy", patience=3)])
+    ```
+    """
+
+    def __init__(
+        self,
+        epoch=None,
+        monitor=None,
+        patience=0,
+        mode="auto",
+        min_delta=0.0,
+        start_from_epoch=0,
+    ):
+        if epoch is None and monitor is None:
+            raise ValueError(
+                "StudentEarlyStop needs `epoch` (e.g. epoch=10) or `monitor` "
+                "(e.g. monitor='val_accuracy'), or both. Received neither."
+            )
+        if epoch is not None and (
+            isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0
+        ):
+            raise ValueError(
+                "Expected `epoch` to be an integer >= 0. "
+                f"Received: epoch={epoch!r}"
+            )
+        super().__init__(
+            monitor=monitor or "val_loss",
+            min_delta=min_delta,
+            patience=patience,
+            mode=mode,
+            start_from_epoch=start_from_epoch,
+        )
+        self.epoch = epoch
+        self._watch = monitor is not None
+        self.switch_epoch = None
+
+    def set_model(self, model):
+        _check_distiller(model, "StudentEarlyStop")
+        super().set_model(model)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.switch_epoch = None
+
+    def _switch(self, epoch):
+        self.model.distillation_weight = 0.0
+        self.switch_epoch = epoch
+        logging.info(
+            "StudentEarlyStop: the student trains on the labels only from "
+            "epoch %d.", epoch + 1)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.switch_epoch is None and self.epoch is not None and (
+            epoch >= self.epoch
+        ):
+            self._switch(epoch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        active = self.switch_epoch is None or epoch < self.switch_epoch
+        if logs is not None:
+            logs["distillation_active"] = float(active)
+        if not (active and self._watch):
+            return
+        already_stopping = self.model.stop_training
+        super().on_epoch_end(epoch, logs)
+        if self.model.stop_training and not already_stopping:
+            # EarlyStopping asked to stop: switch the term off instead.
+            self.model.stop_training = False
+            self.stopped_epoch = 0
+            self._switch(epoch + 1)
+
+    def on_train_end(self, logs=None):
+        pass  # Nothing to report or restore: training was never stopped.
+
+
+class TeacherSnapshots(keras.callbacks.ModelCheckpoint):
+    """Saves snapshots of a model at chosen epochs while it trains.
+
+    Cho & Hariharan (2019) found that an early-stopped teacher, whose solution
+    a small student can still reach, often teaches better than the fully
+    trained one. With this callback one training run of the teacher yields the
+    final teacher and the early ones: each chosen epoch is saved as
+    `directory/epoch_005.keras`, and `directory/manifest.json` records each
+    snapshot's epoch, file and logged metrics. Epochs count from 1, as Keras
+    prints them: epoch 5 is the model after five epochs.
+
+    Args:
+        directory: folder for the snapshots and the manifest.
+        epochs: epochs to save, e.g. `[5, 10, 20]`.
+        every: also save every `every` epochs.
+        verbose: 1 prints each save.
+
+    Example:
+
+    ```python
+    teacher.fit(train, epochs=30, callbacks=[
+        kd_keras.callbacks.TeacherSnapshots("teacher.snapshots", epochs=[5, 10])])
+    early_teacher = kd_keras.callbacks.TeacherSnapshots.load(
+        "teacher.snapshots", 5)
+    ```
+    """
+
+    MANIFEST = "manifest.json"
+
+    def __init__(self, directory, epochs=None, every=None, verbose=0):
+        epochs = sorted(set(epochs or ()))
+        if not epochs and not every:
+            raise ValueError(
+                "TeacherSnapshots needs `epochs` (e.g. [5, 10, 20]) or `every` "
+                "(e.g. every=5). Received neither."
+            )
+        for value in epochs + ([every] if every else []):
+            if isinstance(value, bool) or not isinstance(value, int) or (
+                value < 1
+            ):
+                raise ValueError(
+                    "Expected snapshot epochs counted from 1, as Keras prints "
+                    f"them. Received: epochs={epochs}, every={every!r}"
+                )
+        self.directory = pathlib.Path(directory)
+        super().__init__(
+            os.fspath(self.directory / "epoch_{epoch:03d}.keras"),
+            verbose=verbose,
+        )
+        self.epochs = epochs
+        self.every = every
+
+    def _wanted(self, epoch):
+        return epoch in self.epochs or bool(self.every and epoch % self.every == 0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._wanted(epoch + 1):
+            return
+        super().on_epoch_end(epoch, logs)
+        manifest = self.read_manifest(self.directory)
+        manifest[str(epoch + 1)] = {
+            "epoch": epoch + 1,
+            "path": f"epoch_{epoch + 1:03d}.keras",
+            "metrics": {k: float(v) for k, v in (logs or {}).items()
+                        if isinstance(v, numbers.Real)},
+        }
+        ordered = dict(sorted(manifest.items(), key=lambda kv: int(kv[0])))
+        temporary = self.directory / (self.MANIFEST + ".tmp")
+        temporary.write_text(json.dumps(ordered, indent=2) + "\n")
+        os.replace(temporary, self.directory / self.MANIFEST)
+
+    @classmethod
+    def read_manifest(cls, directory):
+        """Returns `{epoch: {"epoch", "path", "metrics"}}` with str keys."""
+        path = pathlib.Path(directory) / cls.MANIFEST
+        if not path.is_file():
+            return {}
+        return json.loads(path.read_text())
+
+    @classmethod
+    def load(cls, directory, epoch):
+        """Loads the snapshot taken after `epoch` epochs."""
+        manifest = cls.read_manifest(directory)
+        entry = manifest.get(str(epoch))
+        if entry is None:
+            available = ", ".join(manifest) or "none"
+            raise ValueError(
+                f"No snapshot of epoch {epoch} in {directory}. Available "
+                f"epochs: {available}."
+            )
+        return keras.saving.load_model(pathlib.Path(directory) / entry["path"])
+
+
+class ParameterSchedule(keras.callbacks.Callback):
+    """Sets the Distiller's temperature or distillation weight every epoch.
+
+    Like Keras' `LearningRateScheduler`: at the start of each epoch,
+    `schedule(epoch, current_value)` (or `schedule(epoch)`) returns the new
+    value, which is validated, assigned and written to the epoch's logs.
+
+    Args:
+        schedule: a function of the epoch index (from 0) and, optionally, of
+            the current value, returning the new value.
+        parameter: `"temperature"` or `"distillation_weight"`.
+
+    Example:
+
+    ```python
+    # Anneal the temperature from 10 down to 2.
+    anneal = kd_keras.callbacks.ParameterSchedule(
+        lambda epoch: max(2.0, 10.0 - epoch), parameter="temperature")
+    distiller.fit(train, epochs=10, callbacks=[anneal])
+    ```
+    """
+
+    def __init__(self, schedule, parameter="temperature"):
+        super().__init__()
+        if parameter not in PARAMETERS:
+            raise ValueError(
+                f"Expected `parameter` in {PARAMETERS}. Received: "
+                f"parameter={parameter!r}"
+            )
+        if not callable(schedule):
+            raise ValueError(
+                "Expected `schedule` to be a function of the epoch. Received: "
+                f"schedule={schedule!r}"
+            )
+        self.schedule = schedule
+        self.parameter = parameter
+
+    def set_model(self, model):
+        _check_distiller(model, "ParameterSchedule")
+        super().set_model(model)
+
+    def _current(self):
+        return float(getattr(self.model, self.parameter).numpy())
+
+    def on_epoch_begin(self, epoch, logs=None):
+        current = self._current()
+        try:
+            value = self.schedule(epoch, current)
+        except TypeError:  # A schedule of the epoch alone.
+            value = self.schedule(epoch)
+        setattr(self.model, self.parameter, value)
+        logging.info("ParameterSchedule: %s = %g at epoch %d.",
+                     self.parameter, self._current(), epoch + 1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs[self.parameter] = self._current()
