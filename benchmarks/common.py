@@ -89,3 +89,45 @@ def environment():
         "keras": keras.__version__,
         "gpus": len(tf.config.list_physical_devices("GPU")),
     }
+
+
+def define_run_flags(default_seeds="2 quick, 3 full"):
+    """The flags every accuracy benchmark takes."""
+    from absl import flags
+
+    flags.DEFINE_bool("quick", False, "A smaller run that takes under 10 "
+                      "minutes on 2 cores.")
+    flags.DEFINE_integer("seeds", None, f"Seeds (default: {default_seeds}).")
+    flags.DEFINE_string("data_dir", None,
+                        "tensorflow-datasets folder with MNIST.")
+    flags.DEFINE_string("idx_dir", None, "Folder of MNIST IDX files to import.")
+    flags.DEFINE_string("output_dir", str(RESULTS),
+                        "Where to write the table, JSON and PNG.")
+
+
+def mnist_splits(flag_values, train_split, batch_size=128):
+    """(train, validation, test): validation is the last 5,000 train digits."""
+    data_dir = mnist_data_dir(flag_values.data_dir, flag_values.idx_dir)
+    load = dict(name="mnist", data_dir=data_dir, batch_size=batch_size)
+    return (
+        data.load(split=train_split, shuffle=True, seed=0, **load),
+        data.load(split="train[55000:]", **load),
+        data.load(split="test", **load),
+    )
+
+
+def percent_mean_std(fractions):
+    """'97.12 ± 0.08' from accuracies (or error rates) given as fractions."""
+    mean, std = mean_std(100.0 * np.asarray(fractions, dtype="float64"))
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def write_report(flag_values, name, heading, markdown, payload):
+    """Prints the heading and table, and writes them as markdown and JSON."""
+    print(heading + "\n\n" + markdown)
+    out = pathlib.Path(flag_values.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(f"{heading}\n\n{markdown}\n")
+    write_json(out / f"{name}.json",
+               dict(payload, environment=environment()))
+    return out

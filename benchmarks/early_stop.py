@@ -32,7 +32,6 @@ import keras
 
 import kd_keras
 from kd_keras import callbacks
-from kd_keras import data
 from kd_keras import models
 from kd_keras import plots
 from kd_keras import training
@@ -40,18 +39,12 @@ from kd_keras import training
 import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "A smaller run (10,000 training digits, "
-                  "fewer epochs) that takes under 10 minutes on 2 cores.")
-flags.DEFINE_integer("seeds", 3, "Seeds per row.")
+common.define_run_flags(default_seeds="3")
 flags.DEFINE_float("temperature", 3.0, "Distillation temperature.")
 flags.DEFINE_float("distillation_weight", 0.9, "Weight of the KD term.")
 flags.DEFINE_integer("early_teacher_epoch", None,
                      "Epoch of the early-stopped teacher's snapshot "
                      "(default: 2 with --quick, else 5).")
-flags.DEFINE_string("data_dir", None, "tensorflow-datasets folder with MNIST.")
-flags.DEFINE_string("idx_dir", None, "Folder of MNIST IDX files to import.")
-flags.DEFINE_string("output_dir", str(common.RESULTS),
-                    "Where to write the table, JSON and PNG.")
 
 ROWS = (
     ("scratch", None, False),
@@ -71,6 +64,7 @@ def _settings():
                         student_epochs=30, early_teacher_epoch=5)
     if FLAGS.early_teacher_epoch is not None:
         settings["early_teacher_epoch"] = FLAGS.early_teacher_epoch
+    settings["seeds"] = FLAGS.seeds or 3
     return settings
 
 
@@ -121,16 +115,10 @@ def _run_seed(seed, splits, settings, workdir):
 def main(argv):
     del argv
     settings = _settings()
-    data_dir = common.mnist_data_dir(FLAGS.data_dir, FLAGS.idx_dir)
-    load = dict(name="mnist", data_dir=data_dir, batch_size=128)
-    splits = (
-        data.load(split=settings["train_split"], shuffle=True, seed=0, **load),
-        data.load(split="train[55000:]", **load),
-        data.load(split="test", **load),
-    )
+    splits = common.mnist_splits(FLAGS, settings["train_split"])
     per_seed = []
     with training.Stopwatch() as timer, tempfile.TemporaryDirectory() as workdir:
-        for seed in range(FLAGS.seeds):
+        for seed in range(settings["seeds"]):
             results, curves, switches = _run_seed(
                 seed, splits, settings, pathlib.Path(workdir))
             per_seed.append(results)
@@ -141,32 +129,27 @@ def main(argv):
     for name in names:
         errors = [r[name][0] for r in per_seed]
         examples = per_seed[0][name][1]
-        mean, std = common.mean_std(100.0 * np.asarray(errors) / examples)
-        table.append({"model": name, "test_error_percent": f"{mean:.2f} ± {std:.2f}",
-                      "test_errors": "/".join(map(str, errors))})
+        table.append({
+            "model": name,
+            "test_error_percent": common.percent_mean_std(
+                np.asarray(errors) / examples),
+            "test_errors": "/".join(map(str, errors))})
     mode = "quick" if FLAGS.quick else "full"
     heading = (f"Early stops on MNIST ({mode}: {settings['train_split']}, "
                f"teacher {settings['teacher_epochs']} epochs, student 30x30 "
                f"{settings['student_epochs']} epochs, T={FLAGS.temperature:g}, "
                f"λ={FLAGS.distillation_weight:g}, KD off from epoch "
                f"{settings['student_epochs'] // 2 + 1}, early teacher = epoch "
-               f"{settings['early_teacher_epoch']}; {FLAGS.seeds} seeds, "
+               f"{settings['early_teacher_epoch']}; {settings['seeds']} seeds, "
                f"{timer.seconds / 60:.1f} min)")
     markdown = common.markdown_table(
         table, ["model", "test_error_percent", "test_errors"])
-    print(heading + "\n\n" + markdown)
-    out = pathlib.Path(FLAGS.output_dir)
-    (out / f"early_stop_{mode}.md").parent.mkdir(parents=True, exist_ok=True)
-    (out / f"early_stop_{mode}.md").write_text(
-        f"{heading}\n\n{markdown}\n")
-    common.write_json(out / f"early_stop_{mode}.json", {
+    out = common.write_report(FLAGS, f"early_stop_{mode}", heading, markdown, {
         "settings": {**settings, "temperature": FLAGS.temperature,
-                     "distillation_weight": FLAGS.distillation_weight,
-                     "seeds": FLAGS.seeds},
+                     "distillation_weight": FLAGS.distillation_weight},
         "rows": table,
         "per_seed": per_seed,
         "minutes": timer.seconds / 60,
-        "environment": common.environment(),
     })
     plots.plot_history(
         {name: first_curves[name] for name, _, _ in ROWS}, "val_accuracy",
