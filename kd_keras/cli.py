@@ -45,8 +45,12 @@ def _data_flags(fv):
         "MNIST IDX files into one).", flag_values=fv)
     flags.DEFINE_string("train_split", "train", "Split to train on.",
                         flag_values=fv)
-    flags.DEFINE_string("test_split", "test", "Split to validate and test on.",
+    flags.DEFINE_string("test_split", "test", "Split to test on.",
                         flag_values=fv)
+    flags.DEFINE_string("val_split", None,
+                        "Split to validate on (and to choose by, in `paths`); "
+                        "defaults to the test split. E.g. train[90%:] with "
+                        "--train_split=train[:90%].", flag_values=fv)
     flags.DEFINE_integer("batch_size", 128, "Batch size.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of weights, shuffles and jitter.",
                          flag_values=fv)
@@ -119,6 +123,50 @@ def _distill_flags(fv):
                          "before the switch.", flag_values=fv)
 
 
+def _ladder_flags(fv):
+    flags.DEFINE_enum("family", "plain_cnn", ["mlp", "plain_cnn"],
+                      "Model family of every model of the chain.",
+                      flag_values=fv)
+    flags.DEFINE_float("width", 0.25, "plain_cnn: width multiplier.",
+                       flag_values=fv)
+    flags.DEFINE_string("teacher", None,
+                        "A trained teacher (.keras); if not given, the "
+                        "teacher of the first size is trained on the labels "
+                        "in the work folder first.", flag_values=fv)
+    flags.DEFINE_integer("teacher_epochs", None,
+                         "Epochs of that teacher (default: --epochs).",
+                         flag_values=fv)
+    flags.DEFINE_integer("epochs", 5, "Epochs of every distillation step.",
+                         flag_values=fv)
+    flags.DEFINE_float("temperature", 4.0, "Distillation temperature.",
+                       flag_values=fv)
+    flags.DEFINE_float("distillation_weight", 0.9, "Weight of the KD term.",
+                       flag_values=fv)
+    flags.DEFINE_float("learning_rate", 1e-3, "Adam's learning rate.",
+                       flag_values=fv)
+    flags.DEFINE_string("workdir", "kd_keras_runs",
+                        "Folder for the trained models, the manifest and the "
+                        "plot; rerunning continues from what it holds.",
+                        flag_values=fv)
+    flags.DEFINE_integer("verbose", 0, "Keras verbosity.", flag_values=fv)
+
+
+def _chain_flags(fv):
+    flags.DEFINE_list("sizes", ["10", "4", "2"],
+                      "Sizes from teacher to student: plain_cnn depths, or "
+                      "mlp widths of two hidden layers.", flag_values=fv)
+
+
+def _paths_flags(fv):
+    flags.DEFINE_string("teacher_size", "10", "Size of the teacher.",
+                        flag_values=fv)
+    flags.DEFINE_list("candidates", ["8", "6", "4"],
+                      "Sizes of the candidate assistants, largest first.",
+                      flag_values=fv)
+    flags.DEFINE_string("student_size", "2", "Size of the student.",
+                        flag_values=fv)
+
+
 def _evaluate_flags(fv):
     flags.DEFINE_string("model", None, "The .keras model to evaluate.",
                         required=True, flag_values=fv)
@@ -167,6 +215,7 @@ def _cell(value):
 
 
 def _load_splits(fv, jitter=0):
+    """Returns (train, validation, test) batches."""
     from kd_keras import data
 
     load = dict(name=fv.dataset, data_dir=fv.data_dir,
@@ -174,7 +223,9 @@ def _load_splits(fv, jitter=0):
     train = data.load(split=fv.train_split, shuffle=True, max_shift=jitter,
                       **load)
     test = data.load(split=fv.test_split, **load)
-    return train, test
+    val = test if fv.val_split is None else data.load(split=fv.val_split,
+                                                      **load)
+    return train, val, test
 
 
 def _build_model(fv, name):
@@ -241,14 +292,14 @@ def train(fv):
     from kd_keras.callbacks import TeacherSnapshots
 
     path = _output_path(fv)
-    train_data, test = _load_splits(fv, jitter=fv.jitter)
+    train_data, val, test = _load_splits(fv, jitter=fv.jitter)
     model = _build_model(fv, path.stem)
     callbacks = []
     if fv.snapshot_epochs or fv.snapshot_every:
         callbacks.append(TeacherSnapshots(
             _snapshot_dir(path), epochs=[int(e) for e in fv.snapshot_epochs],
             every=fv.snapshot_every))
-    training.train(model, train_data, test, epochs=fv.epochs,
+    training.train(model, train_data, val, epochs=fv.epochs,
                    learning_rate=fv.learning_rate, callbacks=callbacks,
                    backup_dir=path.with_suffix(".backup"), verbose=fv.verbose)
     model.save(path)
@@ -271,7 +322,7 @@ def distill(fv):
     from kd_keras.callbacks import TeacherSnapshots
 
     path = _output_path(fv)
-    train_data, test = _load_splits(fv, jitter=fv.jitter)
+    train_data, val, test = _load_splits(fv, jitter=fv.jitter)
     if fv.teacher_snapshot is None:
         teacher = keras.saving.load_model(fv.teacher)
     else:
@@ -285,7 +336,7 @@ def distill(fv):
             monitor=fv.student_early_stop_monitor,
             patience=fv.student_early_stop_patience))
     cache = {"auto": "auto", "yes": True, "no": False}[fv.cache_teacher]
-    training.distill(teacher, student, train_data, test,
+    training.distill(teacher, student, train_data, val,
                      temperature=fv.temperature,
                      distillation_weight=fv.distillation_weight,
                      epochs=fv.epochs, learning_rate=fv.learning_rate,
@@ -299,12 +350,102 @@ def distill(fv):
               f"{callbacks[0].switch_epoch + 1}.")
 
 
+def _ladder_model(fv, size, name):
+    from kd_keras import models
+
+    if fv.family == "mlp":
+        return models.mlp((int(size), int(size)), name=name)
+    return models.plain_cnn(int(size), width=fv.width, name=name)
+
+
+def _ladder_teacher(fv, size, train_data, val):
+    """Loads --teacher, or trains (or reloads) one in the work folder."""
+    import keras
+    from kd_keras import training
+
+    if fv.teacher:
+        return keras.saving.load_model(fv.teacher)
+    workdir = pathlib.Path(fv.workdir)
+    path = workdir / f"teacher_{fv.family}_{size}.keras"
+    if path.is_file():
+        print(f"Reusing the teacher {path}")
+        return keras.saving.load_model(path)
+    workdir.mkdir(parents=True, exist_ok=True)
+    teacher = _ladder_model(fv, size, f"teacher_{size}")
+    training.train(teacher, train_data, val,
+                   epochs=fv.teacher_epochs or fv.epochs,
+                   learning_rate=fv.learning_rate,
+                   backup_dir=path.with_suffix(".backup"), verbose=fv.verbose)
+    teacher.save(path)
+    return teacher
+
+
+@_command(_data_flags, _ladder_flags, _chain_flags)
+def chain(fv):
+    """Distils a teacher into a student through assistants of the given
+    sizes, one step after another, and prints each step's validation
+    accuracy. Rerunning the command skips the finished steps."""
+    from kd_keras import assistants
+    from kd_keras import plots
+    from kd_keras import training
+
+    if len(fv.sizes) < 2:
+        raise ValueError("Expected at least two --sizes: teacher and student.")
+    train_data, val, test = _load_splits(fv)
+    teacher = _ladder_teacher(fv, fv.sizes[0], train_data, val)
+    ladder = [teacher] + [_ladder_model(fv, size, f"{fv.family}_{size}")
+                          for size in fv.sizes[1:]]
+    student, report = assistants.distill_chain(
+        ladder, train_data, val, temperature=fv.temperature,
+        distillation_weight=fv.distillation_weight, epochs=fv.epochs,
+        learning_rate=fv.learning_rate, workdir=pathlib.Path(fv.workdir) /
+        "chain", seed=fv.seed, verbose=fv.verbose)
+    print(_table(report, ["step", "teacher", "student", "val_accuracy",
+                          "epochs", "seconds", "reused"]))
+    errors, examples = training.test_errors(student, test)
+    print(f"\nStudent test errors: {errors}/{examples}")
+    png = pathlib.Path(fv.workdir) / "chain.png"
+    plots.plot_chain(report, path=png)
+    print(f"Wrote {png}")
+
+
+@_command(_data_flags, _ladder_flags, _paths_flags)
+def paths(fv):
+    """Trains every distillation path from the teacher to the student through
+    the candidate assistants (shared prefixes once), and prints the student
+    accuracy of each path. Rerunning the command skips finished steps."""
+    from kd_keras import assistants
+    from kd_keras import plots
+
+    train_data, val, test = _load_splits(fv)
+    teacher = _ladder_teacher(fv, fv.teacher_size, train_data, val)
+    candidates = {
+        size: (lambda size=size: _ladder_model(fv, size, f"{fv.family}_{size}"))
+        for size in fv.candidates}
+    result = assistants.search_paths(
+        teacher, candidates,
+        lambda: _ladder_model(fv, fv.student_size, "student"),
+        train_data, val, test_data=test, temperature=fv.temperature,
+        distillation_weight=fv.distillation_weight, epochs=fv.epochs,
+        learning_rate=fv.learning_rate,
+        workdir=pathlib.Path(fv.workdir) / "paths", seed=fv.seed,
+        verbose=fv.verbose)
+    print(_table(result.table, ["path", "steps", "student_val_accuracy",
+                                "student_test_accuracy"]))
+    print(f"\n{result.trainings} distillations run now, {result.reused} "
+          f"reused; {result.distinct_steps} distinct steps against "
+          f"{result.naive_trainings} without sharing prefixes.")
+    png = pathlib.Path(fv.workdir) / "paths.png"
+    plots.plot_paths(result.table, path=png)
+    print(f"Wrote {png}")
+
+
 @_command(_data_flags, _evaluate_flags)
 def evaluate(fv):
     """Prints a .keras model's test errors on a dataset split."""
     import keras
 
-    _, test = _load_splits(fv)
+    _, _, test = _load_splits(fv)
     model = keras.saving.load_model(fv.model)
     _report(model, test, fv.model)
 

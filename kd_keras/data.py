@@ -7,6 +7,7 @@ of shape `(28, 28, 1)` for MNIST, and int32 labels.
 
 import gzip
 import os
+import re
 import pathlib
 import tempfile
 
@@ -321,15 +322,31 @@ def pipeline(
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
+_SPLIT = re.compile(r"^(train|test)(?:\[(-?\d*)(%?):(-?\d*)(%?)\])?$")
+
+
 def _sample_split(split):
+    """The sample's arrays for a split such as "train" or "train[:90%]"."""
     (x_train, y_train), (x_test, y_test) = sample()
     arrays = {"train": (x_train, y_train), "test": (x_test, y_test)}
-    if split not in arrays:
+    match = _SPLIT.match(split.replace(" ", ""))
+    if not match:
         raise ValueError(
-            f"The sample has the splits 'train' and 'test'. Received: "
-            f"split={split!r}"
+            "The sample has the splits 'train' and 'test', which may be "
+            "sliced as tensorflow-datasets does ('train[:90%]', "
+            f"'train[7000:]'). Received: split={split!r}"
         )
-    return arrays[split]
+    name, start, start_percent, stop, stop_percent = match.groups()
+    x, y = arrays[name]
+
+    def bound(text, percent):
+        if not text:
+            return None
+        value = int(text)
+        return round(value * len(x) / 100) if percent else value
+
+    window = slice(bound(start, start_percent), bound(stop, stop_percent))
+    return x[window], y[window]
 
 
 def load(

@@ -141,7 +141,9 @@ def plain_cnn(
             layers.Conv2D(
                 max(1, round(item * width)), 3, padding="same", use_bias=False
             ),
-            layers.BatchNormalization(),
+            # PyTorch's default momentum, as in the paper's code; Keras'
+            # 0.99 leaves the inference statistics stale after short runs.
+            layers.BatchNormalization(momentum=0.9),
             layers.ReLU(),
         ]
     stack.append(layers.Flatten())

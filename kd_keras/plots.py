@@ -55,3 +55,85 @@ def plot_history(histories, metric="val_accuracy", path=None, title=None,
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
     return _finish(figure, path)
+
+
+def plot_paths(table, metric="student_val_accuracy", path=None, title=None):
+    """Draws the student accuracy of every distillation path.
+
+    Args:
+        table: `PathSearchResult.table` (or any list of dicts with `path` and
+            `metric`).
+        metric: the column to draw.
+        path: optional PNG path.
+        title: optional title.
+
+    Returns:
+        The figure.
+    """
+    rows = sorted(table, key=lambda row: row[metric])
+    figure = Figure(figsize=(7.0, 1.0 + 0.4 * len(rows)))
+    axes = figure.add_subplot()
+    values = [row[metric] for row in rows]
+    bars = axes.barh([row["path"] for row in rows], values,
+                     color=["C1" if row is rows[-1] else "C0" for row in rows])
+    axes.bar_label(bars, labels=[f"{v:.4f}" for v in values], fontsize="small",
+                   padding=2)
+    low, high = min(values), max(values)
+    margin = max(high - low, 1e-3)
+    axes.set_xlim(low - margin, high + margin)
+    axes.set_xlabel(metric)
+    axes.set_title(title or "Student accuracy by distillation path")
+    axes.grid(axis="x", alpha=0.3)
+    return _finish(figure, path)
+
+
+def plot_chain(report, path=None, title=None):
+    """Draws the validation accuracy of each model along a chain.
+
+    Args:
+        report: the per-step report of `distill_chain`.
+        path: optional PNG path.
+        title: optional title.
+
+    Returns:
+        The figure.
+    """
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.add_subplot()
+    names = [row["student"] for row in report]
+    values = [row["val_accuracy"] for row in report]
+    bars = axes.bar(names, values)
+    axes.bar_label(bars, labels=[f"{v:.4f}" for v in values],
+                   fontsize="small")
+    axes.set_ylim(min(values) - 0.05, min(1.0, max(values) + 0.05))
+    axes.set_ylabel("validation accuracy")
+    axes.set_title(title or "Distillation chain, step by step")
+    axes.grid(axis="y", alpha=0.3)
+    return _finish(figure, path)
+
+
+def plot_curve(xs, ys, xlabel, ylabel, path=None, title=None, errors=None,
+               xticks=None):
+    """Draws one measured curve, with optional error bars.
+
+    Args:
+        xs, ys: the points.
+        xlabel, ylabel: axis labels.
+        path: optional PNG path.
+        title: optional title.
+        errors: optional error bar half-heights (e.g. std over seeds).
+        xticks: optional tick labels for `xs`.
+
+    Returns:
+        The figure.
+    """
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.add_subplot()
+    axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3)
+    if xticks is not None:
+        axes.set_xticks(xs, xticks)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title or ylabel)
+    axes.grid(alpha=0.3)
+    return _finish(figure, path)

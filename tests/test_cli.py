@@ -95,3 +95,23 @@ def test_teacher_snapshots_and_student_early_stop_from_the_cli(tmp_path,
                f"--teacher={teacher}", "--teacher_snapshot=7",
                f"--output={student}") == 1
     assert "Available epochs: 1, 2" in capsys.readouterr().err
+
+
+def test_chain_and_paths_print_tables_and_write_plots(tmp_path, capsys):
+    common = ["--dataset=mnist_sample", "--train_split=train[:1000]",
+              "--val_split=train[7500:]", "--test_split=test[:500]",
+              "--family=mlp", "--epochs=1", "--batch_size=250",
+              f"--workdir={tmp_path}"]
+    assert run("chain", *common, "--sizes=64,16,4") == 0
+    out = capsys.readouterr().out
+    assert "mlp_16" in out and "mlp_4" in out and "Student test errors" in out
+    assert (tmp_path / "chain.png").is_file()
+    assert run("chain", *common, "--sizes=64,16,4") == 0
+    out = capsys.readouterr().out
+    assert "Reusing the teacher" in out and "True" in out
+    assert run("paths", *common, "--teacher_size=64", "--candidates=16",
+               "--student_size=4") == 0
+    out = capsys.readouterr().out
+    assert "teacher → 16 → student" in out
+    assert "3 distinct steps against 3" in out
+    assert (tmp_path / "paths.png").is_file()
