@@ -72,8 +72,7 @@ def _run_seed(seed, splits, settings, workdir):
     """Trains one teacher and the five students; returns rows and curves."""
     train, val, test = splits
     keras.utils.set_random_seed(seed)
-    teacher = models.mlp((1200, 1200), dropout=0.5, input_dropout=0.2,
-                         max_norm=4.0, name="teacher")
+    teacher = models.hinton_teacher()
     snapshots = workdir / f"teacher_seed{seed}"
     training.train(teacher, train, val, epochs=settings["teacher_epochs"],
                    callbacks=[callbacks.TeacherSnapshots(

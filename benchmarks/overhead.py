@@ -89,8 +89,7 @@ def main(argv):
     load = dict(name="mnist", data_dir=data_dir, batch_size=FLAGS.batch_size)
     train = data.load(split="train", shuffle=True, seed=0, **load)
     # The teacher's accuracy does not change its cost, so it stays untrained.
-    teacher = models.mlp((1200, 1200), dropout=0.5, input_dropout=0.2,
-                         max_norm=4.0, name="teacher")
+    teacher = models.hinton_teacher()
     runs, cache_seconds = _runs(train, teacher)
     timers = {name: common.EpochTimer() for name in runs}
     for epoch in range(1 + FLAGS.epochs):

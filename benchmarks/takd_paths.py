@@ -61,10 +61,6 @@ def _cnn(depth, name):
 def _run_seed(seed, splits, settings, workdir):
     train, val, test = splits
 
-    def accuracy(model, dataset):
-        errors, examples = training.test_errors(model, dataset)
-        return 1.0 - errors / examples
-
     keras.utils.set_random_seed(seed)
     teacher = _cnn(TEACHER, "teacher")
     training.train(teacher, train, val, epochs=settings["teacher_epochs"],
@@ -81,11 +77,11 @@ def _run_seed(seed, splits, settings, workdir):
         epochs=settings["epochs"], workdir=workdir / f"seed{seed}", seed=seed)
     suggestion = assistants.suggest_assistant(
         {str(d): result.assistant_accuracies[(str(d),)] for d in ASSISTANTS},
-        teacher_accuracy=accuracy(teacher, val),
-        student_accuracy=accuracy(scratch, val))
+        teacher_accuracy=training.test_accuracy(teacher, val),
+        student_accuracy=training.test_accuracy(scratch, val))
     return {
-        "teacher_test_accuracy": accuracy(teacher, test),
-        "scratch_test_accuracy": accuracy(scratch, test),
+        "teacher_test_accuracy": training.test_accuracy(teacher, test),
+        "scratch_test_accuracy": training.test_accuracy(scratch, test),
         "paths": {row["path"]: row for row in result.table},
         "suggested_assistant": suggestion["assistant"],
         "trainings": result.trainings,

@@ -44,18 +44,13 @@ def _settings():
     return settings
 
 
-def _accuracy(model, dataset):
-    errors, examples = training.test_errors(model, dataset)
-    return 1.0 - errors / examples
-
-
 def _run_seed(seed, splits, settings):
     train, val, test = splits
     rows = {}
     keras.utils.set_random_seed(seed)
     scratch = models.plain_cnn(STUDENT_DEPTH, width=FLAGS.width)
     training.train(scratch, train, val, epochs=settings["epochs"], verbose=0)
-    rows["scratch"] = {"student": _accuracy(scratch, test)}
+    rows["scratch"] = {"student": training.test_accuracy(scratch, test)}
     for depth in TEACHER_DEPTHS:
         keras.utils.set_random_seed(seed)
         teacher = models.plain_cnn(depth, width=FLAGS.width)
@@ -68,8 +63,8 @@ def _run_seed(seed, splits, settings):
                          distillation_weight=FLAGS.distillation_weight,
                          epochs=settings["epochs"], verbose=0)
         rows[depth] = {"params": teacher.count_params(),
-                       "teacher": _accuracy(teacher, test),
-                       "student": _accuracy(student, test)}
+                       "teacher": training.test_accuracy(teacher, test),
+                       "student": training.test_accuracy(student, test)}
     return rows
 
 

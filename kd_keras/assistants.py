@@ -60,11 +60,6 @@ def weights_fingerprint(model):
     return digest.hexdigest()[:16]
 
 
-def _accuracy(model, dataset):
-    errors, examples = training.test_errors(model, dataset)
-    return 1.0 - errors / examples
-
-
 def _check_chain(models):
     if len(models) < 2:
         raise ValueError(
@@ -169,7 +164,7 @@ class _StepStore:
         entry = {
             "teacher": teacher.name,
             "student": student.name,
-            "val_accuracy": _accuracy(student, val_data),
+            "val_accuracy": training.test_accuracy(student, val_data),
             "epochs": settings.epochs,
             "seconds": watch.seconds,
             "path": path.name,
@@ -372,7 +367,7 @@ def search_paths(
             "student_val_accuracy": entry["val_accuracy"],
         }
         if test_data is not None:
-            row["student_test_accuracy"] = _accuracy(model, test_data)
+            row["student_test_accuracy"] = training.test_accuracy(model, test_data)
         table.append(row)
     table.sort(key=lambda row: -row["student_val_accuracy"])
     return PathSearchResult(
@@ -447,13 +442,13 @@ def suggest_assistant(
         model = _build(builder, name, seed)
         training.train(model, train_data, epochs=epochs,
                        learning_rate=learning_rate, verbose=0)
-        return _accuracy(model, val_data)
+        return training.test_accuracy(model, val_data)
 
     if teacher_accuracy is None:
         if teacher is None or val_data is None:
             raise ValueError("Pass `teacher_accuracy`, or `teacher` and "
                              "`val_data` to measure it.")
-        teacher_accuracy = _accuracy(teacher, val_data)
+        teacher_accuracy = training.test_accuracy(teacher, val_data)
     if student_accuracy is None:
         if student is None or train_data is None or val_data is None:
             raise ValueError("Pass `student_accuracy`, or `student` (a "

@@ -7,6 +7,7 @@ Each command is one or two library calls; the command prints what they
 return.
 """
 
+import inspect
 import pathlib
 import sys
 import textwrap
@@ -138,10 +139,6 @@ def _ladder_flags(fv):
                          flag_values=fv)
     flags.DEFINE_integer("epochs", 5, "Epochs of every distillation step.",
                          flag_values=fv)
-    flags.DEFINE_float("temperature", 4.0, "Distillation temperature.",
-                       flag_values=fv)
-    flags.DEFINE_float("distillation_weight", 0.9, "Weight of the KD term.",
-                       flag_values=fv)
     flags.DEFINE_float("learning_rate", 1e-3, "Adam's learning rate.",
                        flag_values=fv)
     flags.DEFINE_string("workdir", "kd_keras_runs",
@@ -149,6 +146,44 @@ def _ladder_flags(fv):
                         "plot; rerunning continues from what it holds.",
                         flag_values=fv)
     flags.DEFINE_integer("verbose", 0, "Keras verbosity.", flag_values=fv)
+
+
+def _kd_flags(fv):
+    flags.DEFINE_float("temperature", 4.0, "Distillation temperature.",
+                       flag_values=fv)
+    flags.DEFINE_float("distillation_weight", 0.9, "Weight of the KD term.",
+                       flag_values=fv)
+
+
+def _tune_flags(fv):
+    flags.DEFINE_string("teacher_size", "10", "Size of the teacher, when "
+                        "--teacher is not given.", flag_values=fv)
+    flags.DEFINE_string("student_size", "2", "Size of the student.",
+                        flag_values=fv)
+    flags.DEFINE_list("assistant_sizes", ["8", "6", "4"],
+                      "Sizes of the assistants to choose from ('none' is "
+                      "always a choice); empty for no assistants.",
+                      flag_values=fv)
+    flags.DEFINE_list("temperatures", ["1", "2", "5", "10", "15", "20"],
+                      "Temperatures to choose from.", flag_values=fv)
+    flags.DEFINE_list("distillation_weights", ["0.05", "1", "0.05"],
+                      "min,max,step of the distillation weight.",
+                      flag_values=fv)
+    flags.DEFINE_enum("tuner", "bayesian", ["bayesian", "random", "hyperband"],
+                      "keras-tuner tuner.", flag_values=fv)
+    flags.DEFINE_integer("max_trials", 12, "Trials of the sweep.",
+                         flag_values=fv)
+    flags.DEFINE_string("project_name", "sweep",
+                        "The sweep's name inside --workdir.", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False,
+                      "Start afresh instead of resuming the sweep.",
+                      flag_values=fv)
+    flags.DEFINE_enum("mixed_precision", None,
+                      ["mixed_float16", "mixed_bfloat16"],
+                      "Build students and assistants under this policy.",
+                      flag_values=fv)
+    flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
+                      "Compile the training steps with XLA.", flag_values=fv)
 
 
 def _chain_flags(fv):
@@ -165,6 +200,37 @@ def _paths_flags(fv):
                       flag_values=fv)
     flags.DEFINE_string("student_size", "2", "Size of the student.",
                         flag_values=fv)
+
+
+def _export_flags(fv):
+    flags.DEFINE_string("model", None, "The .keras model to export.",
+                        required=True, flag_values=fv)
+    flags.DEFINE_string("output", None, "Folder to export to (default: the "
+                        "model's path without .keras, plus _export).",
+                        flag_values=fv)
+    flags.DEFINE_list("formats", ["saved_model", "tflite", "tflite_dynamic",
+                                  "tflite_int8"],
+                      "Formats to write.", flag_values=fv)
+    flags.DEFINE_string("representative_split", "train[:1000]",
+                        "Split whose inputs calibrate int8.", flag_values=fv)
+    flags.DEFINE_float("tolerance", 1e-4,
+                       "Largest logit difference allowed in float formats.",
+                       flag_values=fv)
+
+
+def _reproduce_flags(fv):
+    flags.DEFINE_string("data_dir", None,
+                        "tensorflow-datasets folder with MNIST (see `kd-keras "
+                        "data`).", flag_values=fv)
+    flags.DEFINE_string("output_dir", "hinton_mnist",
+                        "Folder for the table, JSON and plots.",
+                        flag_values=fv)
+    flags.DEFINE_bool("quick", False, "A smaller run (about 10 minutes on "
+                      "2 cores) instead of the full one (about 90).",
+                      flag_values=fv)
+    flags.DEFINE_integer("seeds", None, "Seeds (default: 3, or 2 quick).",
+                         flag_values=fv)
+    flags.DEFINE_integer("verbose", 0, "Keras verbosity.", flag_values=fv)
 
 
 def _evaluate_flags(fv):
@@ -211,7 +277,7 @@ def _table(rows, columns):
 
 
 def _cell(value):
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _load_splits(fv, jitter=0):
@@ -380,7 +446,7 @@ def _ladder_teacher(fv, size, train_data, val):
     return teacher
 
 
-@_command(_data_flags, _ladder_flags, _chain_flags)
+@_command(_data_flags, _ladder_flags, _kd_flags, _chain_flags)
 def chain(fv):
     """Distils a teacher into a student through assistants of the given
     sizes, one step after another, and prints each step's validation
@@ -409,7 +475,7 @@ def chain(fv):
     print(f"Wrote {png}")
 
 
-@_command(_data_flags, _ladder_flags, _paths_flags)
+@_command(_data_flags, _ladder_flags, _kd_flags, _paths_flags)
 def paths(fv):
     """Trains every distillation path from the teacher to the student through
     the candidate assistants (shared prefixes once), and prints the student
@@ -438,6 +504,94 @@ def paths(fv):
     png = pathlib.Path(fv.workdir) / "paths.png"
     plots.plot_paths(result.table, path=png)
     print(f"Wrote {png}")
+
+
+@_command(_data_flags, _ladder_flags, _tune_flags)
+def tune(fv):
+    """Sweeps assistant size, temperature and distillation weight with
+    keras-tuner and prints the trials and the best settings. Rerunning the
+    command resumes the sweep; keras-tuner's KERASTUNER_* variables make it a
+    chief or a worker of a distributed sweep."""
+    from kd_keras import tuning
+
+    train_data, val, _ = _load_splits(fv)
+    teacher = _ladder_teacher(fv, fv.teacher_size, train_data, val)
+    sizes = [size for size in fv.assistant_sizes if size]
+    hypermodel = tuning.DistillationHyperModel(
+        teacher, lambda: _ladder_model(fv, fv.student_size, "student"),
+        (lambda size: _ladder_model(fv, size, f"assistant_{size}"))
+        if sizes else None,
+        assistant_sizes=sizes,
+        temperatures=[float(t) for t in fv.temperatures],
+        distillation_weights=[float(w) for w in fv.distillation_weights],
+        learning_rate=fv.learning_rate, mixed_precision=fv.mixed_precision,
+        jit_compile={"auto": "auto", "true": True,
+                     "false": False}[fv.jit_compile])
+    tuner, best = tuning.tune(
+        hypermodel, train_data, val, tuner=fv.tuner,
+        max_trials=fv.max_trials, epochs=fv.epochs, directory=fv.workdir,
+        project_name=fv.project_name, overwrite=fv.overwrite, seed=fv.seed,
+        verbose=fv.verbose)
+    if best is None:
+        print("This worker's trials are done; the chief writes the results.")
+        return
+    print(_table(tuning.trials_table(tuner),
+                 ["trial", "status", "assistant_size", "temperature",
+                  "distillation_weight", "score"]))
+    print(f"\nBest: {best.values}")
+    print(f"Teacher passes over the data: {hypermodel.teacher_passes}")
+    print(f"Wrote best_hyperparameters.json, trials.json and sweep.png to "
+          f"{tuner.project_dir}/")
+
+
+@_command(_data_flags, _export_flags)
+def export(fv):
+    """Exports a .keras model to SavedModel and TFLite (float, dynamic-range,
+    int8), reloads each, and prints size, logit difference, argmax agreement,
+    latency and test accuracy per format."""
+    import keras
+    from kd_keras import data as data_lib
+    from kd_keras import export as export_lib
+
+    load = dict(name=fv.dataset, data_dir=fv.data_dir,
+                batch_size=fv.batch_size)
+    representative = data_lib.load(split=fv.representative_split, **load)
+    test = data_lib.load(split=fv.test_split, **load)
+    model_path = pathlib.Path(fv.model)
+    output = fv.output or model_path.with_name(model_path.stem + "_export")
+    report = export_lib.export_student(
+        keras.saving.load_model(model_path), output, formats=fv.formats,
+        representative_data=representative, test_data=test,
+        tolerance=fv.tolerance)
+    rows = [{"format": name, **{k: v for k, v in entry.items()
+                                if k != "path"}}
+            for name, entry in report.items()]
+    print(_table(rows, ["format", "bytes", "max_abs_diff",
+                        "argmax_agreement_percent", "latency_ms",
+                        "accuracy"]))
+    print(f"\nWrote the exports and report.json to {output}/")
+
+
+EXPERIMENTS = ("hinton-mnist",)
+
+
+@_command(_reproduce_flags)
+def reproduce(fv, experiment=None):
+    """Reruns a paper's experiment: `kd-keras reproduce hinton-mnist` trains
+    Hinton et al.'s MNIST teacher and students (distillation at several
+    temperatures, the omitted-3 and 7s-and-8s transfer sets with their bias
+    fixes, 3% of the labels) and prints the results beside the paper's."""
+    from kd_keras import reproduce as reproduce_lib
+
+    if experiment not in EXPERIMENTS:
+        raise ValueError(
+            f"Name an experiment: `kd-keras reproduce {EXPERIMENTS[0]}`. "
+            f"Received: {experiment!r}")
+    result = reproduce_lib.hinton_mnist(
+        data_dir=fv.data_dir, output_dir=fv.output_dir, quick=fv.quick,
+        seeds=fv.seeds, verbose=fv.verbose)
+    print(result["table"])
+    print(f"Wrote the table, JSON and plots to {fv.output_dir}/")
 
 
 @_command(_data_flags, _evaluate_flags)
@@ -504,15 +658,16 @@ def run(argv=None):
         print(f"kd-keras {name}: {error}\nSee `kd-keras {name} --help`.",
               file=sys.stderr)
         return 2
-    if len(rest) > 1:
-        print(f"kd-keras {name}: unexpected arguments {rest[1:]}. "
+    positional = rest[1:]
+    if len(positional) > len(inspect.signature(function).parameters) - 1:
+        print(f"kd-keras {name}: unexpected arguments {positional}. "
               f"See `kd-keras {name} --help`.", file=sys.stderr)
         return 2
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     logging.set_verbosity(logging.WARNING)
     try:
-        function(flag_values)
+        function(flag_values, *positional)
     except ValueError as error:
         print(f"kd-keras {name}: {error}", file=sys.stderr)
         return 1

@@ -67,8 +67,7 @@ def run_demo(
             "seconds": seconds,
         })
 
-    teacher = models.mlp((1200, 1200), dropout=0.5, input_dropout=0.2,
-                         max_norm=4.0, name="teacher")
+    teacher = models.hinton_teacher()
     with training.Stopwatch() as watch:
         training.train(teacher, jittered, test, epochs=teacher_epochs,
                        verbose=verbose)

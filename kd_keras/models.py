@@ -90,6 +90,17 @@ def mlp(
     return keras.Sequential(stack, name=name or default)
 
 
+def hinton_teacher(input_shape=MNIST_SHAPE, num_classes=10, name="teacher"):
+    """Returns Hinton et al.'s MNIST teacher: 2×1200 ReLU with dropout.
+
+    Dropout 0.2 on the inputs and 0.5 on the hidden units, and a max-norm
+    constraint (4.0) on each unit's incoming weights; train it on inputs
+    jittered by up to 2 pixels (`kd_keras.data.jitter`).
+    """
+    return mlp((1200, 1200), dropout=0.5, input_dropout=0.2, max_norm=4.0,
+               input_shape=input_shape, num_classes=num_classes, name=name)
+
+
 def plain_cnn(
     depth,
     width=1.0,

@@ -6,6 +6,7 @@ writes it as a PNG. Figures are made without pyplot, so no display is needed.
 
 import pathlib
 
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -136,4 +137,77 @@ def plot_curve(xs, ys, xlabel, ylabel, path=None, title=None, errors=None,
     axes.set_ylabel(ylabel)
     axes.set_title(title or ylabel)
     axes.grid(alpha=0.3)
+    return _finish(figure, path)
+
+
+def plot_sweep(trials, objective="val_accuracy", path=None, title=None):
+    """Draws a sweep's score against temperature, one colour per assistant.
+
+    Args:
+        trials: rows with `assistant_size`, `temperature`,
+            `distillation_weight` and `score` (see `tuning.trials_table`).
+        objective: the score's name, for the axis.
+        path: optional PNG path.
+        title: optional title.
+
+    Returns:
+        The figure.
+    """
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.add_subplot()
+    sizes = sorted({str(row["assistant_size"]) for row in trials},
+                   key=lambda s: (s != "none", s))
+    for index, size in enumerate(sizes):
+        rows = sorted((r for r in trials if str(r["assistant_size"]) == size),
+                      key=lambda r: r["temperature"])
+        axes.scatter([r["temperature"] for r in rows],
+                     [r["score"] for r in rows],
+                     s=[20 + 80 * r["distillation_weight"] for r in rows],
+                     color=f"C{index}", alpha=0.75,
+                     label=f"assistant {size}")
+    axes.set_xscale("log")
+    axes.set_xlabel("temperature (marker size: distillation weight)")
+    axes.set_ylabel(objective)
+    axes.set_title(title or f"Sweep: {objective} by temperature")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    return _finish(figure, path)
+
+
+def plot_temperature(logits, temperatures=(1, 2, 5, 10, 20), class_names=None,
+                     path=None, title=None):
+    """Draws one output distribution softened at several temperatures.
+
+    The seed deck's figure: as T grows, softmax(z/T) flattens and shows which
+    wrong classes the model finds similar to the right one.
+
+    Args:
+        logits: one example's logits, shape `(num_classes,)`.
+        temperatures: the temperatures to draw.
+        class_names: optional labels of the classes.
+        path: optional PNG path.
+        title: optional title.
+
+    Returns:
+        The figure.
+    """
+    logits = np.asarray(logits, dtype="float64").reshape(-1)
+    classes = np.arange(len(logits))
+    count = len(temperatures)
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.add_subplot()
+    width = 0.8 / count
+    for index, temperature in enumerate(temperatures):
+        scaled = logits / temperature
+        probabilities = np.exp(scaled - scaled.max())
+        probabilities /= probabilities.sum()
+        axes.bar(classes + (index - (count - 1) / 2) * width, probabilities,
+                 width=width, label=f"T = {temperature:g}")
+    axes.set_xticks(classes, class_names or [str(c) for c in classes])
+    axes.set_xlabel("class")
+    axes.set_ylabel("softmax(z / T)")
+    axes.set_yscale("log")
+    axes.set_title(title or "One output distribution at several temperatures")
+    axes.legend(fontsize="small")
+    axes.grid(axis="y", alpha=0.3)
     return _finish(figure, path)

@@ -143,3 +143,148 @@ def cache_teacher_logits(
         .map(gather, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def is_cached(dataset):
+    """True if `dataset` comes from `cache_teacher_logits`."""
+    spec = dataset.element_spec
+    inputs = spec[0] if isinstance(spec, tuple) else spec
+    return isinstance(inputs, dict) and set(inputs) == {
+        INPUTS_KEY, TEACHER_LOGITS_KEY}
+
+
+def without_teacher_logits(dataset):
+    """The `(x, y[, sample_weight])` batches of a cached dataset."""
+
+    def strip(inputs, *rest):
+        return (inputs[INPUTS_KEY], *rest)
+
+    return dataset.map(strip, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+ENSEMBLE_MODES = ("logits", "probs")
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class EnsembleCombine(keras.layers.Layer):
+    """Combines the logits of ensemble members into one set of logits.
+
+    In `"logits"` mode it returns the weighted mean of the members' logits. In
+    `"probs"` mode it returns the log of the weighted mean of their softmax
+    probabilities (computed as a log-sum-exp, so it is stable), which is again
+    a valid set of logits: its softmax is the mean probability.
+    """
+
+    def __init__(self, mode="logits", weights=None, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in ENSEMBLE_MODES:
+            raise ValueError(
+                f"Expected `mode` in {ENSEMBLE_MODES}. Received: mode={mode!r}")
+        self.mode = mode
+        self.member_weights = None if weights is None else [
+            float(w) for w in weights]
+
+    def call(self, member_logits):
+        stacked = tf.cast(tf.stack(member_logits, axis=0), tf.float32)
+        count = len(member_logits)
+        weights = tf.constant(
+            self.member_weights or [1.0 / count] * count, tf.float32)
+        weights = tf.reshape(weights, [count] + [1] * (stacked.shape.rank - 1))
+        if self.mode == "logits":
+            return tf.reduce_sum(weights * stacked, axis=0)
+        return tf.reduce_logsumexp(
+            tf.math.log(weights) + tf.nn.log_softmax(stacked, axis=-1), axis=0)
+
+    def compute_output_shape(self, input_shapes):
+        return tuple(input_shapes[0])
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode,
+                "weights": self.member_weights}
+
+
+def _ensemble_weights(weights, count):
+    if weights is None:
+        return None
+    weights = [float(w) for w in weights]
+    if len(weights) != count or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(
+            f"Expected {count} non-negative `weights` with a positive sum, one "
+            f"per member. Received: weights={weights}")
+    return [w / sum(weights) for w in weights]
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class EnsembleTeacher(keras.Model):
+    """A frozen teacher that averages its members.
+
+    Hinton et al. (2015) distilled an ensemble of ten speech models into one
+    model that kept most of the ensemble's gain. An `EnsembleTeacher` is a
+    functional model over its members, frozen, whose output is again logits,
+    so it serves as a `Distiller` teacher and with `cache_teacher_logits`,
+    and it saves and loads like any Keras model.
+
+    Args:
+        models: the members: built `keras.Model`s emitting logits of the same
+            shape, all taking the same input.
+        mode: `"logits"`: the weighted mean of the members' logits;
+            `"probs"`: the log of the weighted mean of their probabilities.
+        weights: optional weight per member (normalised to sum to 1);
+            equal weights by default.
+
+    Members are frozen (`trainable = False`), and members that share a name
+    are renamed `<name>_member<i>`.
+
+    Example:
+
+    ```python
+    ensemble = kd_keras.EnsembleTeacher([m1, m2, m3], mode="probs")
+    distiller = kd_keras.Distiller(ensemble, student)
+    ```
+    """
+
+    def __init__(self, models, mode="logits", weights=None, **kwargs):
+        models = list(models)
+        if not models:
+            raise ValueError("Expected at least one member model. Received: []")
+        for index, model in enumerate(models):
+            _checks.check_keras_model(model, f"member {index}")
+            _checks.check_emits_logits(model, f"member {index}")
+        shapes = [_checks.output_shape(m) for m in models]
+        if len({s[1:] for s in shapes if s is not None}) > 1:
+            raise ValueError(
+                "Every member must output logits of the same shape (the same "
+                "classes). Received: " + ", ".join(
+                    f"{m.name}: {s}" for m, s in zip(models, shapes)) + ".")
+        weights = _ensemble_weights(weights, len(models))
+        names = [model.name for model in models]
+        for index, model in enumerate(models):
+            model.trainable = False
+            if names.count(model.name) > 1:
+                # A functional model needs distinct names for its parts.
+                model.name = f"{model.name}_member{index}"
+        inputs = keras.Input(shape=models[0].inputs[0].shape[1:])
+        outputs = EnsembleCombine(mode, weights, name="ensemble")(
+            [model(inputs, training=False) for model in models])
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.members = models
+        self.mode = mode
+        self.member_weights = weights
+        self.trainable = False
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "models": [keras.saving.serialize_keras_object(m)
+                       for m in self.members],
+            "mode": self.mode,
+            "weights": self.member_weights,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["models"] = [
+            keras.saving.deserialize_keras_object(m, custom_objects=custom_objects)
+            for m in config["models"]]
+        return cls(**config)

@@ -138,6 +138,12 @@ def test_errors(model, dataset):
     return int(np.sum(predicted != labels)), len(labels)
 
 
+def test_accuracy(model, dataset):
+    """Returns the fraction of a batched `(x, y)` dataset classified right."""
+    errors, examples = test_errors(model, dataset)
+    return 1.0 - errors / examples
+
+
 class Stopwatch:
     """Times a block: `with Stopwatch() as watch: ...; watch.seconds`."""
 

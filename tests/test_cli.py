@@ -11,12 +11,14 @@ def run(*args):
 def test_usage_lists_every_command(capsys):
     assert run() == 0
     out = capsys.readouterr().out
-    for name in ("demo", "train", "distill", "evaluate", "data"):
+    for name in ("demo", "train", "distill", "chain", "paths", "tune",
+                 "export", "evaluate", "data"):
         assert f"  {name} " in out
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "distill", "evaluate",
-                                     "data"])
+@pytest.mark.parametrize("command", ["demo", "train", "distill", "chain",
+                                     "paths", "tune", "export",
+                                     "evaluate", "data"])
 def test_every_command_has_a_help_with_its_flags(command, capsys):
     assert run(command, "--help") == 0
     out = capsys.readouterr().out
@@ -115,3 +117,31 @@ def test_chain_and_paths_print_tables_and_write_plots(tmp_path, capsys):
     assert "teacher → 16 → student" in out
     assert "3 distinct steps against 3" in out
     assert (tmp_path / "paths.png").is_file()
+
+
+def test_tune_prints_the_trials_and_the_best_settings(tmp_path, capsys):
+    assert run("tune", "--dataset=mnist_sample", "--train_split=train[:500]",
+               "--val_split=train[7500:]", "--family=mlp",
+               "--teacher_size=32", "--student_size=4",
+               "--assistant_sizes=8", "--temperatures=2,4",
+               "--distillation_weights=0.5,1,0.5", "--tuner=random",
+               "--max_trials=2", "--epochs=1", "--batch_size=250",
+               f"--workdir={tmp_path}", "--project_name=s") == 0
+    out = capsys.readouterr().out
+    assert "Best: {" in out and "'train': 1" in out
+    assert (tmp_path / "s" / "best_hyperparameters.json").is_file()
+
+
+def test_export_prints_the_report_table(tmp_path, capsys):
+    model = tmp_path / "student.keras"
+    assert run("train", "--dataset=mnist_sample", "--epochs=1", "--verbose=0",
+               "--hidden=16", f"--output={model}") == 0
+    capsys.readouterr()
+    assert run("export", "--dataset=mnist_sample", f"--model={model}",
+               "--representative_split=train[:200]",
+               "--test_split=test[:500]") == 0
+    out = capsys.readouterr().out
+    for fmt in ("keras", "saved_model", "tflite", "tflite_dynamic",
+                "tflite_int8"):
+        assert f"\n{fmt} " in out
+    assert (tmp_path / "student_export" / "student_int8.tflite").is_file()

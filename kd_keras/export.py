@@ -1,0 +1,267 @@
+"""Exporting a student to SavedModel and TFLite, with a parity report.
+
+Every format is written, read back and run against the Keras model on
+held-out inputs, so an export that silently differs is caught: a float format
+whose logits differ by more than `tolerance` raises. The report gives, per
+format, the file size, the largest logit difference, the argmax agreement,
+the single-example latency and (with labels) the accuracy.
+"""
+
+import json
+import pathlib
+import time
+import warnings
+
+from absl import logging
+import numpy as np
+import keras
+import tensorflow as tf
+
+from kd_keras.distiller import Distiller
+
+FORMATS = ("saved_model", "tflite", "tflite_dynamic", "tflite_int8")
+FLOAT_FORMATS = ("saved_model", "tflite")
+
+
+def _check_formats(formats, representative_data):
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(
+            f"Expected `formats` among {FORMATS}. Received: {formats}")
+    if "tflite_int8" in formats and representative_data is None:
+        raise ValueError(
+            "`tflite_int8` calibrates its int8 ranges on example inputs: pass "
+            "`representative_data` (a batched dataset or an array of a few "
+            "hundred training inputs), or leave out 'tflite_int8'.")
+    return formats
+
+
+def _as_model(model):
+    if isinstance(model, Distiller):
+        logging.info("Exporting the Distiller's student (not its teacher).")
+        return model.student
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            "Expected a `keras.Model` (or a `kd_keras.Distiller`, whose "
+            f"student is exported). Received: {type(model).__name__}. Load a "
+            "saved model first with `keras.saving.load_model(path)`.")
+    if not model.built:
+        raise ValueError(
+            f"The model `{model.name}` is not built. Call it on data or "
+            "`model.build(input_shape)` before exporting.")
+    return model
+
+
+def _arrays(data, limit=None):
+    """(inputs, labels or None) from a dataset, an array, or (x, y)."""
+    if data is None:
+        return None, None
+    if isinstance(data, tf.data.Dataset):
+        xs, ys = [], []
+        for element in data:
+            x, y, _ = keras.utils.unpack_x_y_sample_weight(element)
+            xs.append(np.asarray(x))
+            if y is not None:
+                ys.append(np.asarray(y))
+            if limit and sum(len(a) for a in xs) >= limit:
+                break
+        x = np.concatenate(xs)
+        y = np.concatenate(ys) if ys else None
+    elif isinstance(data, tuple):
+        x, y = np.asarray(data[0]), np.asarray(data[1])
+    else:
+        x, y = np.asarray(data), None
+    if limit:
+        x = x[:limit]
+        y = None if y is None else y[:limit]
+    return x.astype("float32"), y
+
+
+def _size(path):
+    path = pathlib.Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _median_ms(run, example, repeats):
+    run(example)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(example)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+def _interpreter(content):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf.lite's deprecation notice.
+            Interpreter = tf.lite.Interpreter
+    return Interpreter(model_content=content)
+
+
+class _TFLiteRunner:
+    """Runs a TFLite flatbuffer on batches of any size."""
+
+    def __init__(self, content):
+        self.interpreter = _interpreter(content)
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+        self.batch = None
+
+    def __call__(self, x):
+        if self.batch != x.shape:
+            self.interpreter.resize_tensor_input(self.input["index"], x.shape)
+            self.interpreter.allocate_tensors()
+            self.batch = x.shape
+        self.interpreter.set_tensor(self.input["index"],
+                                   x.astype(self.input["dtype"]))
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self.output["index"]).astype(
+            "float32")
+
+
+def _in_batches(run, x, batch_size=500):
+    return np.concatenate([run(x[i:i + batch_size])
+                           for i in range(0, len(x), batch_size)])
+
+
+def _convert(saved_model_dir, fmt, representative):
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
+    if fmt in ("tflite_dynamic", "tflite_int8"):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if fmt == "tflite_int8":
+        def examples():
+            for row in representative:
+                yield [row[np.newaxis]]
+
+        converter.representative_dataset = examples
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
+
+
+def export_student(
+    model,
+    directory,
+    formats=FORMATS,
+    representative_data=None,
+    test_data=None,
+    tolerance=1e-4,
+    calibration_examples=500,
+    latency_repeats=200,
+):
+    """Exports a model to SavedModel and TFLite and checks each export.
+
+    Writes `directory/saved_model/` (with a `serving_default` signature),
+    `student.tflite` (float), `student_dynamic.tflite` (dynamic-range
+    quantised weights) and `student_int8.tflite` (int8 weights and
+    activations, calibrated on `representative_data`, with float input and
+    output). Each is read back and compared with the Keras model on
+    `test_data` (or, without it, on the representative inputs): the largest
+    absolute logit difference and the argmax agreement in %. A float format
+    that differs by more than `tolerance` raises `ValueError`. The report
+    (also written as `directory/report.json`) adds file sizes, the median
+    single-example latency and, when `test_data` has labels, accuracy.
+
+    Args:
+        model: the `keras.Model` to export (a `Distiller` exports its
+            student).
+        directory: output folder.
+        formats: any of "saved_model", "tflite", "tflite_dynamic",
+            "tflite_int8". Every TFLite format is converted from the
+            SavedModel, which is written in any case.
+        representative_data: training inputs (a batched dataset, an array, or
+            `(x, y)`) to calibrate int8; required for "tflite_int8".
+        test_data: held-out inputs and labels (a batched dataset or
+            `(x, y)`) to compare on.
+        tolerance: the largest logit difference a float format may show.
+        calibration_examples: how many representative inputs calibrate int8.
+        latency_repeats: timed single-example runs per format.
+
+    Returns:
+        The report: `{"keras": {...}, format: {"path", "bytes",
+        "max_abs_diff", "argmax_agreement_percent", "latency_ms",
+        "accuracy"}}`.
+
+    Example:
+
+    ```python
+    report = kd_keras.export.export_student(
+        distiller.student, "export", representative_data=train,
+        test_data=test)
+    report["tflite_int8"]["accuracy"]
+    ```
+    """
+    model = _as_model(model)
+    formats = _check_formats(formats, representative_data)
+    representative, _ = _arrays(representative_data, calibration_examples)
+    x_test, y_test = _arrays(test_data)
+    if x_test is None:
+        if representative is None:
+            raise ValueError(
+                "Pass `test_data` (or `representative_data`) to compare the "
+                "exports with the Keras model on.")
+        x_test = representative
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    expected = _in_batches(
+        lambda x: np.asarray(model(x, training=False), "float32"), x_test)
+    example = x_test[:1]
+    report = {"keras": {
+        "latency_ms": _median_ms(lambda x: model(x, training=False), example,
+                                 latency_repeats),
+        "params": model.count_params(),
+    }}
+    if y_test is not None:
+        report["keras"]["accuracy"] = float(
+            np.mean(np.argmax(expected, -1) == y_test.reshape(-1)))
+
+    saved_model_dir = directory / "saved_model"
+    model.export(str(saved_model_dir), format="tf_saved_model", verbose=False)
+    runners = {}
+    if "saved_model" in formats:
+        loaded = tf.saved_model.load(str(saved_model_dir))
+        runners["saved_model"] = (saved_model_dir,
+                                  lambda x: loaded.serve(x).numpy())
+    names = {"tflite": "student.tflite",
+             "tflite_dynamic": "student_dynamic.tflite",
+             "tflite_int8": "student_int8.tflite"}
+    for fmt in formats:
+        if fmt == "saved_model":
+            continue
+        content = _convert(saved_model_dir, fmt, representative)
+        path = directory / names[fmt]
+        path.write_bytes(content)
+        runners[fmt] = (path, _TFLiteRunner(content))
+
+    failures = []
+    for fmt, (path, run) in runners.items():
+        got = _in_batches(run, x_test)
+        entry = {
+            "path": str(path),
+            "bytes": _size(path),
+            "max_abs_diff": float(np.max(np.abs(got - expected))),
+            "argmax_agreement_percent": 100.0 * float(np.mean(
+                np.argmax(got, -1) == np.argmax(expected, -1))),
+            "latency_ms": _median_ms(run, example, latency_repeats),
+        }
+        if y_test is not None:
+            entry["accuracy"] = float(
+                np.mean(np.argmax(got, -1) == y_test.reshape(-1)))
+        report[fmt] = entry
+        if fmt in FLOAT_FORMATS and entry["max_abs_diff"] > tolerance:
+            failures.append(f"{fmt}: {entry['max_abs_diff']:.3g}")
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if failures:
+        raise ValueError(
+            f"Float exports differ from the Keras model by more than "
+            f"tolerance={tolerance:g} ({'; '.join(failures)}); see "
+            f"{directory / 'report.json'}. The model may use an op the "
+            "converter approximates; check its custom layers.")
+    return report

@@ -1,0 +1,370 @@
+"""keras-tuner sweeps over assistant size, temperature and distillation weight.
+
+The roles follow keras-tuner's own split: `DistillationHyperModel` says what
+to build and how to fit it, keras-tuner's oracles choose the values to try,
+and `tune` runs the sweep.
+"""
+
+import contextlib
+import json
+import numbers
+import os
+import pathlib
+
+from absl import logging
+import keras
+import keras_tuner
+
+from kd_keras import _checks
+from kd_keras import plots
+from kd_keras.distiller import Distiller
+from kd_keras.teachers import cache_teacher_logits
+from kd_keras.teachers import is_cached
+from kd_keras.teachers import without_teacher_logits
+
+NO_ASSISTANT = "none"
+# The grid of the teacher-assistant paper's official code.
+PAPER_TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0)
+PAPER_WEIGHTS = (0.05, 1.0, 0.05)
+TUNERS = {
+    "bayesian": keras_tuner.BayesianOptimization,
+    "random": keras_tuner.RandomSearch,
+    "hyperband": keras_tuner.Hyperband,
+}
+PRECISIONS = (None, "mixed_float16", "mixed_bfloat16")
+
+
+def _check_ranges(temperatures, distillation_weights, assistant_sizes,
+                  assistant_builder):
+    temperatures = tuple(temperatures)
+    if not temperatures or any(
+        isinstance(t, bool) or not isinstance(t, numbers.Real) or t <= 0
+        for t in temperatures
+    ):
+        raise ValueError(
+            "Expected `temperatures` to be a non-empty list of numbers > 0, "
+            f"such as {PAPER_TEMPERATURES}. Received: {temperatures!r}"
+        )
+    if len(tuple(distillation_weights)) != 3:
+        raise ValueError(
+            "Expected `distillation_weights` as (min, max, step), such as "
+            f"{PAPER_WEIGHTS}. Received: {distillation_weights!r}"
+        )
+    low, high, step = distillation_weights
+    if not (0.0 <= low <= high <= 1.0) or not step > 0:
+        raise ValueError(
+            "Expected `distillation_weights` = (min, max, step) with "
+            "0 <= min <= max <= 1 and step > 0. Received: "
+            f"{distillation_weights!r}"
+        )
+    if assistant_sizes and assistant_builder is None:
+        raise ValueError(
+            "`assistant_sizes` needs an `assistant_builder(size)` that returns "
+            f"a new assistant model. Received: assistant_sizes="
+            f"{list(assistant_sizes)} and no builder."
+        )
+    if assistant_builder is not None and not assistant_sizes:
+        raise ValueError(
+            "An `assistant_builder` needs `assistant_sizes` to choose from, "
+            "e.g. assistant_sizes=[8, 6, 4]."
+        )
+    return temperatures
+
+
+@contextlib.contextmanager
+def _dtype_policy(name):
+    if name is None:
+        yield
+        return
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+class DistillationHyperModel(keras_tuner.HyperModel):
+    """A keras-tuner hypermodel of teacher → (assistant) → student distillation.
+
+    Its hyperparameters are `assistant_size` (`"none"` or one of
+    `assistant_sizes`), `temperature` and `distillation_weight`; by default the
+    grid of Mirzadeh et al. (2020): T in {1, 2, 5, 10, 15, 20} and λ from
+    0.05 to 1 in steps of 0.05. `build` returns a compiled `Distiller` whose
+    student is new; with an assistant, the Distiller's teacher is the new
+    assistant, and `fit` first distils the real teacher into it. The
+    objective keras-tuner reads is the student's validation metric (e.g.
+    `val_accuracy`). The best model of a sweep is a Distiller:
+    `tuner.get_best_models()[0].student` is the student to deploy.
+
+    Args:
+        teacher: the trained teacher.
+        student_builder: a function returning a new student model.
+        assistant_builder: optional function `size -> new assistant model`.
+        assistant_sizes: the sizes `assistant_builder` accepts; "none" (no
+            assistant) is always a choice.
+        temperatures: the temperatures to choose from.
+        distillation_weights: `(min, max, step)` of λ.
+        assistant_epochs: epochs of the teacher → assistant step (default:
+            the student's epochs).
+        learning_rate: Adam's learning rate.
+        metrics: metrics compiled on the student, e.g. `("accuracy",)`.
+        mixed_precision: None, "mixed_float16" or "mixed_bfloat16": the
+            policy under which students and assistants are built (the KD loss
+            stays float32).
+        jit_compile: passed to `compile` ("auto", True or False).
+
+    Example:
+
+    ```python
+    hypermodel = kd_keras.tuning.DistillationHyperModel(
+        teacher, lambda: kd_keras.models.plain_cnn(2, width=0.25),
+        assistant_builder=lambda d: kd_keras.models.plain_cnn(d, width=0.25),
+        assistant_sizes=[8, 6, 4])
+    tuner, best = kd_keras.tuning.tune(hypermodel, train, val, max_trials=12,
+                                       directory="sweeps", project_name="mnist")
+    ```
+    """
+
+    def __init__(
+        self,
+        teacher,
+        student_builder,
+        assistant_builder=None,
+        *,
+        assistant_sizes=(),
+        temperatures=PAPER_TEMPERATURES,
+        distillation_weights=PAPER_WEIGHTS,
+        assistant_epochs=None,
+        learning_rate=1e-3,
+        metrics=("accuracy",),
+        mixed_precision=None,
+        jit_compile="auto",
+        name="distillation",
+    ):
+        super().__init__(name=name)
+        _checks.check_keras_model(teacher, "teacher")
+        if not callable(student_builder):
+            raise ValueError(
+                "Expected `student_builder` to be a function returning a new "
+                f"student. Received: {student_builder!r}"
+            )
+        if mixed_precision not in PRECISIONS:
+            raise ValueError(
+                f"Expected `mixed_precision` in {PRECISIONS}. Received: "
+                f"{mixed_precision!r}"
+            )
+        self.temperatures = _check_ranges(temperatures, distillation_weights,
+                                          assistant_sizes, assistant_builder)
+        self.teacher = teacher
+        self.student_builder = student_builder
+        self.assistant_builder = assistant_builder
+        self.sizes = {str(size): size for size in assistant_sizes}
+        self.distillation_weights = tuple(distillation_weights)
+        self.assistant_epochs = assistant_epochs
+        self.learning_rate = learning_rate
+        self.metrics = list(metrics)
+        self.mixed_precision = mixed_precision
+        self.jit_compile = jit_compile
+        # Full passes of the teacher over a dataset, by dataset.
+        self.teacher_passes = {}
+
+    def _compiled(self, teacher, student, temperature, weight):
+        distiller = Distiller(teacher, student, temperature=temperature,
+                              distillation_weight=weight)
+        distiller.compile(keras.optimizers.Adam(self.learning_rate),
+                          metrics=self.metrics, jit_compile=self.jit_compile)
+        return distiller
+
+    def build(self, hp):
+        size = hp.Choice("assistant_size", [NO_ASSISTANT, *self.sizes])
+        temperature = hp.Choice("temperature", list(self.temperatures))
+        low, high, step = self.distillation_weights
+        weight = hp.Float("distillation_weight", low, high, step=step)
+        with _dtype_policy(self.mixed_precision):
+            student = self.student_builder()
+            teacher = self.teacher
+            if size != NO_ASSISTANT:
+                teacher = self.assistant_builder(self.sizes[size])
+            return self._compiled(teacher, student, temperature, weight)
+
+    def cache(self, dataset, label):
+        """Caches the teacher's logits on `dataset` once, counting the pass."""
+        cached = cache_teacher_logits(self.teacher, dataset,
+                                      shuffle=label == "train")
+        self.teacher_passes[label] = self.teacher_passes.get(label, 0) + 1
+        return cached
+
+    def fit(self, hp, model, x=None, *args, validation_data=None,
+            epochs=1, initial_epoch=0, callbacks=None, **kwargs):
+        """Distils teacher → (assistant) → student; returns the student's
+        History, whose validation metric is the trial's objective."""
+        assistant = model.teacher if model.teacher is not self.teacher else None
+        if assistant is not None:
+            # Hyperband's later rounds restore a trained assistant.
+            if initial_epoch == 0:
+                assistant.trainable = True
+                with _dtype_policy(self.mixed_precision):
+                    step = self._compiled(
+                        self.teacher, assistant, hp.get("temperature"),
+                        hp.get("distillation_weight"))
+                step.fit(x, validation_data=validation_data,
+                         epochs=self.assistant_epochs or epochs, verbose=0)
+                assistant.trainable = False
+            if is_cached(x):
+                # Cached logits are the teacher's; the student now needs the
+                # assistant's.
+                x = cache_teacher_logits(assistant, without_teacher_logits(x))
+            if validation_data is not None and is_cached(validation_data):
+                validation_data = cache_teacher_logits(
+                    assistant, without_teacher_logits(validation_data),
+                    shuffle=False)
+        return model.fit(x, *args, validation_data=validation_data,
+                         epochs=epochs, initial_epoch=initial_epoch,
+                         callbacks=callbacks, **kwargs)
+
+
+def _is_chief():
+    return "chief" in os.environ.get("KERASTUNER_TUNER_ID", "") and (
+        "KERASTUNER_ORACLE_IP" in os.environ)
+
+
+def _is_worker():
+    return "KERASTUNER_ORACLE_IP" in os.environ and not _is_chief()
+
+
+def tune(
+    hypermodel,
+    train_data,
+    validation_data,
+    *,
+    tuner="bayesian",
+    max_trials=12,
+    epochs=5,
+    directory,
+    project_name,
+    overwrite=False,
+    objective="val_accuracy",
+    seed=0,
+    callbacks=(),
+    verbose=0,
+    **tuner_kwargs,
+):
+    """Runs a keras-tuner sweep of a `DistillationHyperModel`.
+
+    The teacher's logits on the training and validation data are computed
+    once per sweep (per worker, in distributed mode) and reused by every
+    trial: `hypermodel.teacher_passes` counts them. keras-tuner keeps its
+    state in `directory/project_name`, so calling `tune` again with the same
+    arguments resumes an interrupted sweep: finished trials are not run
+    again, and the trial that was running starts over.
+
+    Distributed tuning uses keras-tuner's chief/worker mode: start one
+    process with `KERASTUNER_TUNER_ID=chief`, and one per worker (e.g. one
+    per GPU, with `CUDA_VISIBLE_DEVICES`) with `KERASTUNER_TUNER_ID=tuner0`,
+    `tuner1`, ...; all with `KERASTUNER_ORACLE_IP` and
+    `KERASTUNER_ORACLE_PORT` set, and the same arguments. The chief serves
+    the oracle and writes the results; workers run trials and return `None`
+    as best hyperparameters.
+
+    Args:
+        hypermodel: a `DistillationHyperModel`.
+        train_data: the transfer set, a batched dataset of `(x, y)` without
+            random augmentation.
+        validation_data: a batched dataset of `(x, y)`.
+        tuner: "bayesian", "random" or "hyperband".
+        max_trials: trials to run (for "hyperband", its `max_epochs` is
+            `epochs` instead and the trial count follows from it).
+        epochs: epochs of each student distillation.
+        directory: keras-tuner's folder.
+        project_name: the sweep's name inside `directory`.
+        overwrite: start the sweep afresh instead of resuming it.
+        objective: the student's logged metric to maximise (or, if its name
+            contains "loss", minimise).
+        seed: the oracle's seed.
+        callbacks: Keras callbacks for every trial's student fit.
+        verbose: keras-tuner and Keras verbosity.
+        **tuner_kwargs: passed to the keras-tuner tuner (e.g.
+            `executions_per_trial`, `distribution_strategy`).
+
+    Returns:
+        `(tuner, best_hyperparameters)`; `best_hyperparameters` is a
+        `keras_tuner.HyperParameters` (None on a worker, or if no trial
+        finished). The best hyperparameters, a table of trials and a PNG of
+        accuracy against temperature are written to `directory/project_name`.
+    """
+    if tuner not in TUNERS:
+        raise ValueError(
+            f"Expected `tuner` in {sorted(TUNERS)}. Received: tuner={tuner!r}")
+    if not isinstance(hypermodel, DistillationHyperModel):
+        raise ValueError(
+            "Expected a `kd_keras.tuning.DistillationHyperModel`. Received: "
+            f"{type(hypermodel).__name__}")
+    direction = "min" if "loss" in objective else "max"
+    arguments = dict(
+        hypermodel=hypermodel,
+        objective=keras_tuner.Objective(objective, direction),
+        directory=os.fspath(directory),
+        project_name=project_name,
+        overwrite=overwrite,
+        seed=seed,
+        **tuner_kwargs,
+    )
+    if tuner == "hyperband":
+        arguments["max_epochs"] = epochs
+    else:
+        arguments["max_trials"] = max_trials
+    kt_tuner = TUNERS[tuner](**arguments)
+    if not _is_chief():
+        logging.info("Tuning on %s.", ", ".join(
+            d.name for d in _visible_devices()))
+        train_data = hypermodel.cache(train_data, "train")
+        validation_data = hypermodel.cache(validation_data, "validation")
+    kt_tuner.search(train_data, validation_data=validation_data, epochs=epochs,
+                    callbacks=list(callbacks), verbose=verbose)
+    if _is_worker():
+        return kt_tuner, None
+    write_results(kt_tuner, objective)
+    best = kt_tuner.get_best_hyperparameters(1)
+    return kt_tuner, (best[0] if best else None)
+
+
+def _visible_devices():
+    import tensorflow as tf
+
+    return tf.config.list_logical_devices("GPU") or (
+        tf.config.list_logical_devices("CPU"))
+
+
+def trials_table(kt_tuner):
+    """One dict per trial: id, status, hyperparameters and score."""
+    rows = []
+    for trial_id, trial in sorted(kt_tuner.oracle.trials.items()):
+        values = trial.hyperparameters.values
+        rows.append({
+            "trial": trial_id,
+            "status": trial.status,
+            "assistant_size": values.get("assistant_size"),
+            "temperature": values.get("temperature"),
+            "distillation_weight": round(values.get("distillation_weight", 0), 4),
+            "score": trial.score,
+        })
+    return rows
+
+
+def write_results(kt_tuner, objective="val_accuracy"):
+    """Writes best_hyperparameters.json, trials.json and sweep.png.
+
+    They go to the tuner's project folder. Returns the folder.
+    """
+    folder = pathlib.Path(kt_tuner.project_dir)
+    rows = trials_table(kt_tuner)
+    scored = [row for row in rows if row["score"] is not None]
+    (folder / "trials.json").write_text(json.dumps(rows, indent=2) + "\n")
+    if scored:
+        best = kt_tuner.oracle.get_best_trials(1)[0]
+        (folder / "best_hyperparameters.json").write_text(json.dumps(
+            {"values": best.hyperparameters.values, objective: best.score,
+             "trial": best.trial_id}, indent=2) + "\n")
+        plots.plot_sweep(scored, objective, path=folder / "sweep.png")
+    return folder

@@ -1,0 +1,193 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import keras
+import keras_tuner
+import pytest
+import tensorflow as tf
+
+from kd_keras import tuning
+from conftest import FEATURES, counting_teacher, tiny_mlp
+
+
+def splits(seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(96, FEATURES)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32") + 2 * (x[:, 1] > 0).astype("int32")
+    train = tf.data.Dataset.from_tensor_slices((x[:64], y[:64])).batch(16)
+    val = tf.data.Dataset.from_tensor_slices((x[64:], y[64:])).batch(16)
+    return train, val
+
+
+class CountingHyperModel(tuning.DistillationHyperModel):
+    """Counts the trials it fits."""
+
+    fits = 0
+
+    def fit(self, hp, model, *args, **kwargs):
+        CountingHyperModel.fits += 1
+        return super().fit(hp, model, *args, **kwargs)
+
+
+def hypermodel(teacher=None, cls=tuning.DistillationHyperModel, **kwargs):
+    settings = dict(assistant_builder=lambda width: tiny_mlp(width),
+                    assistant_sizes=[8], temperatures=[1.0, 4.0],
+                    distillation_weights=(0.5, 1.0, 0.25))
+    settings.update(kwargs)
+    return cls(teacher or tiny_mlp(32, seed=1), lambda: tiny_mlp(4),
+               **settings)
+
+
+def test_a_tiny_sweep_returns_the_best_hyperparameters(tmp_path):
+    teacher = counting_teacher()
+    model = hypermodel(teacher)
+    tuner, best = tuning.tune(model, *splits(), tuner="random", max_trials=4,
+                              epochs=2, directory=tmp_path, project_name="p")
+    assert set(best.values) == {"assistant_size", "temperature",
+                                "distillation_weight"}
+    assert best.values["temperature"] in (1.0, 4.0)
+    rows = tuning.trials_table(tuner)
+    assert len(rows) == 4
+    assert max(r["score"] for r in rows) == pytest.approx(
+        tuner.oracle.get_best_trials(1)[0].score)
+    # The teacher ran once over each dataset, whatever the number of trials.
+    assert model.teacher_passes == {"train": 1, "validation": 1}
+    assert teacher.count() == 4 + 2
+    project = tmp_path / "p"
+    saved = json.loads((project / "best_hyperparameters.json").read_text())
+    assert saved["values"] == best.values
+    assert (project / "sweep.png").stat().st_size > 1000
+    best_model = tuner.get_best_models(1)[0]
+    assert best_model.student.count_params() == tiny_mlp(4).count_params()
+
+
+def test_an_assistant_trial_distils_the_teacher_into_the_assistant_first(
+        tmp_path):
+    train, val = splits()
+    model = hypermodel()
+    hp = keras_tuner.HyperParameters()
+    hp.Fixed("assistant_size", "8")
+    distiller = model.build(hp)
+    assistant = distiller.teacher
+    before = [w.copy() for w in assistant.get_weights()]
+    cached = model.cache(train, "train")
+    model.fit(hp, distiller, cached, validation_data=model.cache(val, "v"),
+              epochs=1)
+    assert not np.allclose(before[0], assistant.get_weights()[0])
+    assert assistant.trainable is False
+
+
+def test_a_resumed_sweep_does_not_run_finished_trials_again(tmp_path):
+    CountingHyperModel.fits = 0
+    arguments = dict(tuner="random", epochs=1, directory=tmp_path,
+                     project_name="p")
+    tuning.tune(hypermodel(cls=CountingHyperModel), *splits(), max_trials=2,
+                **arguments)
+    assert CountingHyperModel.fits == 2
+    tuner, _ = tuning.tune(hypermodel(cls=CountingHyperModel), *splits(),
+                           max_trials=3, **arguments)
+    assert CountingHyperModel.fits == 3
+    assert len(tuner.oracle.trials) == 3
+
+
+def test_an_interrupted_trial_is_run_again_on_resume(tmp_path):
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if CountingHyperModel.fits == 2:
+                raise KeyboardInterrupt
+
+    CountingHyperModel.fits = 0
+    arguments = dict(tuner="random", epochs=1, directory=tmp_path,
+                     project_name="p", max_trials=3)
+    with pytest.raises(KeyboardInterrupt):
+        tuning.tune(hypermodel(cls=CountingHyperModel), *splits(),
+                    callbacks=[Interrupt()], **arguments)
+    assert CountingHyperModel.fits == 2
+    tuner, _ = tuning.tune(hypermodel(cls=CountingHyperModel), *splits(),
+                           **arguments)
+    # Trial 1 is kept; the interrupted trial 2 and trial 3 run.
+    assert CountingHyperModel.fits == 4
+    assert sorted(r["status"] for r in tuning.trials_table(tuner)) == [
+        "COMPLETED"] * 3
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    import numpy as np, tensorflow as tf, keras
+    import kd_keras
+    sys.path.insert(0, {tests!r})
+    from conftest import tiny_mlp
+    from test_tuning import hypermodel, splits
+    teacher = tiny_mlp(32, seed=1)
+    tuner, best = kd_keras.tuning.tune(
+        hypermodel(teacher), *splits(), tuner="random", max_trials=4,
+        epochs=1, directory={directory!r}, project_name="distributed")
+    print("done", best is None)
+""")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_chief_and_two_workers_on_loopback_record_every_trial(tmp_path):
+    script = WORKER.format(tests=os.path.dirname(__file__),
+                           directory=str(tmp_path))
+    base = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                KERASTUNER_ORACLE_IP="127.0.0.1",
+                KERASTUNER_ORACLE_PORT=str(free_port()))
+    processes = {
+        tuner_id: subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=dict(base, KERASTUNER_TUNER_ID=tuner_id),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for tuner_id in ("chief", "tuner0", "tuner1")}
+    outputs = {k: p.communicate(timeout=300) for k, p in processes.items()}
+    for tuner_id, process in processes.items():
+        assert process.returncode == 0, outputs[tuner_id][1][-3000:]
+    assert "done True" in outputs["tuner0"][0]
+    assert "done False" in outputs["chief"][0]
+    trials = json.loads((tmp_path / "distributed" / "trials.json").read_text())
+    assert len(trials) == 4
+    assert {t["status"] for t in trials} == {"COMPLETED"}
+    assert all(t["score"] is not None for t in trials)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"temperatures": []}, "temperatures"),
+    ({"temperatures": [2.0, 0.0]}, "temperatures"),
+    ({"distillation_weights": (0.5, 0.2, 0.1)}, "min <= max"),
+    ({"distillation_weights": (0.0, 1.5, 0.1)}, "min <= max"),
+    ({"distillation_weights": (0.0, 1.0, 0.0)}, "step > 0"),
+    ({"distillation_weights": (0.0, 1.0)}, r"\(min, max, step\)"),
+    ({"assistant_builder": None}, "assistant_builder"),
+    ({"assistant_sizes": []}, "assistant_sizes"),
+    ({"mixed_precision": "float8"}, "mixed_precision"),
+])
+def test_bad_ranges_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hypermodel(**kwargs)
+
+
+def test_an_unknown_tuner_raises(tmp_path):
+    with pytest.raises(ValueError, match="tuner"):
+        tuning.tune(hypermodel(), *splits(), tuner="grid", directory=tmp_path,
+                    project_name="p")
+
+
+def test_mixed_precision_and_jit_compile_options():
+    model = hypermodel(mixed_precision="mixed_bfloat16", jit_compile=False)
+    distiller = model.build(keras_tuner.HyperParameters())
+    assert distiller.student.layers[-1].compute_dtype == "bfloat16"
+    assert keras.config.dtype_policy().name == "float32"
+    assert distiller.jit_compile is False
+    x, y = next(iter(splits()[0]))
+    logs = distiller.train_on_batch(x, y, return_dict=True)
+    assert np.isfinite(logs["loss"])
