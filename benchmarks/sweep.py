@@ -38,7 +38,7 @@ def _settings():
     if FLAGS.quick:
         return dict(train_split="train[:5000]", max_trials=12, epochs=3,
                     teacher_epochs=5)
-    return dict(train_split="train[:55000]", max_trials=24, epochs=8,
+    return dict(train_split="train[:30000]", max_trials=24, epochs=6,
                 teacher_epochs=10)
 
 

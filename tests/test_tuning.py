@@ -46,7 +46,7 @@ def hypermodel(teacher=None, cls=tuning.DistillationHyperModel, **kwargs):
 def test_a_tiny_sweep_returns_the_best_hyperparameters(tmp_path):
     teacher = counting_teacher()
     model = hypermodel(teacher)
-    tuner, best = tuning.tune(model, *splits(), tuner="random", max_trials=4,
+    tuner, best = tuning.tune(model, *splits(), tuner="bayesian", max_trials=4,
                               epochs=2, directory=tmp_path, project_name="p")
     assert set(best.values) == {"assistant_size", "temperature",
                                 "distillation_weight"}
