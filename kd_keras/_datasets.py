@@ -1,5 +1,9 @@
-"""Inspection of `tf.data` pipelines: the ops in their graph, and a
-fingerprint of their content."""
+"""Inspection of `tf.data` pipelines: their stages, the ops of their
+functions, and a fingerprint of their content.
+
+The pipeline is walked through its Python stages rather than serialised, so
+that in-memory data captured by `from_tensor_slices` is never copied.
+"""
 
 import hashlib
 
@@ -10,25 +14,44 @@ import tensorflow as tf
 _RANDOM_OP_MARKERS = ("Random", "RngReadAndSkip", "RngSkip")
 
 
-def _graph_ops(dataset):
-    graph_def = tf.compat.v1.GraphDef.FromString(
-        dataset._as_serialized_graph().numpy()
-    )
-    for node in graph_def.node:
-        yield node
-    for function in graph_def.library.function:
-        yield from function.node_def
+def _stages(dataset):
+    """Every dataset of the pipeline, from `dataset` back to its sources."""
+    stack, seen = [dataset], set()
+    while stack:
+        stage = stack.pop()
+        if id(stage) in seen:
+            continue
+        seen.add(id(stage))
+        yield stage
+        try:
+            stack.extend(stage._inputs())
+        except (AttributeError, NotImplementedError):
+            pass
+
+
+def _function_nodes(stage):
+    """The nodes of the functions a stage applies (map, filter, ...)."""
+    for value in vars(stage).values():
+        function = getattr(value, "function", None)
+        graph = getattr(function, "graph", None)
+        if graph is None:
+            continue
+        graph_def = graph.as_graph_def()
+        yield from graph_def.node
+        for library_function in graph_def.library.function:
+            yield from library_function.node_def
 
 
 def augmentation_ops(dataset):
-    """Names the random ops of `dataset` other than shuffles.
+    """Names the random ops of the pipeline's functions.
 
     Such ops (random crops, shifts, noise) give an example different inputs
-    on every pass; a shuffle only reorders examples.
+    on every pass; a shuffle only reorders examples and is not counted.
     """
     return sorted({
         node.op
-        for node in _graph_ops(dataset)
+        for stage in _stages(dataset)
+        for node in _function_nodes(stage)
         if any(marker in node.op for marker in _RANDOM_OP_MARKERS)
     })
 
@@ -39,15 +62,30 @@ def has_cache(dataset):
     Reading such a dataset partly (a peek at its first batch) before its cache
     is complete can leave the cache truncated, so callers must not peek.
     """
-    return any(node.op.startswith("CacheDataset") for node in _graph_ops(dataset))
+    return any("Cache" in type(stage).__name__ for stage in _stages(dataset))
+
+
+def _pipeline_digest(dataset):
+    """Identifies what the pipeline's functions compute, constants included."""
+    parts = []
+    for stage in _stages(dataset):
+        parts.append(type(stage).__name__)
+        for node in _function_nodes(stage):
+            constant = node.attr["value"].tensor.SerializeToString() \
+                if node.op == "Const" else b""
+            parts.append(node.op.encode() + constant)
+    return hashlib.sha256(b"|".join(sorted(
+        p.encode() if isinstance(p, str) else p for p in parts))).hexdigest()
 
 
 def fingerprint(dataset):
     """Identifies a dataset's content, whatever order it yields it in.
 
-    One full pass sums the labels and (for data without random augmentation)
-    the inputs and their squares, so a reshuffled dataset keeps its
-    fingerprint and changed data changes it.
+    One full pass sums the labels and the inputs and their squares, so a
+    reshuffled dataset keeps its fingerprint and changed data changes it.
+    With random augmentation the inputs differ on every pass, so they are
+    left out, and what the pipeline computes (its ops and constants, such as
+    the largest shift) identifies it instead.
     """
     augmented = bool(augmentation_ops(dataset))
     count, sums = 0, []
@@ -62,4 +100,6 @@ def fingerprint(dataset):
             stats += [leaf.sum(), np.square(leaf).sum()]
         sums = stats if not sums else [a + b for a, b in zip(sums, stats)]
     summary = [str(dataset.element_spec), count] + [f"{s:.6e}" for s in sums]
+    if augmented:
+        summary.append(_pipeline_digest(dataset))
     return hashlib.sha256(repr(summary).encode()).hexdigest()[:16]

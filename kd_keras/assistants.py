@@ -9,55 +9,23 @@ they finish, so rerunning the same call skips the finished steps.
 """
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
 import pathlib
 import time
-import warnings
 
 from absl import logging
-import numpy as np
 import keras
 
 from kd_keras import _checks
 from kd_keras import _datasets
+from kd_keras import _fingerprints
 from kd_keras import training
 from kd_keras.losses import check_distillation_weight
 from kd_keras.losses import check_temperature
 
 MANIFEST = "manifest.json"
-
-
-def _hash(*parts):
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()[:16]
-
-
-def _without_names(config):
-    """A model config with the auto-generated layer names removed."""
-    if isinstance(config, dict):
-        return {k: _without_names(v) for k, v in config.items()
-                if k not in ("name", "registered_name")}
-    if isinstance(config, (list, tuple)):
-        return [_without_names(v) for v in config]
-    return config
-
-
-def architecture_fingerprint(model):
-    """Identifies a model's architecture, whatever its layers are named."""
-    return _hash(type(model).__name__, _without_names(model.get_config()))
-
-
-def weights_fingerprint(model):
-    """Identifies a trained model by its architecture and weights."""
-    digest = hashlib.sha256(architecture_fingerprint(model).encode())
-    for weight in model.get_weights():
-        digest.update(np.ascontiguousarray(weight).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _check_chain(models):
@@ -81,13 +49,11 @@ def _check_chain(models):
         )
     for bigger, smaller in zip(models, models[1:]):
         if smaller.count_params() > bigger.count_params():
-            warnings.warn(
-                f"`{smaller.name}` ({smaller.count_params():,} parameters) is "
-                f"larger than its teacher `{bigger.name}` "
-                f"({bigger.count_params():,}). Chains usually go from larger "
-                "to smaller models.",
-                stacklevel=3,
-            )
+            logging.warning(
+                "`%s` (%s parameters) is larger than its teacher `%s` (%s). "
+                "Chains usually go from larger to smaller models.",
+                smaller.name, f"{smaller.count_params():,}", bigger.name,
+                f"{bigger.count_params():,}")
 
 
 @dataclasses.dataclass
@@ -141,16 +107,20 @@ class _StepStore:
 
         Returns `(fingerprint, report)`.
         """
-        fingerprint = _hash(teacher_fingerprint,
-                            architecture_fingerprint(student),
-                            dataclasses.asdict(settings))
+        fingerprint = _fingerprints.digest(
+            teacher_fingerprint, _fingerprints.architecture(student),
+            dataclasses.asdict(settings))
         entry = self._manifest().get(fingerprint)
-        path = self.workdir / f"{student.name}-{fingerprint}.keras"
-        if entry is not None and path.is_file():
+        if entry is not None and (self.workdir / entry["path"]).is_file():
+            path = self.workdir / entry["path"]
             student.load_weights(path)
             self.reused += 1
             logging.info("Reusing %s from %s.", student.name, path)
-            return fingerprint, dict(entry, reused=True)
+            # Scored afresh: the validation data may have changed.
+            return fingerprint, dict(
+                entry, reused=True,
+                val_accuracy=training.test_accuracy(student, val_data))
+        path = self.workdir / f"{student.name}-{fingerprint}.keras"
         keras.utils.set_random_seed(settings.seed)
         with training.Stopwatch() as watch:
             training.distill(
@@ -211,8 +181,12 @@ def distill_chain(
         epochs: epochs of every step.
         workdir: folder for the trained models and the manifest.
         learning_rate: Adam's learning rate.
-        seed: seed of every step's shuffles and initialisation.
+        seed: the random seed set before every step (shuffles, dropout); the
+            models come already initialised.
         verbose: Keras verbosity.
+
+    Like a `Distiller`, the chain freezes each model it uses as a teacher
+    (`trainable = False`).
 
     Returns:
         `(student, report)`: the trained student, and one dict per step with
@@ -234,7 +208,7 @@ def distill_chain(
                          learning_rate, _datasets.fingerprint(train_data), seed)
     settings.check()
     store = _StepStore(workdir)
-    fingerprint = weights_fingerprint(models[0])
+    fingerprint = _fingerprints.weights(models[0])
     report = []
     for index, (teacher, student) in enumerate(zip(models, models[1:]), 1):
         fingerprint, entry = store.step(teacher, fingerprint, student, settings,
@@ -343,7 +317,7 @@ def search_paths(
     paths = [combo for size in range(len(names) + 1)
              for combo in itertools.combinations(names, size)]
     # Assistants at the end of each distinct prefix, shortest prefixes first.
-    trained = {(): (teacher, weights_fingerprint(teacher))}
+    trained = {(): (teacher, _fingerprints.weights(teacher))}
     accuracies = {}
     for prefix in sorted({p[:k] for p in paths for k in range(1, len(p) + 1)},
                          key=len):

@@ -40,7 +40,8 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
     here switches the term off instead of stopping), whichever comes first.
     Each epoch's logs (and so the History) get `distillation_active`, 1 or 0;
     `switch_epoch` holds the first epoch without the term, and the switch is
-    logged through `absl.logging`.
+    logged through `absl.logging`. When `fit` ends, the distillation weight
+    is set back to its value before `fit`.
 
     Args:
         epoch: index (from 0, as Keras counts) of the first epoch trained on
@@ -99,6 +100,7 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self.switch_epoch = None
+        self._weight_before = float(self.model.distillation_weight.numpy())
 
     def _switch(self, epoch):
         self.model.distillation_weight = 0.0
@@ -114,7 +116,8 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
             self._switch(epoch)
 
     def on_epoch_end(self, epoch, logs=None):
-        active = self.switch_epoch is None or epoch < self.switch_epoch
+        # Read from the variable: a resumed run may have restored λ = 0.
+        active = float(self.model.distillation_weight.numpy()) > 0.0
         if logs is not None:
             logs["distillation_active"] = float(active)
         if not (active and self._watch):
@@ -128,7 +131,8 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
             self._switch(epoch + 1)
 
     def on_train_end(self, logs=None):
-        pass  # Nothing to report or restore: training was never stopped.
+        # The switch lasts for this `fit` only; a later `fit` distils again.
+        self.model.distillation_weight = self._weight_before
 
 
 class TeacherSnapshots(keras.callbacks.ModelCheckpoint):
@@ -140,7 +144,9 @@ class TeacherSnapshots(keras.callbacks.ModelCheckpoint):
     final teacher and the early ones: each chosen epoch is saved as
     `directory/epoch_005.keras`, and `directory/manifest.json` records each
     snapshot's epoch, file and logged metrics. Epochs count from 1, as Keras
-    prints them: epoch 5 is the model after five epochs.
+    prints them: epoch 5 is the model after five epochs. A new run into the
+    same folder first drops the snapshots of epochs it has not reached yet (a
+    run resumed at epoch 8 keeps epochs 1 to 8).
 
     Args:
         directory: folder for the snapshots and the manifest.
@@ -183,6 +189,30 @@ class TeacherSnapshots(keras.callbacks.ModelCheckpoint):
         self.epochs = epochs
         self.every = every
 
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._fresh = True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        if self._fresh:
+            # Snapshots after this epoch belong to an earlier run.
+            self._fresh = False
+            manifest = self.read_manifest(self.directory)
+            for key in [k for k in manifest if int(k) > epoch]:
+                (self.directory / manifest.pop(key)["path"]).unlink(
+                    missing_ok=True)
+            self._write_manifest(manifest)
+
+    def _write_manifest(self, manifest):
+        if not manifest and not self.directory.is_dir():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ordered = dict(sorted(manifest.items(), key=lambda kv: int(kv[0])))
+        temporary = self.directory / (self.MANIFEST + ".tmp")
+        temporary.write_text(json.dumps(ordered, indent=2) + "\n")
+        os.replace(temporary, self.directory / self.MANIFEST)
+
     def _wanted(self, epoch):
         return epoch in self.epochs or bool(self.every and epoch % self.every == 0)
 
@@ -197,10 +227,7 @@ class TeacherSnapshots(keras.callbacks.ModelCheckpoint):
             "metrics": {k: float(v) for k, v in (logs or {}).items()
                         if isinstance(v, numbers.Real)},
         }
-        ordered = dict(sorted(manifest.items(), key=lambda kv: int(kv[0])))
-        temporary = self.directory / (self.MANIFEST + ".tmp")
-        temporary.write_text(json.dumps(ordered, indent=2) + "\n")
-        os.replace(temporary, self.directory / self.MANIFEST)
+        self._write_manifest(manifest)
 
     @classmethod
     def read_manifest(cls, directory):

@@ -15,6 +15,8 @@ import textwrap
 from absl import flags
 from absl import logging
 
+from kd_keras import _fingerprints
+
 COMMANDS = {}
 
 
@@ -313,6 +315,18 @@ def _output_path(fv):
     return path
 
 
+def _backup_dir(fv, path, *extra):
+    """The BackupAndRestore folder of a run, named by all its settings.
+
+    Rerunning the same command resumes it; changed flags (or another teacher)
+    start afresh instead of restoring a run they did not make.
+    """
+    settings = {k: v for k, v in fv.flag_values_dict().items()
+                if k != "verbose"}
+    return path.with_name(
+        f"{path.stem}.{_fingerprints.digest(settings, *extra)}.backup")
+
+
 def _snapshot_dir(model_path):
     return model_path.with_suffix(".snapshots")
 
@@ -367,7 +381,7 @@ def train(fv):
             every=fv.snapshot_every))
     training.train(model, train_data, val, epochs=fv.epochs,
                    learning_rate=fv.learning_rate, callbacks=callbacks,
-                   backup_dir=path.with_suffix(".backup"), verbose=fv.verbose)
+                   backup_dir=_backup_dir(fv, path), verbose=fv.verbose)
     model.save(path)
     _report(model, test, path)
     if callbacks:
@@ -407,7 +421,8 @@ def distill(fv):
                      distillation_weight=fv.distillation_weight,
                      epochs=fv.epochs, learning_rate=fv.learning_rate,
                      cache=cache, callbacks=callbacks,
-                     backup_dir=path.with_suffix(".backup"),
+                     backup_dir=_backup_dir(fv, path,
+                                            _fingerprints.weights(teacher)),
                      verbose=fv.verbose)
     student.save(path)
     _report(student, test, path)
@@ -432,7 +447,12 @@ def _ladder_teacher(fv, size, train_data, val):
     if fv.teacher:
         return keras.saving.load_model(fv.teacher)
     workdir = pathlib.Path(fv.workdir)
-    path = workdir / f"teacher_{fv.family}_{size}.keras"
+    # Named by what it depends on, so changed flags train a new teacher.
+    key = _fingerprints.digest(
+        fv.family, size, fv.width, fv.dataset, fv.data_dir, fv.train_split,
+        fv.val_split, fv.test_split, fv.batch_size, fv.seed,
+        fv.teacher_epochs or fv.epochs, fv.learning_rate)
+    path = workdir / f"teacher_{fv.family}_{size}_{key}.keras"
     if path.is_file():
         print(f"Reusing the teacher {path}")
         return keras.saving.load_model(path)

@@ -1,6 +1,8 @@
 """The Distiller: a `keras.Model` that trains a student on labels and on a
 teacher's softened outputs."""
 
+import inspect
+
 import numpy as np
 import keras
 from keras import ops
@@ -45,6 +47,20 @@ def _first_leaf(structure):
     return keras.tree.flatten(structure)[0]
 
 
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+def _expects_probabilities(loss):
+    """True for a loss object or function that takes probabilities."""
+    if isinstance(loss, keras.losses.Loss):
+        return getattr(loss, "from_logits", True) is False
+    try:
+        parameter = inspect.signature(loss).parameters.get("from_logits")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.default is False
+
+
 def _check_student_loss(loss):
     if loss is None:
         return None
@@ -54,18 +70,21 @@ def _check_student_loss(loss):
             "Expected `student_loss` to be a Keras loss. Received: "
             f"student_loss={loss!r}"
         )
-    if getattr(resolved, "from_logits", True) is False:
+    if _expects_probabilities(resolved):
         raise ValueError(
             "The student outputs logits, but `student_loss` expects "
             f"probabilities (from_logits=False). Received: student_loss="
             f"{loss!r}. Pass e.g. "
             "`keras.losses.SparseCategoricalCrossentropy(from_logits=True)`."
         )
-    if not isinstance(resolved, keras.losses.Loss) and isinstance(loss, str):
+    reduction = getattr(resolved, "reduction", "sum_over_batch_size")
+    if isinstance(resolved, keras.losses.Loss) and (
+        reduction not in _MEAN_REDUCTIONS
+    ):
         raise ValueError(
-            f"`student_loss={loss!r}` names a function that expects "
-            "probabilities. Pass a loss object with `from_logits=True`, e.g. "
-            "`keras.losses.SparseCategoricalCrossentropy(from_logits=True)`."
+            "Expected `student_loss` to average over the batch, as the "
+            "distillation term does. Received: reduction="
+            f"{reduction!r}. Use the default reduction='sum_over_batch_size'."
         )
     return resolved
 
@@ -231,7 +250,8 @@ class Distiller(keras.Model):
         """
         if loss is not None:
             if self._student_loss_arg is not None and (
-                loss is not self._student_loss_arg
+                keras.saving.serialize_keras_object(loss)
+                != keras.saving.serialize_keras_object(self._student_loss_arg)
             ):
                 raise ValueError(
                     "The student loss was given twice: to the Distiller "
@@ -252,6 +272,8 @@ class Distiller(keras.Model):
 
     def compile_from_config(self, config):
         config = keras.saving.deserialize_keras_object(config)
+        if self._student_loss_arg is not None:
+            config.pop("loss", None)  # Already restored by the constructor.
         self.compile(**config)
         if self.built:
             self.optimizer.build(self.trainable_variables)
@@ -345,6 +367,8 @@ class Distiller(keras.Model):
         )
         kd_loss = tf.where(weight > 0.0, kd_loss, tf.zeros_like(kd_loss))
         total = (1.0 - weight) * label_loss + weight * kd_loss
+        if self.student.losses:  # Regularisation, as Keras adds it.
+            total = total + ops.cast(ops.sum(self.student.losses), "float32")
         return total, label_loss, kd_loss
 
     def _update_trackers(self, x, total, label_loss, kd_loss):
@@ -383,12 +407,9 @@ class Distiller(keras.Model):
             total, label_loss, kd_loss = self._loss_terms(
                 x, y, cached, student_logits, sample_weight, tape=tape
             )
-            loss = total
-            if self.student.losses:
-                loss = loss + ops.cast(ops.sum(self.student.losses), "float32")
             # Gradients are summed over replicas, so each replica's loss is
             # divided by their number.
-            loss = loss / _num_replicas()
+            loss = total / _num_replicas()
             loss = self.optimizer.scale_loss(loss)
         variables = self.student.trainable_variables
         gradients = tape.gradient(loss, variables)
@@ -415,10 +436,19 @@ class Distiller(keras.Model):
 
     def fit(self, x=None, y=None, *args, **kwargs):
         self._check_first_batch(x, y)
+        validation = kwargs.get("validation_data")
+        if validation is not None:
+            if isinstance(validation, tuple):
+                self._check_first_batch(*validation[:2])
+            else:
+                self._check_first_batch(validation, None)
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
-        self._check_first_batch(x, y)
+        # During `fit`, Keras evaluates the validation data (checked once in
+        # `fit`) every epoch; only a direct call is checked here.
+        if not kwargs.get("_use_cached_eval_dataset"):
+            self._check_first_batch(x, y)
         return super().evaluate(x, y, *args, **kwargs)
 
     def _check_first_batch(self, x, y):

@@ -1,5 +1,6 @@
 """Temperature softmax and the distillation loss T²·KL(p ‖ q)."""
 
+import math
 import numbers
 
 import keras
@@ -15,10 +16,10 @@ def check_temperature(temperature):
             "Expected `temperature` to be a number > 0, such as 4.0. "
             f"Received: temperature={temperature!r}"
         )
-    if not temperature > 0:
+    if not 0 < temperature < math.inf:
         raise ValueError(
-            "Expected `temperature` > 0; use 1.0 for the plain softmax. "
-            f"Received: temperature={temperature}"
+            "Expected a finite `temperature` > 0; use 1.0 for the plain "
+            f"softmax. Received: temperature={temperature}"
         )
 
 

@@ -166,6 +166,9 @@ def plot_sweep(trials, objective="val_accuracy", path=None, title=None):
                      color=f"C{index}", alpha=0.75,
                      label=f"assistant {size}")
     axes.set_xscale("log")
+    temperatures = sorted({row["temperature"] for row in trials})
+    axes.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
+    axes.minorticks_off()
     axes.set_xlabel("temperature (marker size: distillation weight)")
     axes.set_ylabel(objective)
     axes.set_title(title or f"Sweep: {objective} by temperature")

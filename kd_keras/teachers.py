@@ -263,7 +263,16 @@ class EnsembleTeacher(keras.Model):
             if names.count(model.name) > 1:
                 # A functional model needs distinct names for its parts.
                 model.name = f"{model.name}_member{index}"
-        inputs = keras.Input(shape=models[0].inputs[0].shape[1:])
+        try:
+            first_input = models[0].inputs[0]
+        except (AttributeError, IndexError, TypeError, ValueError):
+            raise ValueError(
+                f"The member `{models[0].name}` has no symbolic input, so the "
+                "ensemble cannot know its input shape. Build members with "
+                "`keras.Input(shape=...)` (Sequential or functional models)."
+            ) from None
+        inputs = keras.Input(shape=first_input.shape[1:],
+                             dtype=first_input.dtype)
         outputs = EnsembleCombine(mode, weights, name="ensemble")(
             [model(inputs, training=False) for model in models])
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)

@@ -16,6 +16,8 @@ import keras
 import keras_tuner
 
 from kd_keras import _checks
+from kd_keras import _datasets
+from kd_keras import _fingerprints
 from kd_keras import plots
 from kd_keras.distiller import Distiller
 from kd_keras.teachers import cache_teacher_logits
@@ -179,14 +181,23 @@ class DistillationHyperModel(keras_tuner.HyperModel):
     def build(self, hp):
         size = hp.Choice("assistant_size", [NO_ASSISTANT, *self.sizes])
         temperature = hp.Choice("temperature", list(self.temperatures))
-        low, high, step = self.distillation_weights
-        weight = hp.Float("distillation_weight", low, high, step=step)
+        weight = self._weight(hp)
         with _dtype_policy(self.mixed_precision):
             student = self.student_builder()
             teacher = self.teacher
             if size != NO_ASSISTANT:
                 teacher = self.assistant_builder(self.sizes[size])
             return self._compiled(teacher, student, temperature, weight)
+
+    def _weight(self, hp):
+        """λ on the grid (min, max, step), max included, rounded."""
+        low, high, step = self.distillation_weights
+        steps = round((high - low) / step)
+        # keras-tuner's grid floors (max - min) / step, which float error
+        # can push below the last step; a tiny margin keeps `max` on it.
+        value = hp.Float("distillation_weight", low,
+                         low + steps * step + step * 1e-6, step=step)
+        return min(high, round(value, 6))
 
     def cache(self, dataset, label):
         """Caches the teacher's logits on `dataset` once, counting the pass."""
@@ -207,7 +218,7 @@ class DistillationHyperModel(keras_tuner.HyperModel):
                 with _dtype_policy(self.mixed_precision):
                     step = self._compiled(
                         self.teacher, assistant, hp.get("temperature"),
-                        hp.get("distillation_weight"))
+                        self._weight(hp))
                 step.fit(x, validation_data=validation_data,
                          epochs=self.assistant_epochs or epochs, verbose=0)
                 assistant.trainable = False
@@ -222,6 +233,29 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         return model.fit(x, *args, validation_data=validation_data,
                          epochs=epochs, initial_epoch=initial_epoch,
                          callbacks=callbacks, **kwargs)
+
+
+STAMP = "kd_keras_sweep.json"
+
+
+def _sweep_stamp(hypermodel, train_data, validation_data, **settings):
+    """What a sweep's trials depend on; resuming requires the same."""
+    stamp = {
+        "teacher": _fingerprints.weights(hypermodel.teacher),
+        "student": _fingerprints.architecture(hypermodel.student_builder()),
+        "assistants": {
+            name: _fingerprints.architecture(hypermodel.assistant_builder(size))
+            for name, size in hypermodel.sizes.items()},
+        "temperatures": list(hypermodel.temperatures),
+        "distillation_weights": list(hypermodel.distillation_weights),
+        "assistant_epochs": hypermodel.assistant_epochs,
+        "learning_rate": hypermodel.learning_rate,
+        "mixed_precision": hypermodel.mixed_precision,
+        "training data": _datasets.fingerprint(train_data),
+        "validation data": _datasets.fingerprint(validation_data),
+        **settings,
+    }
+    return json.loads(json.dumps(stamp))
 
 
 def _is_chief():
@@ -314,7 +348,22 @@ def tune(
         arguments["max_epochs"] = epochs
     else:
         arguments["max_trials"] = max_trials
+    stamp = _sweep_stamp(hypermodel, train_data, validation_data,
+                         epochs=epochs, objective=objective, tuner=tuner)
+    stamp_path = pathlib.Path(directory) / project_name / STAMP
+    if stamp_path.is_file() and not overwrite:
+        previous = json.loads(stamp_path.read_text())
+        changed = sorted(k for k in stamp if previous.get(k) != stamp[k])
+        if changed:
+            raise ValueError(
+                f"The sweep in {stamp_path.parent} ran with another "
+                f"{', '.join(changed)}, so its trials would not compare with "
+                "new ones. Pass overwrite=True to start it afresh, or a new "
+                "project_name."
+            )
     kt_tuner = TUNERS[tuner](**arguments)
+    stamp_path.parent.mkdir(parents=True, exist_ok=True)
+    stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")
     if not _is_chief():
         logging.info("Tuning on %s.", ", ".join(
             d.name for d in _visible_devices()))

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import numpy as np
 import keras
@@ -7,6 +8,7 @@ import tensorflow as tf
 
 from kd_keras import assistants
 from kd_keras import plots
+from kd_keras import training
 from conftest import FEATURES, NUM_CLASSES, tiny_mlp
 
 
@@ -83,6 +85,30 @@ def test_changed_settings_retrain_the_steps_they_affect(teacher, splits,
     assert [r["reused"] for r in report] == [True, False]
 
 
+def test_a_functional_builder_resumes_too(teacher, splits, tmp_path):
+    def functional(width, seed):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((FEATURES,))
+        hidden = keras.layers.Dense(width, activation="relu")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(NUM_CLASSES)(hidden))
+
+    run_chain([teacher, functional(8, 1)], splits, tmp_path)
+    _, report = run_chain([teacher, functional(8, 2)], splits, tmp_path)
+    assert [r["reused"] for r in report] == [True]
+
+
+def test_a_reused_step_is_scored_on_the_new_validation_data(teacher, splits,
+                                                            tmp_path):
+    train, val = splits
+    run_chain(chain(teacher, widths=(8,)), splits, tmp_path)
+    smaller = val.take(1)
+    student, again = run_chain(chain(teacher, widths=(8,)), (train, smaller),
+                               tmp_path)
+    assert again[0]["reused"]
+    assert again[0]["val_accuracy"] == training.test_accuracy(student,
+                                                              smaller)
+
+
 def test_changed_data_retrains(teacher, splits, tmp_path):
     train, val = splits
     run_chain(chain(teacher, widths=(8,)), splits, tmp_path)
@@ -154,10 +180,12 @@ def test_an_empty_or_single_model_chain_raises(teacher, splits, tmp_path):
             run_chain(models, splits, tmp_path)
 
 
-def test_a_student_larger_than_its_teacher_warns(teacher, splits, tmp_path):
-    with pytest.warns(UserWarning, match="larger than its teacher"):
+def test_a_student_larger_than_its_teacher_warns(teacher, splits, tmp_path,
+                                                 caplog):
+    with caplog.at_level(logging.WARNING):
         run_chain([teacher, tiny_mlp(128, name="huge")], splits, tmp_path,
                   epochs=1)
+    assert "larger than its teacher" in caplog.text
 
 
 def test_mismatched_class_counts_raise(teacher, splits, tmp_path):

@@ -191,3 +191,25 @@ def test_parameter_schedule_rejects_unknown_parameters():
         ParameterSchedule(lambda epoch: 1.0, parameter="alpha")
     with pytest.raises(ValueError, match="function"):
         ParameterSchedule(3.0)
+
+
+def test_the_distillation_weight_comes_back_after_fit(tiny_data):
+    x, y = tiny_data
+    distiller = distiller_for()
+    distiller.fit(x, y, epochs=2, verbose=0,
+                  callbacks=[StudentEarlyStop(epoch=1)])
+    assert float(distiller.distillation_weight.numpy()) == pytest.approx(0.9)
+    history = distiller.fit(x, y, epochs=1, verbose=0)
+    assert history.history["distillation_weight"] == [pytest.approx(0.9)]
+
+
+def test_a_new_run_drops_the_snapshots_of_an_earlier_run(tiny_data, tmp_path):
+    x, y = tiny_data
+    for epochs, wanted in ((4, [2, 4]), (2, [2])):
+        model = tiny_mlp()
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True))
+        model.fit(x, y, epochs=epochs, verbose=0,
+                  callbacks=[TeacherSnapshots(tmp_path, every=2)])
+    assert list(TeacherSnapshots.read_manifest(tmp_path)) == ["2"]
+    assert not (tmp_path / "epoch_004.keras").exists()

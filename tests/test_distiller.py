@@ -359,3 +359,59 @@ def test_a_plain_function_works_as_student_loss(tiny_data):
     s = distiller.student.predict(x, verbose=0)
     assert logs["loss"] == pytest.approx(
         np.mean(s[np.arange(len(y)), y] ** 2), rel=1e-5)
+
+
+def test_a_probability_loss_function_is_refused():
+    with pytest.raises(ValueError, match="from_logits"):
+        make_distiller(
+            student_loss=keras.losses.sparse_categorical_crossentropy)
+
+
+def test_a_loss_that_does_not_average_over_the_batch_is_refused():
+    with pytest.raises(ValueError, match="reduction"):
+        make_distiller(student_loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, reduction="sum"))
+
+
+def test_an_infinite_temperature_is_refused():
+    with pytest.raises(ValueError, match="finite"):
+        make_distiller(temperature=float("inf"))
+
+
+def test_the_same_loss_given_twice_still_loads(tmp_path):
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    distiller = kd_keras.Distiller(tiny_mlp(seed=1), tiny_mlp(seed=2),
+                                   student_loss=loss)
+    distiller.compile("sgd", loss=loss)
+    distiller.save(tmp_path / "d.keras")
+    assert isinstance(keras.saving.load_model(tmp_path / "d.keras"),
+                      kd_keras.Distiller)
+
+
+def test_regularisation_is_in_the_logged_loss(tiny_data):
+    x, y = tiny_data
+    keras.utils.set_random_seed(2)
+    student = keras.Sequential([
+        keras.Input((FEATURES,)),
+        keras.layers.Dense(NUM_CLASSES,
+                           kernel_regularizer=keras.regularizers.L2(1.0))])
+    distiller = make_distiller(student=student, distillation_weight=0.0)
+    logs = distiller.evaluate(x, y, batch_size=len(x), return_dict=True,
+                              verbose=0)
+    penalty = float(np.sum(student.layers[0].kernel.numpy() ** 2))
+    assert logs["loss"] == pytest.approx(logs["student_loss"] + penalty,
+                                         rel=1e-5)
+
+
+def test_validation_data_is_checked_once_per_fit(tiny_data, monkeypatch):
+    x, y = tiny_data
+    distiller = make_distiller()
+    checks = []
+    original = kd_keras.Distiller._check_first_batch
+    monkeypatch.setattr(
+        kd_keras.Distiller, "_check_first_batch",
+        lambda self, *a: checks.append(1) or original(self, *a))
+    distiller.fit(x, y, validation_data=(x, y), epochs=3, verbose=0)
+    assert len(checks) == 2
+    with pytest.raises(ValueError, match="Relabel"):
+        distiller.fit(x, y, validation_data=(x, y + 9), epochs=1, verbose=0)

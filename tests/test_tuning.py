@@ -191,3 +191,26 @@ def test_mixed_precision_and_jit_compile_options():
     x, y = next(iter(splits()[0]))
     logs = distiller.train_on_batch(x, y, return_dict=True)
     assert np.isfinite(logs["loss"])
+
+
+def test_resuming_a_sweep_with_other_settings_raises(tmp_path):
+    arguments = dict(tuner="random", max_trials=1, directory=tmp_path,
+                     project_name="p")
+    tuning.tune(hypermodel(), *splits(), epochs=1, **arguments)
+    with pytest.raises(ValueError, match="ran with another epochs.*overwrite"):
+        tuning.tune(hypermodel(), *splits(), epochs=2, **arguments)
+    with pytest.raises(ValueError, match="training data"):
+        tuning.tune(hypermodel(), *splits(seed=7), epochs=1, **arguments)
+    tuner, _ = tuning.tune(hypermodel(), *splits(seed=7), epochs=1,
+                           overwrite=True, **arguments)
+    assert len(tuner.oracle.trials) == 1
+
+
+def test_the_weight_grid_includes_its_maximum():
+    model = hypermodel(distillation_weights=(0.05, 1.0, 0.05))
+    hp = keras_tuner.HyperParameters()
+    model.build(hp)
+    grid = next(h for h in hp.space if h.name == "distillation_weight")
+    assert round(grid.max_value, 6) >= 1.0
+    hp.values["distillation_weight"] = grid.max_value
+    assert model._weight(hp) == 1.0
