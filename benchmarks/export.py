@@ -59,7 +59,7 @@ def main(argv):
                     / 1024,
                     "latency_ms": entry["latency_ms"],
                     "test_accuracy_percent": 100 * entry["accuracy"],
-                    "max_abs_diff": entry.get("max_abs_diff", 0.0),
+                    "max_abs_diff": f"{entry.get('max_abs_diff', 0.0):.1e}",
                 })
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
