@@ -78,28 +78,39 @@ def _pipeline_digest(dataset):
         p.encode() if isinstance(p, str) else p for p in parts))).hexdigest()
 
 
+def _row_hashes(leaves):
+    """A 64-bit hash of each example (row) of a batch's arrays."""
+    rows = len(leaves[0])
+    flat = [np.ascontiguousarray(leaf).reshape(rows, -1) for leaf in leaves]
+    return [
+        int.from_bytes(hashlib.blake2b(
+            b"".join(part[i].tobytes() for part in flat),
+            digest_size=8).digest(), "little")
+        for i in range(rows)
+    ]
+
+
 def fingerprint(dataset):
     """Identifies a dataset's content, whatever order it yields it in.
 
-    One full pass sums the labels and the inputs and their squares, so a
-    reshuffled dataset keeps its fingerprint and changed data changes it.
-    With random augmentation the inputs differ on every pass, so they are
-    left out, and what the pipeline computes (its ops and constants, such as
-    the largest shift) identifies it instead.
+    One full pass hashes every example (its inputs, label and weight
+    together) and adds the hashes up, so a reshuffled dataset keeps its
+    fingerprint while any changed value, or a label paired with another
+    input, changes it. With random augmentation the inputs differ on every
+    pass, so they are left out of the hashes, and what the pipeline computes
+    (its ops and constants, such as the largest shift) is hashed instead.
     """
     augmented = bool(augmentation_ops(dataset))
-    count, sums = 0, []
+    count, total = 0, 0
     for element in dataset:
-        leaves = [np.asarray(leaf, dtype="float64")
-                  for leaf in tf.nest.flatten(element)]
+        leaves = [np.asarray(leaf) for leaf in tf.nest.flatten(element)]
+        if augmented:
+            leaves = leaves[1:]  # Random inputs are left out.
+        if not leaves:
+            continue
         count += len(leaves[0])
-        stats = []
-        for index, leaf in enumerate(leaves):
-            if augmented and index == 0:
-                continue  # Random inputs differ on every pass.
-            stats += [leaf.sum(), np.square(leaf).sum()]
-        sums = stats if not sums else [a + b for a, b in zip(sums, stats)]
-    summary = [str(dataset.element_spec), count] + [f"{s:.6e}" for s in sums]
+        total = (total + sum(_row_hashes(leaves))) % (1 << 64)
+    summary = [str(dataset.element_spec), count, total]
     if augmented:
         summary.append(_pipeline_digest(dataset))
     return hashlib.sha256(repr(summary).encode()).hexdigest()[:16]

@@ -22,6 +22,8 @@ def digest(*parts):
 def _names(config, found):
     if isinstance(config, dict):
         for key, value in config.items():
+            if key == "dtype":
+                continue  # A policy's "name" (e.g. mixed_float16) matters.
             if key == "name" and isinstance(value, str) and value not in found:
                 found[value] = f"<{len(found)}>"
             _names(value, found)

@@ -2,6 +2,7 @@
 early stop of the student's distillation term, early-stopped teachers, and
 schedules of temperature and distillation weight."""
 
+import inspect
 import json
 import numbers
 import os
@@ -287,6 +288,14 @@ class ParameterSchedule(keras.callbacks.Callback):
             )
         self.schedule = schedule
         self.parameter = parameter
+        try:
+            parameters = inspect.signature(schedule).parameters.values()
+            self._takes_current = sum(
+                p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                for p in parameters) >= 2 or any(
+                p.kind == p.VAR_POSITIONAL for p in parameters)
+        except (TypeError, ValueError):
+            self._takes_current = False
 
     def set_model(self, model):
         _check_distiller(model, "ParameterSchedule")
@@ -296,10 +305,9 @@ class ParameterSchedule(keras.callbacks.Callback):
         return float(getattr(self.model, self.parameter).numpy())
 
     def on_epoch_begin(self, epoch, logs=None):
-        current = self._current()
-        try:
-            value = self.schedule(epoch, current)
-        except TypeError:  # A schedule of the epoch alone.
+        if self._takes_current:
+            value = self.schedule(epoch, self._current())
+        else:
             value = self.schedule(epoch)
         setattr(self.model, self.parameter, value)
         logging.info("ParameterSchedule: %s = %g at epoch %d.",

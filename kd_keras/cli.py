@@ -8,6 +8,7 @@ return.
 """
 
 import inspect
+import os
 import pathlib
 import sys
 import textwrap
@@ -127,6 +128,9 @@ def _distill_flags(fv):
 
 
 def _ladder_flags(fv):
+    # These commands choose by validation accuracy: hold it out of train.
+    fv.set_default("train_split", "train[:90%]")
+    fv.set_default("val_split", "train[90%:]")
     flags.DEFINE_enum("family", "plain_cnn", ["mlp", "plain_cnn"],
                       "Model family of every model of the chain.",
                       flag_values=fv)
@@ -534,6 +538,11 @@ def tune(fv):
     chief or a worker of a distributed sweep."""
     from kd_keras import tuning
 
+    if "KERASTUNER_ORACLE_IP" in os.environ and not fv.teacher:
+        raise ValueError(
+            "A distributed sweep needs one teacher for all its processes: "
+            "train it first (`kd-keras train --output teacher.keras ...`) and "
+            "pass --teacher=teacher.keras to the chief and every worker.")
     train_data, val, _ = _load_splits(fv)
     teacher = _ladder_teacher(fv, fv.teacher_size, train_data, val)
     sizes = [size for size in fv.assistant_sizes if size]
@@ -686,6 +695,10 @@ def run(argv=None):
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     logging.set_verbosity(logging.WARNING)
+    if "seed" in flag_values:
+        import keras
+
+        keras.utils.set_random_seed(flag_values.seed)
     try:
         function(flag_values, *positional)
     except ValueError as error:

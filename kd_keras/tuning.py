@@ -363,7 +363,10 @@ def tune(
             )
     kt_tuner = TUNERS[tuner](**arguments)
     stamp_path.parent.mkdir(parents=True, exist_ok=True)
-    stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")
+    # Chief and workers all write it: atomically, so none reads half a file.
+    temporary = stamp_path.with_name(f"{STAMP}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(stamp, indent=2) + "\n")
+    os.replace(temporary, stamp_path)
     if not _is_chief():
         logging.info("Tuning on %s.", ", ".join(
             d.name for d in _visible_devices()))
@@ -388,7 +391,8 @@ def _visible_devices():
 def trials_table(kt_tuner):
     """One dict per trial: id, status, hyperparameters and score."""
     rows = []
-    for trial_id, trial in sorted(kt_tuner.oracle.trials.items()):
+    for trial_id, trial in sorted(kt_tuner.oracle.trials.items(),
+                                  key=lambda item: int(item[0])):
         values = trial.hyperparameters.values
         rows.append({
             "trial": trial_id,

@@ -198,3 +198,17 @@ def test_bad_settings_raise_before_training(teacher, splits, tmp_path):
     with pytest.raises(ValueError, match="temperature"):
         run_chain(chain(teacher), splits, tmp_path, temperature=0.0)
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_the_precision_policy_is_part_of_the_architecture():
+    from kd_keras import _fingerprints
+
+    plain = tiny_mlp(8, name="a")
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        mixed = tiny_mlp(8, name="b")
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert _fingerprints.architecture(plain) != _fingerprints.architecture(mixed)
+    assert _fingerprints.architecture(plain) == _fingerprints.architecture(
+        tiny_mlp(8, name="c"))

@@ -186,6 +186,16 @@ def test_a_schedule_returning_a_bad_value_raises_at_that_epoch(tiny_data):
     assert epochs_run == [0, 1]
 
 
+def test_an_error_inside_a_two_argument_schedule_is_not_hidden(tiny_data):
+    def broken(epoch, current):
+        raise TypeError("broken schedule")
+
+    x, y = tiny_data
+    with pytest.raises(TypeError, match="broken schedule"):
+        distiller_for().fit(x, y, epochs=1, verbose=0,
+                            callbacks=[ParameterSchedule(broken)])
+
+
 def test_parameter_schedule_rejects_unknown_parameters():
     with pytest.raises(ValueError, match="parameter"):
         ParameterSchedule(lambda epoch: 1.0, parameter="alpha")

@@ -132,12 +132,18 @@ def test_a_distiller_exports_its_student_only(trained_student, tmp_path):
     assert report["keras"]["params"] == student.count_params()
 
 
-def test_a_float_export_that_differs_raises(trained_student, tmp_path):
+def test_a_float_export_that_differs_raises(trained_student, tmp_path,
+                                            monkeypatch):
     student, _, test = trained_student
+    original = export._TFLiteRunner.__call__
+    # A converter that shifts every logit by 1e-3.
+    monkeypatch.setattr(export._TFLiteRunner, "__call__",
+                        lambda self, x: original(self, x) + 1e-3)
     with pytest.raises(ValueError, match="differ from the Keras model"):
         export.export_student(student, tmp_path, formats=("tflite",),
-                              test_data=test, tolerance=0.0,
-                              latency_repeats=1)
+                              test_data=test, latency_repeats=1)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tflite"]["max_abs_diff"] == pytest.approx(1e-3, rel=0.1)
 
 
 def test_bad_export_inputs_raise_before_writing(trained_student, tmp_path):

@@ -104,3 +104,23 @@ def test_cache_refuses_a_teacher_that_outputs_probabilities(tiny_data):
     with pytest.raises(ValueError, match="logits"):
         kd_keras.cache_teacher_logits(tiny_mlp(activation="softmax"),
                                       in_order(*tiny_data))
+
+
+def test_the_data_fingerprint_follows_content_not_order():
+    from kd_keras import _datasets
+
+    x = np.arange(40, dtype="float32").reshape(20, 2)
+    y = np.arange(20) % 4
+
+    def fingerprint(a, b, shuffle=False):
+        dataset = tf.data.Dataset.from_tensor_slices((a, b))
+        if shuffle:
+            dataset = dataset.shuffle(20, seed=1)
+        return _datasets.fingerprint(dataset.batch(6))
+
+    same = fingerprint(x, y)
+    assert fingerprint(x, y, shuffle=True) == same
+    assert fingerprint(x, np.roll(y, 1)) != same   # labels re-paired
+    nudged = x.copy()
+    nudged[3, 1] += 1e-6
+    assert fingerprint(nudged, y) != same
