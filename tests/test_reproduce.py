@@ -86,3 +86,12 @@ def test_a_rerun_keeps_the_finished_seeds(mnist_data_dir, tmp_path,
     settings["epochs"] = 2
     reproduce.hinton_mnist(seeds=1, **arguments)
     assert seeds_run == [0, 1, 0]
+
+
+def test_cosine_decay_halves_the_rate_midway_and_ends_near_zero():
+    (callback,) = reproduce._cosine_decay(10, learning_rate=1e-3)
+    rates = [callback.schedule(epoch, None) for epoch in range(10)]
+    np.testing.assert_allclose(
+        rates, [5e-4 * (1 + np.cos(np.pi * e / 10)) for e in range(10)])
+    assert rates[0] == 1e-3 and rates[5] == 5e-4
+    assert all(a > b for a, b in zip(rates, rates[1:]))
