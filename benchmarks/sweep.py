@@ -44,6 +44,9 @@ def _settings():
 
 def main(argv):
     del argv
+    if FLAGS.seeds not in (None, 1):
+        raise app.UsageError("A sweep is one run (its trials are the "
+                             "repeats): drop --seeds.")
     settings = _settings()
     train, val, test = common.mnist_splits(FLAGS, settings["train_split"])
     keras.utils.set_random_seed(0)

@@ -562,7 +562,12 @@ def tune(fv):
         project_name=fv.project_name, overwrite=fv.overwrite, seed=fv.seed,
         verbose=fv.verbose)
     if best is None:
-        print("This worker's trials are done; the chief writes the results.")
+        if tuning._is_worker():
+            print("This worker's trials are done; the chief writes the "
+                  "results.")
+        else:
+            print(f"No trial has finished yet in {tuner.project_dir}; rerun "
+                  "the command to resume the sweep.")
         return
     print(_table(tuning.trials_table(tuner),
                  ["trial", "status", "assistant_size", "temperature",

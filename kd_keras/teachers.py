@@ -214,6 +214,13 @@ def _ensemble_weights(weights, count):
     return [w / sum(weights) for w in weights]
 
 
+def _input_shape(model):
+    try:
+        return tuple(model.inputs[0].shape[1:])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+
+
 @keras.saving.register_keras_serializable(package="kd_keras")
 class EnsembleTeacher(keras.Model):
     """A frozen teacher that averages its members.
@@ -233,7 +240,7 @@ class EnsembleTeacher(keras.Model):
             equal weights by default.
 
     Members are frozen (`trainable = False`), and members that share a name
-    are renamed `<name>_member<i>`.
+    are renamed `<name>_member<i>`; both change the model objects you pass.
 
     Example:
 
@@ -256,6 +263,12 @@ class EnsembleTeacher(keras.Model):
                 "Every member must output logits of the same shape (the same "
                 "classes). Received: " + ", ".join(
                     f"{m.name}: {s}" for m, s in zip(models, shapes)) + ".")
+        input_shapes = [_input_shape(m) for m in models]
+        if len({s for s in input_shapes if s is not None}) > 1:
+            raise ValueError(
+                "Every member must take the same input shape. Received: "
+                + ", ".join(f"{m.name}: {s}"
+                            for m, s in zip(models, input_shapes)) + ".")
         weights = _ensemble_weights(weights, len(models))
         names = [model.name for model in models]
         for index, model in enumerate(models):

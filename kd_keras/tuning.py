@@ -312,7 +312,8 @@ def tune(
         epochs: epochs of each student distillation.
         directory: keras-tuner's folder.
         project_name: the sweep's name inside `directory`.
-        overwrite: start the sweep afresh instead of resuming it.
+        overwrite: start the sweep afresh instead of resuming it (in a
+            distributed sweep only the chief wipes the shared folder).
         objective: the student's logged metric to maximise (or, if its name
             contains "loss", minimise).
         seed: the oracle's seed.
@@ -340,7 +341,9 @@ def tune(
         objective=keras_tuner.Objective(objective, direction),
         directory=os.fspath(directory),
         project_name=project_name,
-        overwrite=overwrite,
+        # Only the chief (or a lone process) may wipe the shared project:
+        # a worker doing so would delete the others' state.
+        overwrite=overwrite and not _is_worker(),
         seed=seed,
         **tuner_kwargs,
     )

@@ -12,13 +12,13 @@ def test_usage_lists_every_command(capsys):
     assert run() == 0
     out = capsys.readouterr().out
     for name in ("demo", "train", "distill", "chain", "paths", "tune",
-                 "export", "evaluate", "data"):
+                 "export", "evaluate", "reproduce", "data"):
         assert f"  {name} " in out
 
 
 @pytest.mark.parametrize("command", ["demo", "train", "distill", "chain",
                                      "paths", "tune", "export",
-                                     "evaluate", "data"])
+                                     "evaluate", "reproduce", "data"])
 def test_every_command_has_a_help_with_its_flags(command, capsys):
     assert run(command, "--help") == 0
     out = capsys.readouterr().out

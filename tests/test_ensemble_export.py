@@ -10,7 +10,7 @@ from kd_keras import data
 from kd_keras import export
 from kd_keras import models
 from kd_keras import training
-from conftest import tiny_mlp
+from conftest import FEATURES, NUM_CLASSES, tiny_mlp
 from test_losses import np_log_softmax
 
 
@@ -73,6 +73,13 @@ def test_the_ensemble_round_trips_through_a_keras_file(tiny_data, tmp_path):
 def test_members_with_different_class_counts_raise():
     with pytest.raises(ValueError, match="same shape"):
         kd_keras.EnsembleTeacher([tiny_mlp(), tiny_mlp(num_classes=3)])
+
+
+def test_members_with_different_inputs_raise():
+    wide = keras.Sequential([keras.Input((FEATURES + 1,)),
+                             keras.layers.Dense(NUM_CLASSES)])
+    with pytest.raises(ValueError, match="same input shape"):
+        kd_keras.EnsembleTeacher([tiny_mlp(), wide])
 
 
 def test_bad_ensemble_arguments_raise():

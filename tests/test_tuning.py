@@ -231,3 +231,53 @@ def test_the_weight_grid_includes_its_maximum():
     assert round(grid.max_value, 6) >= 1.0
     hp.values["distillation_weight"] = grid.max_value
     assert model._weight(hp) == 1.0
+
+
+class RecordingHyperModel(tuning.DistillationHyperModel):
+    """Records assistant trainings, and the assistants trials start or end
+    with."""
+
+    assistant_trainings = 0
+    trained = []    # each fresh trial's assistant after its training
+    restored = []   # each continued trial's assistant as it starts
+
+    def _compiled(self, teacher, student, temperature, weight):
+        if student.name == "assistant":
+            RecordingHyperModel.assistant_trainings += 1
+        return super()._compiled(teacher, student, temperature, weight)
+
+    def fit(self, hp, model, *args, **kwargs):
+        assistant = model.teacher if model.teacher is not self.teacher else None
+        if assistant is not None and kwargs.get("initial_epoch", 0) > 0:
+            RecordingHyperModel.restored.append(assistant.get_weights())
+        history = super().fit(hp, model, *args, **kwargs)
+        if assistant is not None and kwargs.get("initial_epoch", 0) == 0:
+            RecordingHyperModel.trained.append(assistant.get_weights())
+        return history
+
+
+def test_hyperband_continues_assistant_trials_without_retraining(tmp_path):
+    # Hyperband's later rounds reload a trial's checkpoint and train on: the
+    # trained assistant must come back with it, not be trained again.
+    model = hypermodel(cls=RecordingHyperModel, assistant_builder=lambda w:
+                       tiny_mlp(w, name="assistant"),
+                       temperatures=[1.0, 2.0, 4.0, 8.0],
+                       distillation_weights=(0.5, 0.5, 0.25))
+    # keras-tuner's own way to pin a hyperparameter: every trial has the
+    # assistant.
+    fixed = keras_tuner.HyperParameters()
+    fixed.Fixed("assistant_size", "8")
+    tuner, best = tuning.tune(model, *splits(), tuner="hyperband", epochs=3,
+                              directory=tmp_path, project_name="p", factor=3,
+                              hyperband_iterations=1, hyperparameters=fixed)
+    assert best is not None
+    recorder = RecordingHyperModel
+    assert recorder.restored, "the sweep should continue an assistant trial"
+    assert recorder.assistant_trainings == len(recorder.trained)
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    for weights in recorder.restored:
+        assert any(same(weights, trained) for trained in recorder.trained)
+    assert model.teacher_passes == {"train": 1, "validation": 1}
