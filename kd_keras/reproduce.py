@@ -57,7 +57,8 @@ def _cosine_decay(epochs, learning_rate=1e-3):
     none); a constant rate leaves every run's last epoch on a noisy plateau.
     """
     def schedule(epoch, unused_rate):
-        return float(learning_rate * 0.5 * (1.0 + np.cos(np.pi * epoch / epochs)))
+        return float(
+            learning_rate * 0.5 * (1.0 + np.cos(np.pi * epoch / epochs)))
 
     return [keras.callbacks.LearningRateScheduler(schedule)]
 
