@@ -25,6 +25,8 @@ validation curves (seed 0) with the switch epoch marked.
 import pathlib
 import tempfile
 
+import common  # First: it sets the backend before Keras is imported.
+
 from absl import app
 from absl import flags
 import numpy as np
@@ -35,8 +37,6 @@ from kd_keras import callbacks
 from kd_keras import models
 from kd_keras import plots
 from kd_keras import training
-
-import common
 
 FLAGS = flags.FLAGS
 common.define_run_flags(default_seeds="3")

@@ -14,6 +14,8 @@ model keeps: (distilled − member) / (ensemble − member).
     python benchmarks/ensemble.py              # full
 """
 
+import common  # First: it sets the backend before Keras is imported.
+
 from absl import app
 from absl import flags
 import numpy as np
@@ -22,8 +24,6 @@ import keras
 import kd_keras
 from kd_keras import models
 from kd_keras import training
-
-import common
 
 FLAGS = flags.FLAGS
 common.define_run_flags()

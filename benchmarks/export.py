@@ -14,6 +14,8 @@ import pathlib
 import shutil
 import tempfile
 
+import common  # First: it sets the backend before Keras is imported.
+
 from absl import app
 from absl import flags
 import keras
@@ -21,8 +23,6 @@ import keras
 from kd_keras import export
 from kd_keras import models
 from kd_keras import training
-
-import common
 
 FLAGS = flags.FLAGS
 common.define_run_flags(default_seeds="1")

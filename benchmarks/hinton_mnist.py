@@ -10,12 +10,12 @@ errors against temperature.
     python benchmarks/hinton_mnist.py              # at most 90 minutes
 """
 
+import common  # First: it sets the backend before Keras is imported.
+
 from absl import app
 from absl import flags
 
 from kd_keras import reproduce
-
-import common
 
 FLAGS = flags.FLAGS
 common.define_run_flags(default_seeds="3, or 2 quick")
@@ -23,6 +23,9 @@ common.define_run_flags(default_seeds="3, or 2 quick")
 
 def main(argv):
     del argv
+    if FLAGS.pipeline != "tfds":
+        raise app.UsageError("The reproduction reads MNIST through "
+                             "tensorflow-datasets: drop --pipeline.")
     result = reproduce.hinton_mnist(
         data_dir=common.mnist_data_dir(FLAGS.data_dir, FLAGS.idx_dir),
         output_dir=FLAGS.output_dir, quick=FLAGS.quick, seeds=FLAGS.seeds)

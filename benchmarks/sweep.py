@@ -11,11 +11,14 @@ scratch, on the test set. Writes markdown, JSON and the sweep's PNG.
 
     python benchmarks/sweep.py --quick      # under 10 minutes
     python benchmarks/sweep.py              # full
+    python benchmarks/sweep.py --quick --backend jax --pipeline array_batches
 """
 
 import pathlib
 import shutil
 import tempfile
+
+import common  # First: it sets the backend before Keras is imported.
 
 from absl import app
 from absl import flags
@@ -24,8 +27,6 @@ import keras
 from kd_keras import models
 from kd_keras import training
 from kd_keras import tuning
-
-import common
 
 FLAGS = flags.FLAGS
 common.define_run_flags(default_seeds="1: a sweep is one run")
@@ -40,6 +41,13 @@ def _settings():
                     teacher_epochs=5)
     return dict(train_split="train[:30000]", max_trials=24, epochs=6,
                 teacher_epochs=10)
+
+
+def _mode():
+    mode = "quick" if FLAGS.quick else "full"
+    if keras.backend.backend() != "tensorflow":
+        mode += f"_{keras.backend.backend()}"
+    return mode
 
 
 def main(argv):
@@ -69,7 +77,7 @@ def main(argv):
         pathlib.Path(FLAGS.output_dir).mkdir(parents=True, exist_ok=True)
         shutil.copy(workdir / "sweep" / "sweep.png",
                     pathlib.Path(FLAGS.output_dir) /
-                    f"sweep_{'quick' if FLAGS.quick else 'full'}.png")
+                    f"sweep_{_mode()}.png")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     keras.utils.set_random_seed(0)
@@ -95,13 +103,15 @@ def main(argv):
                       f"λ={best.values['distillation_weight']:.2f}"),
          "test_accuracy": training.test_accuracy(best_student, test)},
     ]
-    mode = "quick" if FLAGS.quick else "full"
+    mode = _mode()
     heading = (
         f"Sweep on MNIST ({mode}: {settings['train_split']}, "
         f"{FLAGS.tuner} tuner, {len(trials)} trials of {settings['epochs']} "
-        f"epochs, assistants {ASSISTANTS} or none; {sweep_time.seconds / 60:.1f}"
-        f" min, {len(trials) / hours:.0f} trials per hour on 2 cores; teacher "
-        f"passes over the data: {hypermodel.teacher_passes})")
+        f"epochs, assistants {ASSISTANTS} or none, Keras on "
+        f"{keras.backend.backend()}; {sweep_time.seconds / 60:.1f} min, "
+        f"{len(trials) / hours:.0f} trials per hour on "
+        f"{', '.join(common.environment()['devices']) or 'this machine'}; "
+        f"teacher passes over the data: {hypermodel.teacher_passes})")
     markdown = (common.markdown_table(
         comparison, ["student 30x30", "settings", "test_accuracy"])
         + "\n\nTrials (score: student validation accuracy):\n\n"

@@ -20,6 +20,8 @@ benchmarks/results/.
 import pathlib
 import tempfile
 
+import common  # First: it sets the backend before Keras is imported.
+
 from absl import app
 from absl import flags
 import numpy as np
@@ -29,8 +31,6 @@ from kd_keras import assistants
 from kd_keras import models
 from kd_keras import plots
 from kd_keras import training
-
-import common
 
 FLAGS = flags.FLAGS
 common.define_run_flags()

@@ -12,6 +12,8 @@ student from scratch for reference, and writes JSON and a PNG.
     python benchmarks/teacher_size.py              # full, under 60 minutes
 """
 
+import common  # First: it sets the backend before Keras is imported.
+
 from absl import app
 from absl import flags
 import numpy as np
@@ -20,8 +22,6 @@ import keras
 from kd_keras import models
 from kd_keras import plots
 from kd_keras import training
-
-import common
 
 FLAGS = flags.FLAGS
 common.define_run_flags()

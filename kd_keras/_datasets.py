@@ -1,14 +1,19 @@
-"""Inspection of `tf.data` pipelines: their stages, the ops of their
-functions, and a fingerprint of their content.
+"""Inspection of input data: the stages of `tf.data` pipelines and the ops
+of their functions, batches as NumPy, and a fingerprint of the content.
 
-The pipeline is walked through its Python stages rather than serialised, so
-that in-memory data captured by `from_tensor_slices` is never copied.
+Data are `tf.data.Dataset`s or `keras.utils.PyDataset`s (such as
+`kd_keras.data.ArrayBatches`). A pipeline is walked through its Python
+stages rather than serialised, so that in-memory data captured by
+`from_tensor_slices` is never copied. TensorFlow is only touched when the
+data are a `tf.data.Dataset`, which means it is already imported.
 """
 
 import hashlib
 
 import numpy as np
-import tensorflow as tf
+import keras
+
+from kd_keras import _backend
 
 # Ops whose output differs from one run to the next.
 _RANDOM_OP_MARKERS = ("Random", "RngReadAndSkip", "RngSkip")
@@ -43,11 +48,14 @@ def _function_nodes(stage):
 
 
 def augmentation_ops(dataset):
-    """Names the random ops of the pipeline's functions.
+    """Names the random ops of a `tf.data` pipeline's functions.
 
     Such ops (random crops, shifts, noise) give an example different inputs
     on every pass; a shuffle only reorders examples and is not counted.
+    Other data (a `PyDataset`) cannot be inspected and yield none.
     """
+    if not _backend.is_tf_dataset(dataset):
+        return []
     return sorted({
         node.op
         for stage in _stages(dataset)
@@ -62,6 +70,8 @@ def has_cache(dataset):
     Reading such a dataset partly (a peek at its first batch) before its cache
     is complete can leave the cache truncated, so callers must not peek.
     """
+    if not _backend.is_tf_dataset(dataset):
+        return False
     return any("Cache" in type(stage).__name__ for stage in _stages(dataset))
 
 
@@ -90,6 +100,34 @@ def _row_hashes(leaves):
     ]
 
 
+def numpy_batches(data):
+    """Yields `(x, y, sample_weight)` of every batch as NumPy (y and
+    sample_weight may be None), from a `tf.data.Dataset` or a `PyDataset`."""
+    if _backend.is_tf_dataset(data):
+        elements = data.as_numpy_iterator()
+    elif isinstance(data, keras.utils.PyDataset):
+        elements = (data[index] for index in range(len(data)))
+    else:
+        raise ValueError(
+            "Expected a batched `tf.data.Dataset` or a `keras.utils.PyDataset` "
+            "(such as `kd_keras.data.ArrayBatches(x, y, batch_size=128)`). "
+            f"Received: {type(data).__name__}."
+        )
+    for element in elements:
+        yield keras.tree.map_structure(
+            lambda t: None if t is None else np.asarray(t),
+            keras.utils.unpack_x_y_sample_weight(element))
+
+
+def _spec(data):
+    if _backend.is_tf_dataset(data):
+        return str(data.element_spec)
+    x, y, sample_weight = next(numpy_batches(data))
+    return str(keras.tree.map_structure(
+        lambda a: None if a is None else (a.dtype.str, a.shape[1:]),
+        (x, y, sample_weight)))
+
+
 def fingerprint(dataset):
     """Identifies a dataset's content, whatever order it yields it in.
 
@@ -102,15 +140,16 @@ def fingerprint(dataset):
     """
     augmented = bool(augmentation_ops(dataset))
     count, total = 0, 0
-    for element in dataset:
-        leaves = [np.asarray(leaf) for leaf in tf.nest.flatten(element)]
+    for x, y, sample_weight in numpy_batches(dataset):
+        leaves = [leaf for leaf in keras.tree.flatten((x, y, sample_weight))
+                  if leaf is not None]
         if augmented:
-            leaves = leaves[1:]  # Random inputs are left out.
+            leaves = leaves[len(keras.tree.flatten(x)):]  # Random inputs.
         if not leaves:
             continue
         count += len(leaves[0])
         total = (total + sum(_row_hashes(leaves))) % (1 << 64)
-    summary = [str(dataset.element_spec), count, total]
+    summary = [_spec(dataset), count, total]
     if augmented:
         summary.append(_pipeline_digest(dataset))
     return hashlib.sha256(repr(summary).encode()).hexdigest()[:16]

@@ -11,6 +11,7 @@ import pathlib
 from absl import logging
 import keras
 
+from kd_keras import _backend
 from kd_keras.distiller import Distiller
 
 PARAMETERS = ("temperature", "distillation_weight")
@@ -101,7 +102,7 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self.switch_epoch = None
-        self._weight_before = float(self.model.distillation_weight.numpy())
+        self._weight_before = _backend.scalar(self.model.distillation_weight)
 
     def _switch(self, epoch):
         self.model.distillation_weight = 0.0
@@ -118,7 +119,7 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
 
     def on_epoch_end(self, epoch, logs=None):
         # Read from the variable: a resumed run may have restored λ = 0.
-        active = float(self.model.distillation_weight.numpy()) > 0.0
+        active = _backend.scalar(self.model.distillation_weight) > 0.0
         if logs is not None:
             logs["distillation_active"] = float(active)
         if not (active and self._watch):
@@ -302,7 +303,7 @@ class ParameterSchedule(keras.callbacks.Callback):
         super().set_model(model)
 
     def _current(self):
-        return float(getattr(self.model, self.parameter).numpy())
+        return _backend.scalar(getattr(self.model, self.parameter))
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._takes_current:

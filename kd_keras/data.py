@@ -1,8 +1,10 @@
 """Data: tensorflow-datasets loading, offline MNIST import, the shipped
-sample, jitter and class filters.
+sample, jitter, class filters, and batches of in-memory arrays.
 
 Every pipeline yields `(image, label)` batches with float32 images in [0, 1]
-of shape `(28, 28, 1)` for MNIST, and int32 labels.
+of shape `(28, 28, 1)` for MNIST, and int32 labels. The `tf.data` pipelines
+need TensorFlow, which is imported when one is built; `ArrayBatches` and the
+IDX reader work on any Keras backend without it.
 """
 
 import gzip
@@ -13,7 +15,8 @@ import tempfile
 
 import numpy as np
 import keras
-import tensorflow as tf
+
+from kd_keras import _datasets
 
 SAMPLE_PATH = pathlib.Path(__file__).parent / "sample_data" / "mnist_sample.npz"
 SAMPLE_NAME = "mnist_sample"
@@ -185,6 +188,34 @@ def import_mnist(idx_dir, data_dir):
     }
 
 
+def read_mnist(idx_dir):
+    """Reads the four MNIST IDX files of a folder into NumPy arrays.
+
+    Needs no TensorFlow, so it is the way to MNIST on a JAX or PyTorch
+    machine without it.
+
+    Args:
+        idx_dir: folder with the four files of LeCun's distribution,
+            gzipped or not (see `import_mnist`).
+
+    Returns:
+        `((x_train, y_train), (x_test, y_test))`: uint8 images of shape
+        `(n, 28, 28)` and uint8 labels, as `keras.datasets.mnist.load_data()`
+        returns them.
+
+    Example:
+
+    >>> (x_train, y_train), _ = read_mnist("~/Downloads/mnist")
+    >>> x_train.shape
+    (60000, 28, 28)
+    """
+    files = _find_idx_files(os.path.expanduser(str(idx_dir)))
+    _check_mnist_files(files)
+    return tuple(
+        (read_idx(files[split + "_data"]), read_idx(files[split + "_labels"]))
+        for split in ("train", "test"))
+
+
 def sample():
     """Returns the small MNIST sample shipped with the package.
 
@@ -220,6 +251,8 @@ def filter_classes(dataset, keep=None, drop=None):
     Returns:
         The filtered dataset.
     """
+    import tensorflow as tf
+
     keep = None if keep is None else sorted(set(int(c) for c in keep))
     drop = sorted(set(int(c) for c in drop or ()))
     if keep is not None and not keep:
@@ -258,6 +291,8 @@ def jitter(dataset, max_shift=2, seed=None):
         The jittered dataset. It differs on every pass, so do not cache
         teacher logits of it.
     """
+    import tensorflow as tf
+
     height, width = dataset.element_spec[0].shape[1:3]
     translate = keras.layers.RandomTranslation(
         height_factor=max_shift / height,
@@ -274,6 +309,8 @@ def jitter(dataset, max_shift=2, seed=None):
 
 
 def _normalise(x, y, *rest):
+    import tensorflow as tf
+
     x = tf.cast(x, tf.float32) / 255.0
     if x.shape.rank == 3:
         x = x[..., tf.newaxis]
@@ -306,6 +343,8 @@ def pipeline(
         A batched, prefetched `tf.data.Dataset` of (float32 images in [0, 1],
         int32 labels).
     """
+    import tensorflow as tf
+
     if isinstance(examples, tuple):
         examples = tf.data.Dataset.from_tensor_slices(examples)
     if keep_classes is not None or drop_classes:
@@ -428,9 +467,82 @@ def load(
 
 
 def to_arrays(dataset):
-    """Collects a batched `(x, y)` dataset into two NumPy arrays."""
+    """Collects a batched `(x, y)` dataset (a `tf.data.Dataset` or a
+    `PyDataset`) into two NumPy arrays."""
     xs, ys = [], []
-    for x, y, *_ in dataset.as_numpy_iterator():
+    for x, y, _ in _datasets.numpy_batches(dataset):
         xs.append(x)
         ys.append(y)
     return np.concatenate(xs), np.concatenate(ys)
+
+
+class ArrayBatches(keras.utils.PyDataset):
+    """Batches of in-memory arrays, for `fit` on any backend.
+
+    A `keras.utils.PyDataset` over NumPy arrays: it needs no TensorFlow, so
+    it is the input pipeline of JAX or PyTorch machines without it, and
+    `kd_keras.cache_teacher_logits` returns one for arrays. Batches are
+    slices of the arrays (NumPy fancy indexing when shuffled), reshuffled at
+    the end of every epoch.
+
+    Args:
+        x: an array, or a dict or tuple of arrays, of the same length.
+        y: optional labels.
+        sample_weight: optional weights.
+        batch_size: examples per batch; the last batch may be smaller.
+        shuffle: reshuffle the examples every epoch.
+        seed: seed of the shuffle.
+
+    Example:
+
+    >>> train = ArrayBatches(x_train, y_train, batch_size=128, shuffle=True)
+    >>> student.fit(train, epochs=5)
+    """
+
+    def __init__(self, x, y=None, sample_weight=None, *, batch_size=128,
+                 shuffle=False, seed=None):
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
+                batch_size < 1):
+            raise ValueError(
+                "Expected `batch_size` to be a positive integer. Received: "
+                f"batch_size={batch_size!r}")
+        self.x, self.y, self.sample_weight = x, y, sample_weight
+        lengths = {len(a) for a in keras.tree.flatten((x, y, sample_weight))
+                   if a is not None}
+        if len(lengths) != 1:
+            raise ValueError(
+                "Expected inputs, labels and sample weights with one row per "
+                f"example. Received arrays of lengths {sorted(lengths)}.")
+        self.count = lengths.pop()
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self._order = self._rng.permutation(self.count) if shuffle else None
+
+    def __len__(self):
+        return -(-self.count // self.batch_size)
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(f"Batch {index} of {len(self)}.")
+        start = index * self.batch_size
+        rows = slice(start, start + self.batch_size)
+        if self._order is not None:
+            rows = self._order[rows]
+        x, y, sample_weight = keras.tree.map_structure(
+            lambda a: None if a is None else a[rows],
+            (self.x, self.y, self.sample_weight))
+        return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+
+    def on_epoch_end(self):
+        if self.shuffle:
+            self._order = self._rng.permutation(self.count)
+
+    def with_arrays(self, x, y=None, sample_weight=None, shuffle=None):
+        """The same batching (size, shuffle, seed) over other arrays."""
+        return ArrayBatches(
+            x, y, sample_weight, batch_size=self.batch_size,
+            shuffle=self.shuffle if shuffle is None else shuffle,
+            seed=self.seed)

@@ -1,23 +1,27 @@
 """The Distiller: a `keras.Model` that trains a student on labels and on a
-teacher's softened outputs."""
+teacher's softened outputs, on every Keras backend."""
 
 import inspect
+import weakref
 
 import numpy as np
 import keras
 from keras import ops
 
+from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _datasets
+from kd_keras.losses import _DistillationTerm
 from kd_keras.losses import check_distillation_weight
+from kd_keras.losses import check_same_shape
 from kd_keras.losses import check_temperature
-from kd_keras.losses import per_example_distillation_loss
-from kd_keras.losses import reduce_over_batch
 
 # A cached batch carries its inputs and the teacher's logits under these keys
 # (see `kd_keras.cache_teacher_logits`).
 INPUTS_KEY = "inputs"
 TEACHER_LOGITS_KEY = "teacher_logits"
+# Rows of the first batch that the checks before training run the models on.
+_PEEK_ROWS = 8
 
 
 def split_cached(x):
@@ -25,26 +29,6 @@ def split_cached(x):
     if isinstance(x, dict) and set(x) == {INPUTS_KEY, TEACHER_LOGITS_KEY}:
         return x[INPUTS_KEY], x[TEACHER_LOGITS_KEY]
     return x, None
-
-
-def _tf():
-    if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(
-            "kd_keras.Distiller trains with TensorFlow, but Keras runs on the "
-            f"`{keras.backend.backend()}` backend. Set the environment "
-            "variable KERAS_BACKEND=tensorflow before importing keras."
-        )
-    import tensorflow as tf
-
-    return tf
-
-
-def _num_replicas():
-    return _tf().distribute.get_strategy().num_replicas_in_sync
-
-
-def _first_leaf(structure):
-    return keras.tree.flatten(structure)[0]
 
 
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
@@ -61,7 +45,21 @@ def _expects_probabilities(loss):
     return parameter is not None and parameter.default is False
 
 
+class _PerExampleFunction(keras.losses.Loss):
+    """A plain function `fn(y, logits)` returning one loss per example (or
+    position), reduced as Keras' own losses are."""
+
+    def __init__(self, fn):
+        super().__init__(name=getattr(fn, "__name__", "student_loss"),
+                         dtype="float32")
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
+
+
 def _check_student_loss(loss):
+    """The label loss as a `keras.losses.Loss`, or None for the default."""
     if loss is None:
         return None
     resolved = keras.losses.get(loss)
@@ -77,16 +75,74 @@ def _check_student_loss(loss):
             f"{loss!r}. Pass e.g. "
             "`keras.losses.SparseCategoricalCrossentropy(from_logits=True)`."
         )
-    reduction = getattr(resolved, "reduction", "sum_over_batch_size")
-    if isinstance(resolved, keras.losses.Loss) and (
-        reduction not in _MEAN_REDUCTIONS
-    ):
+    if not isinstance(resolved, keras.losses.Loss):
+        resolved = _PerExampleFunction(resolved)
+    if resolved.reduction not in _MEAN_REDUCTIONS:
         raise ValueError(
             "Expected `student_loss` to average over the batch, as the "
             "distillation term does. Received: reduction="
-            f"{reduction!r}. Use the default reduction='sum_over_batch_size'."
+            f"{resolved.reduction!r}. Use reduction='sum_over_batch_size' "
+            "(the default) or 'mean_with_sample_weight'."
         )
     return resolved
+
+
+class _Hyperparameter(keras.Variable):
+    """A float32 scalar variable that refuses values out of its range.
+
+    Assigning a number or a concrete tensor validates it first, so
+    `distiller.temperature.assign(0.0)` raises instead of turning the loss
+    into NaN. A value computed inside a compiled step cannot be read there,
+    and is not checked.
+    """
+
+    def __init__(self, value, name, check):
+        self._check = check
+        self._owner = None
+        check(value)
+        super().__init__(
+            keras.initializers.Constant(float(value)),
+            shape=(),
+            dtype="float32",
+            trainable=False,
+            autocast=False,
+            name=name,
+        )
+
+    def _sync_owner(self):
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and not _backend.in_stateless_scope():
+            owner._sync_training_state()
+
+    def assign(self, value):
+        if value is None or isinstance(value, (bool, str)):
+            self._check(value)
+        number = _backend.concrete_scalar(value)
+        if number is not None:
+            self._check(number)
+        self._sync_owner()
+        result = super().assign(value)
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and number is not None:
+            owner._hyperparameter_assigned(self, number)
+        return result
+
+    @property
+    def value(self):
+        if self._value is None:  # Held by JAX's training state mid-epoch.
+            self._sync_owner()
+        return super().value
+
+
+class _LogHyperparameters(keras.callbacks.Callback):
+    """Writes the temperature and the distillation weight into each epoch's
+    logs, so that schedules and early stops show in the History."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["temperature"] = _backend.scalar(self.model.temperature)
+            logs["distillation_weight"] = _backend.scalar(
+                self.model.distillation_weight)
 
 
 @keras.saving.register_keras_serializable(package="kd_keras")
@@ -96,14 +152,34 @@ class Distiller(keras.Model):
     The loss is `(1 − λ)·L_student + λ·T²·KL(softmax(t/T) ‖ softmax(s/T))`
     where `t` and `s` are the teacher's and student's logits, `T` is the
     temperature and `λ` the distillation weight. The teacher runs in inference
-    mode and outside the gradient tape, and only the student's weights are
-    updated. When λ is 0 the teacher is not run at all. Batches made by
-    `kd_keras.cache_teacher_logits` carry the teacher's logits, and then the
-    teacher is not run either.
+    mode, its outputs are never differentiated, and only the student's
+    weights are updated. When λ is 0 the teacher is not run at all. Batches
+    made by `kd_keras.cache_teacher_logits` carry the teacher's logits, and
+    then the teacher is not run either.
 
-    `temperature` and `distillation_weight` are non-trainable variables:
-    callbacks may assign new values during `fit`, and the next step uses them
-    without retracing.
+    It runs on every Keras backend. On TensorFlow the Distiller has its own
+    training step, which runs the teacher outside the gradient tape; on JAX
+    and PyTorch Keras' own step drives it through `compute_loss`. Both use
+    the same loss, written once in `keras.ops`.
+
+    Logits may have any rank `(batch, ..., classes)`, e.g. one per token of
+    a sequence: both terms are then means over every position, and positions
+    masked by Keras masking or weighted 0 by a `sample_weight` of shape
+    `(batch, time)` are left out of both. The distillation term is reduced
+    exactly as the label loss is (its `reduction`, weights and mask). A
+    model with a single logit is a binary classifier: its soft targets are
+    `sigmoid(t/T)` against `sigmoid(s/T)`, with KD = T²·binary KL, and the
+    default label loss is binary cross-entropy from logits.
+
+    `temperature` and `distillation_weight` are non-trainable float32
+    variables: callbacks may assign them during `fit`, and the next step uses
+    the new value without retracing, except that switching the teacher off
+    (λ = 0) or back on traces the step once more. Assigning a value out of
+    range raises. On TensorFlow and PyTorch a change takes effect at the next
+    step. On JAX, Keras keeps the training state outside the variables
+    during an epoch; assigning these variables brings that state back first,
+    so a change between two batches takes effect at the next step there too.
+    Each epoch's logs get the values the epoch ended with.
 
     `call` and `predict` run the student; `distiller.student` is the model to
     deploy. Saving `distiller.student` never saves the teacher.
@@ -117,10 +193,13 @@ class Distiller(keras.Model):
         distillation_weight: λ in [0, 1], the weight of the distillation
             term. Hinton et al. (2015) found a much lower weight on the label
             term works best, hence the default 0.9.
-        student_loss: the label loss, a Keras loss that takes logits.
-            Defaults to (sparse) categorical cross-entropy from logits,
-            chosen by the labels' shape, so integer and one-hot labels both
-            work. It may also be given as `loss` to `compile`.
+        student_loss: the label loss, a Keras loss that takes logits, with a
+            mean reduction ("sum_over_batch_size", "mean" or
+            "mean_with_sample_weight"), or a function returning one loss per
+            example. Defaults to cross-entropy from logits, chosen by the
+            labels' shape: sparse for integer labels `(batch, ...)`,
+            categorical for one-hot labels `(batch, ..., classes)`, binary
+            for a single logit. It may also be given as `loss` to `compile`.
 
     Example:
 
@@ -146,7 +225,6 @@ class Distiller(keras.Model):
         student_loss=None,
         **kwargs,
     ):
-        _tf()
         super().__init__(**kwargs)
         _checks.check_keras_model(teacher, "teacher")
         _checks.check_keras_model(student, "student")
@@ -156,42 +234,32 @@ class Distiller(keras.Model):
         _checks.check_emits_logits(student, "student")
         teacher_shape = _checks.output_shape(teacher)
         student_shape = _checks.output_shape(student)
-        if teacher_shape and student_shape and (
-            teacher_shape[1:] != student_shape[1:]
-        ):
-            raise ValueError(
-                "Expected the teacher and the student to output logits of the "
-                f"same shape. Received: teacher `{teacher.name}` output shape "
-                f"{teacher_shape}, student `{student.name}` output shape "
-                f"{student_shape}. Give both the same number of classes."
-            )
+        if teacher_shape and student_shape:
+            check_same_shape(teacher_shape, student_shape,
+                             f" (teacher `{teacher.name}`, student "
+                             f"`{student.name}`)")
         self._student_loss_arg = student_loss
         self._student_loss = _check_student_loss(student_loss)
 
         teacher.trainable = False
         self.teacher = teacher
         self.student = student
-        self._temperature = self.add_weight(
-            shape=(),
-            initializer=keras.initializers.Constant(float(temperature)),
-            dtype="float32",
-            trainable=False,
-            autocast=False,
-            name="temperature",
-        )
-        self._distillation_weight = self.add_weight(
-            shape=(),
-            initializer=keras.initializers.Constant(float(distillation_weight)),
-            dtype="float32",
-            trainable=False,
-            autocast=False,
-            name="distillation_weight",
-        )
-        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self._temperature = _Hyperparameter(
+            temperature, "temperature", check_temperature)
+        self._distillation_weight = _Hyperparameter(
+            distillation_weight, "distillation_weight",
+            check_distillation_weight)
+        self._state_syncing = False
+        for variable in (self._temperature, self._distillation_weight):
+            variable._owner = weakref.ref(self)
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
         self.distillation_loss_tracker = keras.metrics.Mean(
             name="distillation_loss"
         )
+        self._label_losses = {}
+        self._distillation_terms = {}
+        # Whether steps are traced with the teacher (see `_teacher_logits`).
+        self._teacher_on = distillation_weight > 0.0
         self.built = True
 
     # The two hyperparameters are variables; assigning a number validates it.
@@ -203,8 +271,6 @@ class Distiller(keras.Model):
 
     @temperature.setter
     def temperature(self, value):
-        value = float(ops.convert_to_numpy(value))
-        check_temperature(value)
         self._temperature.assign(value)
 
     @property
@@ -214,30 +280,52 @@ class Distiller(keras.Model):
 
     @distillation_weight.setter
     def distillation_weight(self, value):
-        value = float(ops.convert_to_numpy(value))
-        check_distillation_weight(value)
         self._distillation_weight.assign(value)
 
-    def _loss_trackers(self):
-        return [
-            self.loss_tracker,
-            self.student_loss_tracker,
-            self.distillation_loss_tracker,
-        ]
+    def _hyperparameter_assigned(self, variable, value):
+        if variable is not self._distillation_weight:
+            return
+        teacher_on = value > 0.0
+        if teacher_on == self._teacher_on:
+            return
+        # Steps are traced with or without the teacher: trace them again.
+        self._teacher_on = teacher_on
+        if getattr(self, "train_function", None) is not None:
+            self.make_train_function(force=True)
+        if getattr(self, "test_function", None) is not None:
+            self.make_test_function(force=True)
+
+    def _sync_training_state(self):
+        """On JAX, mid-epoch, writes the training state back to the
+        variables, so that they can be read and assigned."""
+        if getattr(self, "_jax_state_synced", True) or self._state_syncing:
+            return
+        self.jax_state_sync()
+
+    def jax_state_sync(self):
+        # Keras' JAX trainer assigns every variable here; the flag keeps
+        # those assignments from asking for another sync.
+        self._state_syncing = True
+        try:
+            super().jax_state_sync()
+        finally:
+            self._state_syncing = False
 
     @property
     def metrics(self):
-        own = self._loss_trackers()
-        # Keras' own "loss" tracker is replaced by ours. Compiled metrics
-        # are built by the first labeled batch; without labels they stay out.
-        compiled = [
+        # Compiled metrics are built by the first labeled batch; without
+        # labels they stay out.
+        compiled = getattr(self, "_compile_metrics", None)
+        return [
             m for m in super().metrics
-            if m not in own and m.name != "loss" and getattr(m, "built", True)
+            if not (m is compiled and not getattr(m, "built", True))
         ]
-        return own + compiled
 
     def compile(self, optimizer="rmsprop", loss=None, metrics=None, **kwargs):
         """Configures training; `loss`, if given, is the student's label loss.
+
+        Compiling again without `loss` goes back to the constructor's
+        `student_loss` (or the default), as a recompiled Keras model would.
 
         Args:
             optimizer: the student's optimizer.
@@ -248,17 +336,18 @@ class Distiller(keras.Model):
             **kwargs: passed on to `keras.Model.compile` (e.g.
                 `jit_compile`, `steps_per_execution`).
         """
-        if loss is not None:
-            if self._student_loss_arg is not None and (
-                keras.saving.serialize_keras_object(loss)
-                != keras.saving.serialize_keras_object(self._student_loss_arg)
-            ):
-                raise ValueError(
-                    "The student loss was given twice: to the Distiller "
-                    f"({self._student_loss_arg!r}) and to compile ({loss!r}). "
-                    "Pass it once."
-                )
-            self._student_loss = _check_student_loss(loss)
+        if loss is not None and self._student_loss_arg is not None and (
+            keras.saving.serialize_keras_object(loss)
+            != keras.saving.serialize_keras_object(self._student_loss_arg)
+        ):
+            raise ValueError(
+                "The student loss was given twice: to the Distiller "
+                f"({self._student_loss_arg!r}) and to compile ({loss!r}). "
+                "Pass it once."
+            )
+        self._student_loss = _check_student_loss(
+            loss if loss is not None else self._student_loss_arg
+        )
         self._compile_loss_arg = loss
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
@@ -282,167 +371,174 @@ class Distiller(keras.Model):
         inputs, _ = split_cached(inputs)
         return self.student(inputs, training=training)
 
-    # Training and evaluation.
+    # The loss, written once for every backend.
 
-    def _label_loss(self, y, student_logits, sample_weight):
-        if y is None:
-            return ops.zeros((), "float32")
-        student_logits = ops.cast(student_logits, "float32")
-        loss_fn = self._student_loss
-        if loss_fn is None:
-            loss_fn = self._default_label_loss(y, student_logits)
-        if not isinstance(loss_fn, keras.losses.Loss):
-            # A plain function returns one loss per example.
-            return reduce_over_batch(loss_fn(y, student_logits), sample_weight)
-        value = ops.cast(
-            loss_fn(y, student_logits, sample_weight=sample_weight), "float32"
-        )
-        # Keras losses divide by the number of replicas themselves; the
-        # terms here are per-replica means, divided once, in `train_step`.
-        return value * _num_replicas()
+    def _label_loss_fn(self, y, student_logits):
+        """The label loss: the user's, or cross-entropy chosen by shapes."""
+        if self._student_loss is not None:
+            return self._student_loss
+        if student_logits.shape[-1] == 1:
+            kind = "binary"
+        elif len(y.shape) == len(student_logits.shape) and y.shape[-1] != 1:
+            kind = "categorical"
+        else:
+            kind = "sparse"
+        if kind not in self._label_losses:
+            self._label_losses[kind] = {
+                "binary": keras.losses.BinaryCrossentropy,
+                "categorical": keras.losses.CategoricalCrossentropy,
+                "sparse": keras.losses.SparseCategoricalCrossentropy,
+            }[kind](from_logits=True)
+        return self._label_losses[kind]
 
-    def _default_label_loss(self, y, student_logits):
-        num_classes = student_logits.shape[-1]
-        y_shape = tuple(y.shape)
-        logits_rank = len(student_logits.shape)
-        if len(y_shape) == logits_rank and y_shape[-1] not in (1, None):
-            if y_shape[-1] != num_classes:
-                raise ValueError(
-                    f"The labels have {y_shape[-1]} classes (shape {y_shape}) "
-                    f"but the models output {num_classes}. Give one-hot "
-                    f"labels of width {num_classes}, or integer class ids."
-                )
-            if not hasattr(self, "_categorical_loss"):
-                self._categorical_loss = keras.losses.CategoricalCrossentropy(
-                    from_logits=True
-                )
-            return self._categorical_loss
-        if not hasattr(self, "_sparse_loss"):
-            self._sparse_loss = keras.losses.SparseCategoricalCrossentropy(
-                from_logits=True
-            )
-        return self._sparse_loss
+    def _distillation_term(self, reduction):
+        if reduction not in self._distillation_terms:
+            self._distillation_terms[reduction] = _DistillationTerm(
+                self._temperature, reduction=reduction)
+        return self._distillation_terms[reduction]
 
-    def _teacher_logits(self, x, cached, student_logits):
-        """The teacher's float32 logits; the teacher runs only when λ > 0."""
-        tf = _tf()
+    def _teacher_logits(self, inputs, cached, student_logits):
+        """The teacher's float32 logits; the teacher runs only when λ > 0.
+
+        Whether λ > 0 is decided when the step is traced, and an assignment
+        that switches the teacher on or off traces the step again: a step
+        with λ > 0 runs the teacher unconditionally, which is cheaper than a
+        conditional. A step traced with λ = 0 still asks λ at run time, so
+        a λ set inside a compiled step cannot leave the teacher off.
+        """
         if cached is not None:
-            return tf.cast(cached, "float32")
+            return ops.cast(cached, "float32")
 
         def run_teacher():
-            return tf.cast(self.teacher(x, training=False), "float32")
+            return ops.cast(self.teacher(inputs, training=False), "float32")
+
+        if self._teacher_on:
+            return run_teacher()
 
         def skip_teacher():
-            return tf.zeros_like(student_logits, dtype="float32")
+            return ops.zeros_like(student_logits, dtype="float32")
 
-        return tf.cond(
-            self._distillation_weight > 0.0, run_teacher, skip_teacher
+        return ops.cond(
+            ops.convert_to_tensor(self._distillation_weight) > 0.0,
+            run_teacher,
+            skip_teacher,
         )
 
-    def _loss_terms(self, x, y, cached, student_logits, sample_weight, tape=None):
-        """Returns (total, label, distillation) losses, each a float32 scalar.
+    def _regularization(self):
+        """The student's regularisation losses, as Keras' `compute_loss`
+        adds them (divided by the replicas, as the loss terms are)."""
+        if not self.losses:
+            return ops.zeros((), "float32")
+        total = ops.sum([ops.cast(ops.sum(loss), "float32")
+                         for loss in self.losses])
+        return total / _backend.num_replicas()
 
-        With a `tape`, the teacher runs while the tape is paused, so its
-        forward pass is never recorded for differentiation.
+    def _total_loss(self, y, student_logits, teacher_logits, sample_weight,
+                    regularization):
+        """`(1 − λ)·label + λ·KD + regularisation`, tracked for the logs.
+
+        Both terms are `keras.losses.Loss` objects with the same reduction,
+        so they weigh positions, sample weights and masks alike.
         """
-        tf = _tf()
-        weight = tf.convert_to_tensor(self._distillation_weight)
-        if tape is None:
-            teacher_logits = self._teacher_logits(x, cached, student_logits)
+        check_same_shape(teacher_logits.shape, student_logits.shape)
+        weight = ops.convert_to_tensor(self._distillation_weight)
+        if y is None:
+            reduction = getattr(self._student_loss, "reduction",
+                                "sum_over_batch_size")
+            label_loss = ops.zeros((), "float32")
         else:
-            with tape.stop_recording():
-                teacher_logits = self._teacher_logits(x, cached, student_logits)
-        if tuple(teacher_logits.shape[1:]) != tuple(student_logits.shape[1:]):
-            raise ValueError(
-                "Expected teacher and student logits of the same shape. "
-                f"Received: teacher logits {tuple(teacher_logits.shape)}, "
-                f"student logits {tuple(student_logits.shape)}."
-            )
-        label_loss = self._label_loss(y, student_logits, sample_weight)
-        kd_loss = reduce_over_batch(
-            per_example_distillation_loss(
-                teacher_logits, student_logits, self._temperature
-            ),
-            sample_weight,
-        )
-        kd_loss = tf.where(weight > 0.0, kd_loss, tf.zeros_like(kd_loss))
+            label_fn = self._label_loss_fn(y, student_logits)
+            reduction = label_fn.reduction
+            label_loss = ops.cast(
+                label_fn(y, student_logits, sample_weight=sample_weight),
+                "float32")
+        kd_loss = self._distillation_term(reduction)(
+            teacher_logits, student_logits, sample_weight=sample_weight)
+        kd_loss = ops.where(weight > 0.0, kd_loss, ops.zeros_like(kd_loss))
         total = (1.0 - weight) * label_loss + weight * kd_loss
-        if self.student.losses:  # Regularisation, as Keras adds it.
-            total = total + ops.cast(ops.sum(self.student.losses), "float32")
-        return total, label_loss, kd_loss
+        total = total + regularization
 
-    def _update_trackers(self, x, total, label_loss, kd_loss):
-        batch_size = ops.shape(_first_leaf(x))[0]
-        self.loss_tracker.update_state(total, sample_weight=batch_size)
+        # The terms are per-replica shares of the loss; the logs show it whole.
+        replicas = _backend.num_replicas()
+        batch_size = ops.shape(student_logits)[0]
         self.student_loss_tracker.update_state(
-            label_loss, sample_weight=batch_size
-        )
+            label_loss * replicas, sample_weight=batch_size)
         self.distillation_loss_tracker.update_state(
-            kd_loss, sample_weight=batch_size
-        )
+            kd_loss * replicas, sample_weight=batch_size)
+        return total
 
-    def _metric_logs(self, x, y, student_logits, sample_weight):
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
+                     training=True):
+        """The combined loss; Keras' training and evaluation steps call it.
+
+        The teacher's logits come from the batch if it was cached, else from
+        the teacher (when λ > 0), and are never differentiated.
+        """
+        inputs, cached = split_cached(x)
+        regularization = self._regularization()
+        teacher_logits = ops.stop_gradient(
+            self._teacher_logits(inputs, cached, y_pred))
+        del training  # The teacher always runs in inference mode.
+        return self._total_loss(y, y_pred, teacher_logits, sample_weight,
+                                regularization)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if y is None:  # Unlabeled data: label metrics cannot be computed.
-            return {
-                tracker.name: tracker.result()
-                for tracker in self._loss_trackers()
-            }
-        return self.compute_metrics(x, y, student_logits, sample_weight)
+            return self.get_metrics_result()
+        return super().compute_metrics(x, y, y_pred, sample_weight)
 
-    def _train_logs(self, x, y, student_logits, sample_weight):
-        logs = self._metric_logs(x, y, student_logits, sample_weight)
-        # Logged so that schedules and early stops show in the history.
-        logs["temperature"] = ops.convert_to_tensor(self._temperature)
-        logs["distillation_weight"] = ops.convert_to_tensor(
-            self._distillation_weight
-        )
-        return logs
+    def train_step(self, *args, **kwargs):
+        if _backend.name() != "tensorflow":
+            # Keras' own step calls `compute_loss`.
+            return super().train_step(*args, **kwargs)
+        return self._tensorflow_train_step(*args, **kwargs)
 
-    def train_step(self, data):
-        tf = _tf()
+    def _tensorflow_train_step(self, data):
+        """Keras' TensorFlow step, with the teacher outside the tape."""
+        import tensorflow as tf
+
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        x, cached = split_cached(x)
+        inputs, cached = split_cached(x)
         with tf.GradientTape() as tape:
-            student_logits = self.student(x, training=True)
-            total, label_loss, kd_loss = self._loss_terms(
-                x, y, cached, student_logits, sample_weight, tape=tape
-            )
-            # Gradients are summed over replicas, so each replica's loss is
-            # divided by their number.
-            loss = total / _num_replicas()
+            y_pred = self(x, training=True)
+            regularization = self._regularization()
+            with tape.stop_recording():
+                teacher_logits = self._teacher_logits(inputs, cached, y_pred)
+            loss = self._total_loss(y, y_pred, teacher_logits, sample_weight,
+                                    regularization)
+            self._loss_tracker.update_state(
+                loss * _backend.num_replicas(),
+                sample_weight=tf.shape(y_pred)[0])
             loss = self.optimizer.scale_loss(loss)
-        variables = self.student.trainable_variables
+        variables = self.trainable_weights
         gradients = tape.gradient(loss, variables)
         self.optimizer.apply_gradients(zip(gradients, variables))
-        self._update_trackers(x, total, label_loss, kd_loss)
-        return self._train_logs(x, y, student_logits, sample_weight)
-
-    def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        x, cached = split_cached(x)
-        student_logits = self.student(x, training=False)
-        total, label_loss, kd_loss = self._loss_terms(
-            x, y, cached, student_logits, sample_weight
-        )
-        self._update_trackers(x, total, label_loss, kd_loss)
-        return self._metric_logs(x, y, student_logits, sample_weight)
-
-    def predict_step(self, data):
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        x, _ = split_cached(x)
-        return self.student(x, training=False)
+        return self.compute_metrics(x, y, y_pred, sample_weight)
 
     # Checks on the first batch, before any work is done.
 
-    def fit(self, x=None, y=None, *args, **kwargs):
+    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
+            callbacks=None, validation_split=0.0, validation_data=None,
+            **kwargs):
+        """`keras.Model.fit`, with the data checked before the first step.
+
+        Each epoch's logs also get the `temperature` and the
+        `distillation_weight` it ended with, so that schedules and early
+        stops show in the History.
+        """
         self._check_first_batch(x, y)
-        validation = kwargs.get("validation_data")
-        if validation is not None:
-            if isinstance(validation, tuple):
-                self._check_first_batch(*validation[:2])
+        if validation_data is not None:
+            if isinstance(validation_data, tuple):
+                self._check_first_batch(*validation_data[:2])
             else:
-                self._check_first_batch(validation, None)
-        return super().fit(x, y, *args, **kwargs)
+                self._check_first_batch(validation_data, None)
+        if callbacks is None or isinstance(callbacks, (list, tuple)):
+            # First, so that it logs the values the epoch trained with.
+            callbacks = [_LogHyperparameters(), *(callbacks or ())]
+        return super().fit(
+            x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
+            callbacks=callbacks, validation_split=validation_split,
+            validation_data=validation_data, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         # During `fit`, Keras evaluates the validation data (checked once in
@@ -457,24 +553,20 @@ class Distiller(keras.Model):
             return
         inputs, labels = batch
         inputs, cached = split_cached(inputs)
-        if labels is None:
-            if float(self._distillation_weight.numpy()) < 1.0:
-                raise ValueError(
-                    "The data has no labels, but the label term has weight "
-                    f"1 - distillation_weight = "
-                    f"{1.0 - float(self._distillation_weight.numpy()):g}. "
-                    "Pass labels, or set `distillation_weight=1.0` to distil "
-                    "on an unlabeled transfer set."
-                )
-        rows = keras.tree.map_structure(lambda a: a[:8], inputs)
+        weight = _backend.scalar(self._distillation_weight)
+        if labels is None and weight < 1.0:
+            raise ValueError(
+                "The data has no labels, but the label term has weight "
+                f"1 - distillation_weight = {1.0 - weight:g}. Pass labels, "
+                "or set `distillation_weight=1.0` to distil on an unlabeled "
+                "transfer set."
+            )
+        rows = keras.tree.map_structure(lambda a: a[:_PEEK_ROWS], inputs)
         student_logits = ops.convert_to_numpy(self.student(rows))
-        num_classes = student_logits.shape[-1]
         _check_not_probabilities(student_logits, "student", self.student.name)
         if cached is not None:
-            teacher_logits = np.asarray(cached[:8])
-        elif _checks.output_layers(self.teacher) or not float(
-            self._distillation_weight.numpy()
-        ):
+            teacher_logits = np.asarray(cached[:_PEEK_ROWS])
+        elif _checks.output_layers(self.teacher) or not weight:
             # Checked at construction, or not run at all.
             teacher_logits = None
         else:
@@ -482,17 +574,11 @@ class Distiller(keras.Model):
             _check_not_probabilities(
                 teacher_logits, "teacher", self.teacher.name
             )
-        if teacher_logits is not None and (
-            teacher_logits.shape[1:] != student_logits.shape[1:]
-        ):
-            raise ValueError(
-                "Expected teacher and student logits of the same shape. "
-                f"Received: teacher logits {teacher_logits.shape[1:]}, "
-                f"student logits {student_logits.shape[1:]} per example. "
-                "Give both the same number of classes."
-            )
+        if teacher_logits is not None:
+            check_same_shape(teacher_logits.shape[1:],
+                             student_logits.shape[1:], " per example")
         if labels is not None and self._student_loss is None:
-            _check_labels(np.asarray(labels), num_classes)
+            _check_labels(labels, student_logits.shape)
 
     # Serialisation.
 
@@ -502,10 +588,8 @@ class Distiller(keras.Model):
             "trainable": self.trainable,
             "teacher": _serialize_model(self.teacher),
             "student": _serialize_model(self.student),
-            "temperature": float(ops.convert_to_numpy(self._temperature)),
-            "distillation_weight": float(
-                ops.convert_to_numpy(self._distillation_weight)
-            ),
+            "temperature": _backend.scalar(self._temperature),
+            "distillation_weight": _backend.scalar(self._distillation_weight),
             "student_loss": None,
         }
         if self._student_loss_arg is not None:
@@ -536,28 +620,47 @@ def _serialize_model(model):
     return config
 
 
+def _numpy(structure):
+    return keras.tree.map_structure(
+        lambda t: None if t is None else np.asarray(ops.convert_to_numpy(t)),
+        structure)
+
+
 def _peek_batch(x, y):
-    """Returns up to a few (inputs, labels) rows of fit's data, or None."""
-    tf = _tf()
-    if isinstance(x, tf.data.Dataset):
+    """Returns the first (inputs, labels) of fit's data as NumPy, or None.
+
+    Reads tf.data pipelines (unless they hold a `.cache()`), `PyDataset`s and
+    arrays or tensors of any backend; other inputs (generators) are not
+    peeked at, since reading them would consume a batch.
+    """
+    if _backend.is_tf_dataset(x):
         if _datasets.has_cache(x):
             return None
-        element = next(iter(x.take(1)))
+        element = next(iter(x.take(1)), None)
+        if element is None:
+            return None
         inputs, labels, _ = keras.utils.unpack_x_y_sample_weight(element)
-        return inputs, labels
-    if x is None or not all(
-        isinstance(a, (np.ndarray, tf.Tensor))
-        for a in keras.tree.flatten(x)
+        return _numpy((inputs, labels))
+    if isinstance(x, keras.utils.PyDataset):
+        if not len(x):
+            return None
+        inputs, labels, _ = keras.utils.unpack_x_y_sample_weight(x[0])
+        return _numpy((inputs, labels))
+    leaves = keras.tree.flatten(x) if x is not None else []
+    if not leaves or not all(
+        isinstance(a, np.ndarray) or ops.is_tensor(a) for a in leaves
     ):
         return None
-    if y is not None and not isinstance(y, (np.ndarray, tf.Tensor, list)):
+    if y is not None and not (
+        isinstance(y, (np.ndarray, list)) or ops.is_tensor(y)
+    ):
         return None
-    return x, y
+    return _numpy((x, y))
 
 
 def _check_not_probabilities(logits, role, name):
     logits = np.asarray(logits, dtype="float64")
-    if logits.ndim < 2 or logits.shape[-1] < 2 or len(logits) == 0:
+    if logits.ndim < 2 or logits.shape[-1] < 2 or logits.size == 0:
         return
     sums = logits.sum(axis=-1)
     if logits.min() >= 0.0 and np.allclose(sums, 1.0, atol=1e-3):
@@ -568,23 +671,58 @@ def _check_not_probabilities(logits, role, name):
         )
 
 
-def _check_labels(labels, num_classes):
+def _batch_shape(shape):
+    """`(batch, 5, 4)` for the per-example shape (5, 4)."""
+    return "(" + ", ".join(["batch", *map(str, shape)]) + ")"
+
+
+def _check_labels(labels, logits_shape):
+    """Checks labels against logits `(batch, ..., classes)`.
+
+    Integer labels have the logits' shape without the class axis (a trailing
+    axis of 1 is accepted); one-hot labels have the logits' shape. A single
+    logit takes binary labels in [0, 1].
+    """
     labels = np.asarray(labels)
-    if labels.ndim >= 2 and labels.shape[-1] not in (1,):
-        if labels.shape[-1] != num_classes:
+    classes, rank = logits_shape[-1], len(logits_shape)
+    positions = tuple(logits_shape[1:-1])
+    ids_shape = _batch_shape(positions)
+    if labels.ndim == rank and labels.shape[-1] != 1:
+        if classes == 1 or labels.shape[-1] != classes:
             raise ValueError(
                 f"The labels have {labels.shape[-1]} classes (shape "
-                f"{labels.shape}) but the models output {num_classes}. Give "
-                f"one-hot labels of width {num_classes}, or integer class ids."
+                f"{labels.shape}) but the models output {classes}. Give "
+                f"one-hot labels of shape {_batch_shape(logits_shape[1:])}, "
+                f"or integer class ids of shape {ids_shape}."
+            )
+        ids = None
+        label_positions = labels.shape[1:-1]
+    else:
+        ids = labels[..., 0] if labels.ndim == rank else labels
+        label_positions = ids.shape[1:]
+    if tuple(label_positions) != positions:
+        raise ValueError(
+            f"Expected labels of shape {ids_shape} (class ids) or "
+            f"{_batch_shape(logits_shape[1:])} (one-hot) for logits of shape "
+            f"{_batch_shape(logits_shape[1:])}. Received labels of shape "
+            f"{labels.shape}."
+        )
+    if ids is None or ids.size == 0 or not np.issubdtype(ids.dtype,
+                                                          np.number):
+        return
+    low, high = ids.min(), ids.max()
+    if classes == 1:
+        if low < 0 or high > 1:
+            raise ValueError(
+                "A model with one logit is a binary classifier, so it takes "
+                f"labels in [0, 1]. Received labels from {low} to {high}. "
+                "Give 0/1 labels, or give the models one logit per class."
             )
         return
-    if labels.size == 0:
-        return
-    low, high = labels.min(), labels.max()
-    if low < 0 or high >= num_classes:
+    if low < 0 or high >= classes:
         raise ValueError(
-            f"Expected integer labels in [0, {num_classes}), since the models "
-            f"output {num_classes} classes. Received labels from {low} to "
+            f"Expected integer labels in [0, {classes}), since the models "
+            f"output {classes} classes. Received labels from {low} to "
             f"{high}. Relabel the data, or give the models {int(high) + 1} "
             "outputs."
         )

@@ -15,8 +15,9 @@ import warnings
 from absl import logging
 import numpy as np
 import keras
-import tensorflow as tf
 
+from kd_keras import _backend
+from kd_keras import _datasets
 from kd_keras.distiller import Distiller
 
 FORMATS = ("saved_model", "tflite", "tflite_dynamic", "tflite_int8")
@@ -57,13 +58,12 @@ def _arrays(data, limit=None):
     """(inputs, labels or None) from a dataset, an array, or (x, y)."""
     if data is None:
         return None, None
-    if isinstance(data, tf.data.Dataset):
+    if _backend.is_tf_dataset(data) or isinstance(data, keras.utils.PyDataset):
         xs, ys = [], []
-        for element in data:
-            x, y, _ = keras.utils.unpack_x_y_sample_weight(element)
-            xs.append(np.asarray(x))
+        for x, y, _ in _datasets.numpy_batches(data):
+            xs.append(x)
             if y is not None:
-                ys.append(np.asarray(y))
+                ys.append(y)
             if limit and sum(len(a) for a in xs) >= limit:
                 break
         x = np.concatenate(xs)
@@ -96,6 +96,8 @@ def _median_ms(run, example, repeats):
 
 
 def _interpreter(content):
+    import tensorflow as tf
+
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -132,6 +134,8 @@ def _in_batches(run, x, batch_size=500):
 
 
 def _convert(saved_model_dir, fmt, representative):
+    import tensorflow as tf
+
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model_dir))
     if fmt in ("tflite_dynamic", "tflite_int8"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -201,6 +205,8 @@ def export_student(
     report["tflite_int8"]["accuracy"]
     ```
     """
+    tf = _backend.require_tensorflow(
+        "Export to SavedModel and TFLite (Keras' `model.export`)")
     model = _as_model(model)
     formats = _check_formats(formats, representative_data)
     representative, _ = _arrays(representative_data, calibration_examples)

@@ -1,10 +1,13 @@
-"""Temperature softmax and the distillation loss T²·KL(p ‖ q)."""
+"""Temperature softmax and the distillation loss T²·KL(p ‖ q), in `keras.ops`,
+so they run on every Keras backend."""
 
 import math
 import numbers
 
 import keras
 from keras import ops
+
+from kd_keras import _backend
 
 
 def check_temperature(temperature):
@@ -41,9 +44,18 @@ def check_distillation_weight(distillation_weight):
 
 
 def _check_temperature_argument(temperature):
-    # Tensors and variables are checked where they are assigned.
-    if not (ops.is_tensor(temperature) or isinstance(temperature, keras.Variable)):
+    """Checks a number, tensor or variable; symbolic values pass unchecked."""
+    if isinstance(temperature, (bool, str)) or temperature is None:
         check_temperature(temperature)
+    try:
+        value = _backend.concrete_scalar(temperature)
+    except (TypeError, ValueError):
+        raise ValueError(
+            "Expected `temperature` to be a scalar > 0, such as 4.0. "
+            f"Received: temperature={temperature!r}"
+        ) from None
+    if value is not None:
+        check_temperature(value)
 
 
 def _as_float32(x):
@@ -54,45 +66,93 @@ def softmax_with_temperature(logits, temperature):
     """Returns softmax(logits / temperature) over the last axis.
 
     Higher temperatures give softer distributions that reveal which wrong
-    classes the model finds similar to the right one.
+    classes the model finds similar to the right one. A single logit is a
+    binary classifier: its softmax would be constant, so sigmoid(logit / T),
+    the probability of the positive class, is returned instead.
 
     Args:
         logits: tensor of shape `(..., num_classes)`.
-        temperature: a number > 0 (a scalar tensor is accepted as well).
+        temperature: a number > 0 (a scalar tensor or variable as well).
 
     Returns:
-        A float32 tensor of the same shape whose last axis sums to 1.
+        A float32 tensor of the same shape; with two or more classes, its
+        last axis sums to 1.
 
     Example:
 
-    >>> softmax_with_temperature([[2.0, 1.0, 0.1]], 1.0).numpy().round(3)
-    array([[0.659, 0.242, 0.099]], dtype=float32)
+    >>> softmax_with_temperature([[2.0, 1.0, 0.1]], 1.0)
+    array([[0.659, 0.242, 0.099]], dtype=float32)  # rounded
     """
     _check_temperature_argument(temperature)
-    return ops.softmax(_as_float32(logits) / _as_float32(temperature), axis=-1)
+    scaled = _as_float32(logits) / _as_float32(temperature)
+    if scaled.shape[-1] == 1:
+        return ops.sigmoid(scaled)
+    return ops.softmax(scaled, axis=-1)
 
 
-def per_example_distillation_loss(teacher_logits, student_logits, temperature):
-    """Returns T²·KL(softmax(t/T) ‖ softmax(s/T)) per example, in float32."""
-    temperature = _as_float32(temperature)
-    log_p = ops.log_softmax(_as_float32(teacher_logits) / temperature, axis=-1)
-    log_q = ops.log_softmax(_as_float32(student_logits) / temperature, axis=-1)
-    kl = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
-    return ops.square(temperature) * kl
+def per_position_distillation_loss(teacher_logits, student_logits, temperature):
+    """Returns T²·KL(p ‖ q) at every position, of shape `logits.shape[:-1]`.
 
-
-def reduce_over_batch(values, sample_weight=None):
-    """Sums `values * sample_weight` and divides by the batch size.
-
-    This is Keras' `"sum_over_batch_size"` reduction, so that the label loss
-    and the distillation loss weight examples the same way.
+    `p` and `q` are the teacher's and the student's softmax at temperature
+    T over the last axis, or, for a single logit, the binary distributions
+    (sigmoid(z/T), 1 − sigmoid(z/T)). Computed in float32 from log-softmax
+    (log-sigmoid), so large logits do not overflow.
     """
-    values = _as_float32(values)
-    if sample_weight is not None:
-        sample_weight = ops.reshape(_as_float32(sample_weight), ops.shape(values))
-        values = values * sample_weight
-    batch_size = ops.cast(ops.shape(values)[0], "float32")
-    return ops.sum(values) / ops.maximum(batch_size, 1.0)
+    temperature = _as_float32(temperature)
+    t = _as_float32(teacher_logits) / temperature
+    s = _as_float32(student_logits) / temperature
+    if t.shape[-1] == 1:
+        log_p, log_not_p = ops.log_sigmoid(t), ops.log_sigmoid(-t)
+        log_q, log_not_q = ops.log_sigmoid(s), ops.log_sigmoid(-s)
+        kl = ops.exp(log_p) * (log_p - log_q) + ops.exp(log_not_p) * (
+            log_not_p - log_not_q
+        )
+    else:
+        log_p = ops.log_softmax(t, axis=-1)
+        log_q = ops.log_softmax(s, axis=-1)
+        kl = ops.exp(log_p) * (log_p - log_q)
+    return ops.square(temperature) * ops.sum(kl, axis=-1)
+
+
+class _DistillationTerm(keras.losses.Loss):
+    """T²·KL between teacher and student logits, reduced as a Keras loss.
+
+    Being a `keras.losses.Loss`, it weighs positions by `sample_weight`,
+    leaves out positions masked by Keras masking (the student logits' mask),
+    and reduces the same way as the label loss it is paired with: the
+    Distiller gives it the label loss's `reduction`, so both terms are means
+    over the same positions with the same weights.
+
+    Args:
+        temperature: T, a number or a scalar variable (read at every call).
+        reduction: a Keras reduction, "sum_over_batch_size" by default.
+        name: the loss's name.
+    """
+
+    def __init__(self, temperature=1.0, reduction="sum_over_batch_size",
+                 name="distillation_loss"):
+        super().__init__(name=name, reduction=reduction, dtype="float32")
+        self.temperature = temperature
+
+    def call(self, teacher_logits, student_logits):
+        return per_position_distillation_loss(
+            teacher_logits, student_logits, self.temperature
+        )
+
+
+def check_same_shape(teacher_shape, student_shape, where=""):
+    """Raises unless two logit shapes agree wherever both are known."""
+    teacher_shape, student_shape = tuple(teacher_shape), tuple(student_shape)
+    if len(teacher_shape) != len(student_shape) or any(
+        a is not None and b is not None and a != b
+        for a, b in zip(teacher_shape, student_shape)
+    ):
+        raise ValueError(
+            f"Expected teacher and student logits of the same shape{where}. "
+            f"Received: teacher logits {teacher_shape}, student logits "
+            f"{student_shape}. Give both models the same number of classes "
+            "(and, for sequences, the same length)."
+        )
 
 
 def distillation_loss(
@@ -102,19 +162,23 @@ def distillation_loss(
 
     `p = softmax(teacher_logits / T)` and `q = softmax(student_logits / T)`.
     The KL divergence is summed over classes and averaged over the batch (not
-    over batch × classes). It is computed from log-softmax, so large logits do
-    not overflow, and in float32 whatever the inputs' dtype, so a
-    mixed-precision policy does not lose the small probabilities that carry
-    the teacher's knowledge. The T² factor keeps the gradient's size roughly
-    independent of T (Hinton et al., 2015): the gradient with respect to the
-    student logits is `T·(q − p) / batch_size`.
+    over batch × classes); logits of shape `(batch, ..., classes)`, such as
+    sequences, are averaged over every position, so a sequence's loss is the
+    per-token mean. A single logit is a binary classifier, whose
+    distributions are `(sigmoid(z/T), 1 − sigmoid(z/T))`. It is computed from
+    log-softmax, so large logits do not overflow, and in float32 whatever
+    the inputs' dtype, so a mixed-precision policy does not lose the small
+    probabilities that carry the teacher's knowledge. The T² factor keeps the
+    gradient's size roughly independent of T (Hinton et al., 2015): the
+    gradient with respect to the student logits is `T·(q − p) / batch_size`.
 
     Args:
-        teacher_logits: tensor `(batch, num_classes)`, the teacher's logits.
-        student_logits: tensor of the same shape, the student's logits.
-        temperature: a number > 0 (a scalar tensor is accepted as well).
-        sample_weight: optional `(batch,)` weights; the weighted sum is
-            divided by the batch size, as Keras' own losses do.
+        teacher_logits: tensor `(batch, ..., num_classes)`.
+        student_logits: tensor of the same shape.
+        temperature: a number > 0 (a scalar tensor or variable as well).
+        sample_weight: optional weights of shape `(batch,)` or
+            `(batch, ...)`; the weighted sum is divided by the number of
+            positions, as Keras' own losses do.
 
     Returns:
         A float32 scalar.
@@ -127,21 +191,7 @@ def distillation_loss(
     _check_temperature_argument(temperature)
     teacher_logits = ops.convert_to_tensor(teacher_logits)
     student_logits = ops.convert_to_tensor(student_logits)
-    teacher_shape = tuple(teacher_logits.shape)
-    student_shape = tuple(student_logits.shape)
-    if len(teacher_shape) != len(student_shape) or any(
-        a is not None and b is not None and a != b
-        for a, b in zip(teacher_shape, student_shape)
-    ):
-        raise ValueError(
-            "Expected teacher and student logits of the same shape. Received: "
-            f"teacher_logits.shape={teacher_shape}, "
-            f"student_logits.shape={student_shape}"
-        )
-    return reduce_over_batch(
-        per_example_distillation_loss(
-            teacher_logits, student_logits, temperature
-        ),
-        sample_weight,
+    check_same_shape(teacher_logits.shape, student_logits.shape)
+    return _DistillationTerm(temperature)(
+        teacher_logits, student_logits, sample_weight=sample_weight
     )
-

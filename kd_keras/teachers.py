@@ -1,17 +1,21 @@
-"""Teachers: cached teacher logits."""
+"""Teachers: cached teacher logits and ensembles."""
 
 import numpy as np
 import keras
-import tensorflow as tf
+from keras import ops
 
+from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _datasets
+from kd_keras.data import ArrayBatches
 from kd_keras.distiller import INPUTS_KEY
 from kd_keras.distiller import TEACHER_LOGITS_KEY
+from kd_keras.distiller import split_cached
 
 
-def _as_dataset(data, batch_size):
-    if isinstance(data, tf.data.Dataset):
+def _as_batches(data, batch_size):
+    """A batched `tf.data.Dataset` or `PyDataset` for the data given."""
+    if _backend.is_tf_dataset(data) or isinstance(data, keras.utils.PyDataset):
         return data
     if isinstance(data, tuple) and 1 <= len(data) <= 3:
         if batch_size is None:
@@ -19,11 +23,12 @@ def _as_dataset(data, batch_size):
                 "`batch_size` is needed when the data are arrays. Received: "
                 "batch_size=None. Pass e.g. batch_size=128."
             )
-        return tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
+        return ArrayBatches(*data, batch_size=batch_size)
     raise ValueError(
         "Expected a batched `tf.data.Dataset` of (x, y) or (x, y, "
-        "sample_weight), or a tuple of arrays (x, y) with `batch_size`. "
-        f"Received: {type(data).__name__}"
+        "sample_weight), a `keras.utils.PyDataset` such as "
+        "`kd_keras.data.ArrayBatches`, or a tuple of arrays (x, y) with "
+        f"`batch_size`. Received: {type(data).__name__}"
     )
 
 
@@ -48,18 +53,10 @@ def _one_pass(teacher, dataset):
     the first batch's size. Everything comes from the same pass, so logits and
     inputs always belong together, even if the dataset shuffles.
     """
-    infer = tf.function(
-        lambda x: tf.cast(teacher(x, training=False), tf.float32),
-        reduce_retracing=True,
-    )
     parts, logits = [], []
-    for element in dataset:
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(element)
-        logits.append(infer(x).numpy())
-        parts.append(keras.tree.map_structure(
-            lambda t: None if t is None else np.asarray(t),
-            (x, y, sample_weight),
-        ))
+    for x, y, sample_weight in _datasets.numpy_batches(dataset):
+        logits.append(np.asarray(teacher.predict_on_batch(x), "float32"))
+        parts.append((x, y, sample_weight))
     if not logits:
         raise ValueError("The dataset is empty: there is nothing to cache.")
     x, y, sample_weight = keras.tree.map_structure(
@@ -69,60 +66,19 @@ def _one_pass(teacher, dataset):
     return x, y, sample_weight, np.concatenate(logits), len(logits[0])
 
 
-def cache_teacher_logits(
-    teacher,
-    dataset,
-    *,
-    batch_size=None,
-    shuffle=True,
-    seed=None,
-    allow_random=False,
-):
-    """Runs the teacher once and returns a dataset that carries its logits.
+def _array_logits(teacher, batches):
+    """The teacher's float32 logits on an unshuffled `ArrayBatches`."""
+    return np.concatenate([
+        np.asarray(teacher.predict_on_batch(
+            keras.utils.unpack_x_y_sample_weight(batches[i])[0]), "float32")
+        for i in range(len(batches))
+    ])
 
-    `Distiller.fit` recognises the batches of the returned dataset and skips
-    the teacher, so an epoch costs about as much as training the student
-    alone. The teacher runs once over the dataset, batch by batch, in
-    inference mode. The inputs, labels and logits of that pass are kept in
-    memory, together, and served from there every epoch, reshuffled.
 
-    A random augmentation in the pipeline cannot be cached: every epoch would
-    see the same augmented inputs. Such a dataset is refused (a `shuffle` is
-    fine). To train on augmented data, run the teacher on the fly.
+def _tf_dataset(x, y, sample_weight, logits, batch_size, shuffle, seed):
+    """A `tf.data.Dataset` serving the cached arrays, reshuffled each epoch."""
+    import tensorflow as tf
 
-    Args:
-        teacher: the trained teacher, a `keras.Model` emitting logits, or an
-            `EnsembleTeacher`.
-        dataset: a batched `tf.data.Dataset` of `(x, y)` or
-            `(x, y, sample_weight)`, or a tuple of arrays `(x, y)` with
-            `batch_size`.
-        batch_size: batch size of the returned dataset. Defaults to the
-            input's.
-        shuffle: reshuffle the examples every epoch.
-        seed: seed of that shuffle.
-        allow_random: set True to cache a pipeline with random ops anyway;
-            each example then keeps the first pass's augmentation for ever.
-
-    Returns:
-        A `tf.data.Dataset` of `({"inputs": x, "teacher_logits": t}, y)` (with
-        sample weights if the input had them) that `Distiller.fit` and
-        `Distiller.evaluate` accept.
-
-    Example:
-
-    ```python
-    train = kd_keras.data.load("mnist", "train", batch_size=128)
-    cached = kd_keras.cache_teacher_logits(teacher, train)
-    distiller.fit(cached, epochs=10)
-    ```
-    """
-    _checks.check_keras_model(teacher, "teacher")
-    _checks.check_emits_logits(teacher, "teacher")
-    dataset = _as_dataset(dataset, batch_size)
-    if not allow_random:
-        _check_no_augmentation(dataset)
-    x, y, sample_weight, logits, first_batch_size = _one_pass(teacher, dataset)
-    batch_size = batch_size or first_batch_size
     inputs = {INPUTS_KEY: x, TEACHER_LOGITS_KEY: logits}
     tensors = keras.tree.map_structure(
         lambda a: None if a is None else tf.constant(a),
@@ -145,16 +101,103 @@ def cache_teacher_logits(
     )
 
 
+def cache_teacher_logits(
+    teacher,
+    dataset,
+    *,
+    batch_size=None,
+    shuffle=True,
+    seed=None,
+    allow_random=False,
+):
+    """Runs the teacher once and returns a dataset that carries its logits.
+
+    `Distiller.fit` recognises the batches of the returned dataset and skips
+    the teacher, so an epoch costs about as much as training the student
+    alone. The teacher runs once over the dataset, batch by batch, in
+    inference mode. The inputs, labels and logits of that pass are kept in
+    memory, together, and served from there every epoch, reshuffled.
+
+    A `tf.data.Dataset` gives a `tf.data.Dataset`. Arrays and `PyDataset`s
+    give a `kd_keras.data.ArrayBatches`, which needs no TensorFlow and runs
+    on every Keras backend.
+
+    A random augmentation in the pipeline cannot be cached: every epoch would
+    see the same augmented inputs. Such a dataset is refused (a `shuffle` is
+    fine). To train on augmented data, run the teacher on the fly.
+
+    Args:
+        teacher: the trained teacher, a `keras.Model` emitting logits, or an
+            `EnsembleTeacher`.
+        dataset: a batched `tf.data.Dataset` of `(x, y)` or
+            `(x, y, sample_weight)`, a `PyDataset` such as
+            `kd_keras.data.ArrayBatches`, or a tuple of arrays `(x, y)` with
+            `batch_size`.
+        batch_size: batch size of the returned dataset. Defaults to the
+            input's.
+        shuffle: reshuffle the examples every epoch.
+        seed: seed of that shuffle.
+        allow_random: set True to cache a pipeline with random ops anyway;
+            each example then keeps the first pass's augmentation for ever.
+
+    Returns:
+        Batches of `({"inputs": x, "teacher_logits": t}, y)` (with sample
+        weights if the input had them) that `Distiller.fit` and
+        `Distiller.evaluate` accept.
+
+    Example:
+
+    ```python
+    train = kd_keras.data.load("mnist", "train", batch_size=128)
+    cached = kd_keras.cache_teacher_logits(teacher, train)
+    distiller.fit(cached, epochs=10)
+    ```
+    """
+    _checks.check_keras_model(teacher, "teacher")
+    _checks.check_emits_logits(teacher, "teacher")
+    dataset = _as_batches(dataset, batch_size)
+    if not allow_random:
+        _check_no_augmentation(dataset)
+    if isinstance(dataset, ArrayBatches) and dataset.shuffle is False:
+        # The arrays are served as they are, without a copy.
+        if not len(dataset):
+            raise ValueError("The dataset is empty: there is nothing to cache.")
+        x, y, sample_weight = dataset.x, dataset.y, dataset.sample_weight
+        logits = _array_logits(teacher, dataset)
+        first_batch_size = dataset.batch_size
+    else:
+        x, y, sample_weight, logits, first_batch_size = _one_pass(
+            teacher, dataset)
+    batch_size = batch_size or first_batch_size
+    if _backend.is_tf_dataset(dataset):
+        return _tf_dataset(x, y, sample_weight, logits, batch_size, shuffle,
+                           seed)
+    inputs = {INPUTS_KEY: x, TEACHER_LOGITS_KEY: logits}
+    return ArrayBatches(inputs, y, sample_weight, batch_size=batch_size,
+                        shuffle=shuffle, seed=seed)
+
+
+def _element_inputs(dataset):
+    if _backend.is_tf_dataset(dataset):
+        spec = dataset.element_spec
+        return spec[0] if isinstance(spec, tuple) else spec
+    if isinstance(dataset, ArrayBatches):
+        return dataset.x
+    return None
+
+
 def is_cached(dataset):
     """True if `dataset` comes from `cache_teacher_logits`."""
-    spec = dataset.element_spec
-    inputs = spec[0] if isinstance(spec, tuple) else spec
-    return isinstance(inputs, dict) and set(inputs) == {
-        INPUTS_KEY, TEACHER_LOGITS_KEY}
+    inputs = _element_inputs(dataset)
+    return split_cached(inputs)[1] is not None if inputs is not None else False
 
 
 def without_teacher_logits(dataset):
     """The `(x, y[, sample_weight])` batches of a cached dataset."""
+    if isinstance(dataset, ArrayBatches):
+        return dataset.with_arrays(dataset.x[INPUTS_KEY], dataset.y,
+                                   dataset.sample_weight)
+    import tensorflow as tf
 
     def strip(inputs, *rest):
         return (inputs[INPUTS_KEY], *rest)
@@ -185,15 +228,23 @@ class EnsembleCombine(keras.layers.Layer):
             float(w) for w in weights]
 
     def call(self, member_logits):
-        stacked = tf.cast(tf.stack(member_logits, axis=0), tf.float32)
+        stacked = ops.cast(ops.stack(member_logits, axis=0), "float32")
         count = len(member_logits)
-        weights = tf.constant(
-            self.member_weights or [1.0 / count] * count, tf.float32)
-        weights = tf.reshape(weights, [count] + [1] * (stacked.shape.rank - 1))
+        weights = np.asarray(
+            self.member_weights or [1.0 / count] * count, "float32"
+        ).reshape([count] + [1] * (len(stacked.shape) - 1))
         if self.mode == "logits":
-            return tf.reduce_sum(weights * stacked, axis=0)
-        return tf.reduce_logsumexp(
-            tf.math.log(weights) + tf.nn.log_softmax(stacked, axis=-1), axis=0)
+            return ops.sum(weights * stacked, axis=0)
+        if stacked.shape[-1] == 1:
+            # One logit: average the probabilities of both classes, and
+            # return the logit of the averaged positive probability.
+            log_p = ops.logsumexp(
+                np.log(weights) + ops.log_sigmoid(stacked), axis=0)
+            log_not_p = ops.logsumexp(
+                np.log(weights) + ops.log_sigmoid(-stacked), axis=0)
+            return log_p - log_not_p
+        return ops.logsumexp(
+            np.log(weights) + ops.log_softmax(stacked, axis=-1), axis=0)
 
     def compute_output_shape(self, input_shapes):
         return tuple(input_shapes[0])

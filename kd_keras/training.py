@@ -126,9 +126,10 @@ def distill(
 def predictions(model, dataset):
     """Returns `(predicted class ids, true labels)` over a batched dataset."""
     predicted, labels = [], []
-    for x, y, *_ in dataset:
-        predicted.append(np.argmax(model(x, training=False), axis=-1))
-        labels.append(np.asarray(y).reshape(-1))
+    for x, y, _ in _datasets.numpy_batches(dataset):
+        logits = np.asarray(model.predict_on_batch(x))
+        predicted.append(np.argmax(logits, axis=-1).reshape(-1))
+        labels.append(y.reshape(-1))
     return np.concatenate(predicted), np.concatenate(labels)
 
 

@@ -372,7 +372,7 @@ def tune(
     os.replace(temporary, stamp_path)
     if not _is_chief():
         logging.info("Tuning on %s.", ", ".join(
-            d.name for d in _visible_devices()))
+            str(device) for device in _visible_devices()))
         train_data = hypermodel.cache(train_data, "train")
         validation_data = hypermodel.cache(validation_data, "validation")
     kt_tuner.search(train_data, validation_data=validation_data, epochs=epochs,
@@ -385,10 +385,11 @@ def tune(
 
 
 def _visible_devices():
-    import tensorflow as tf
-
-    return tf.config.list_logical_devices("GPU") or (
-        tf.config.list_logical_devices("CPU"))
+    """The devices Keras trains on, e.g. ["gpu:0"] or ["cpu:0"]."""
+    try:
+        return keras.distribution.list_devices()
+    except (NotImplementedError, RuntimeError, ValueError):
+        return [keras.backend.backend()]
 
 
 def trials_table(kt_tuner):

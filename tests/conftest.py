@@ -7,6 +7,7 @@ import numpy as np
 import keras
 import pytest
 
+BACKEND = keras.backend.backend()
 SHARED_MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 NUM_CLASSES = 4
 FEATURES = 8
@@ -34,16 +35,39 @@ def copy_of(model):
 
 
 class CountingLayer(keras.layers.Layer):
-    """An identity layer that counts how many times it runs (in graphs too)."""
+    """An identity layer that counts how many times it runs, also inside
+    compiled steps and conditionals: a variable on TensorFlow, a host
+    callback on JAX, and plain Python on PyTorch, which runs eagerly."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.calls = self.add_weight(shape=(), initializer="zeros",
-                                     trainable=False, name="calls")
+        self._python_calls = 0
+        if BACKEND == "tensorflow":
+            self.calls = self.add_weight(shape=(), initializer="zeros",
+                                         trainable=False, name="calls")
+
+    def _count_one(self):
+        self._python_calls += 1
 
     def call(self, inputs):
-        self.calls.assign_add(1.0)
+        if BACKEND == "tensorflow":
+            self.calls.assign_add(1.0)
+        elif BACKEND == "jax":
+            import jax
+
+            jax.debug.callback(self._count_one)
+        else:
+            self._count_one()
         return inputs
+
+    def count(self):
+        if BACKEND == "tensorflow":
+            return int(self.calls.numpy())
+        if BACKEND == "jax":
+            import jax
+
+            jax.effects_barrier()
+        return self._python_calls
 
 
 def counting_teacher(seed=1):
@@ -53,7 +77,7 @@ def counting_teacher(seed=1):
     inputs = keras.Input((FEATURES,))
     hidden = keras.layers.Dense(16, activation="relu")(counter(inputs))
     model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES)(hidden))
-    model.count = lambda: int(counter.calls.numpy())
+    model.count = counter.count
     return model
 
 
@@ -75,3 +99,54 @@ def mnist_data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
     data.import_mnist(SHARED_MNIST, data_dir)
     return data_dir
+
+
+def gradient(function, value):
+    """d function(value) / d value, on the current backend."""
+    value = np.asarray(value, "float32")
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        variable = tf.Variable(value)
+        with tf.GradientTape() as tape:
+            result = function(variable)
+        return tape.gradient(result, variable).numpy()
+    if BACKEND == "jax":
+        import jax
+
+        return np.asarray(jax.grad(function)(value))
+    import torch
+
+    tensor = torch.tensor(value, requires_grad=True)
+    function(tensor).backward()
+    return tensor.grad.numpy()
+
+
+# Tests that hold on every Keras backend carry the first marker; the others
+# need TensorFlow itself (tf.distribute, the CLI's tfds pipelines), or are
+# too slow to repeat, and are deselected on other backends.
+ALL_BACKENDS = "all_backends"
+TENSORFLOW_ONLY = "tensorflow_only"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", f"{ALL_BACKENDS}: holds on every Keras backend")
+    config.addinivalue_line(
+        "markers", f"{TENSORFLOW_ONLY}: runs on TensorFlow only (overrides "
+        f"{ALL_BACKENDS})")
+
+
+def _on_every_backend(item):
+    return ALL_BACKENDS in item.keywords and (
+        TENSORFLOW_ONLY not in item.keywords)
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND == "tensorflow":
+        return
+    kept = [item for item in items if _on_every_backend(item)]
+    dropped = [item for item in items if not _on_every_backend(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

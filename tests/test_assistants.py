@@ -11,6 +11,8 @@ from kd_keras import plots
 from kd_keras import training
 from conftest import FEATURES, NUM_CLASSES, tiny_mlp
 
+pytestmark = pytest.mark.all_backends
+
 
 @pytest.fixture
 def splits():

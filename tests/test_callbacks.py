@@ -10,6 +10,8 @@ from kd_keras.callbacks import StudentEarlyStop
 from kd_keras.callbacks import TeacherSnapshots
 from conftest import counting_teacher, tiny_mlp
 
+pytestmark = pytest.mark.all_backends
+
 
 def distiller_for(teacher=None, optimizer="sgd", **kwargs):
     distiller = kd_keras.Distiller(teacher or tiny_mlp(32, seed=1),
@@ -223,3 +225,25 @@ def test_a_new_run_drops_the_snapshots_of_an_earlier_run(tiny_data, tmp_path):
                   callbacks=[TeacherSnapshots(tmp_path, every=2)])
     assert list(TeacherSnapshots.read_manifest(tmp_path)) == ["2"]
     assert not (tmp_path / "epoch_004.keras").exists()
+
+
+def test_a_change_between_two_batches_applies_from_the_next_step(tiny_data):
+    # On JAX the training state lives outside the variables during an
+    # epoch; assigning them must bring it back, not be overwritten by it.
+    x, y = tiny_data
+    teacher = counting_teacher()
+    distiller = distiller_for(teacher, distillation_weight=0.0)
+    seen = []
+
+    def switch_on(batch, logs):
+        if batch == 1:
+            distiller.distillation_weight = 1.0
+        seen.append(float(distiller.distillation_weight.numpy()))
+
+    history = distiller.fit(
+        x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+        callbacks=[keras.callbacks.LambdaCallback(on_train_batch_end=switch_on)])
+    assert seen == [0.0, 1.0, 1.0, 1.0]
+    assert teacher.count() == 2  # Batches 3 and 4 of 4.
+    assert history.history["distillation_weight"] == [1.0]
+    assert float(distiller.distillation_weight.numpy()) == 1.0

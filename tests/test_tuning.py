@@ -14,6 +14,8 @@ import tensorflow as tf
 from kd_keras import tuning
 from conftest import FEATURES, counting_teacher, tiny_mlp
 
+pytestmark = pytest.mark.all_backends
+
 
 def splits(seed=1):
     rng = np.random.default_rng(seed)
@@ -136,6 +138,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.tensorflow_only  # Three processes: slow to repeat.
 def test_a_chief_and_two_workers_on_loopback_record_every_trial(tmp_path):
     script = WORKER.format(tests=os.path.dirname(__file__),
                            directory=str(tmp_path))
@@ -187,7 +190,7 @@ def test_mixed_float16_students_train_with_loss_scaling():
     assert distiller.student.layers[-1].compute_dtype == "float16"
     assert isinstance(distiller.optimizer, keras.optimizers.LossScaleOptimizer)
     assert keras.config.dtype_policy().name == "float32"
-    x, y = next(iter(splits()[0]))
+    x, y = next(splits()[0].as_numpy_iterator())
     logs = distiller.train_on_batch(x, y, return_dict=True)
     assert np.isfinite(logs["distillation_loss"]) and np.isfinite(logs["loss"])
 
@@ -205,7 +208,7 @@ def test_mixed_precision_and_jit_compile_options():
     assert distiller.student.layers[-1].compute_dtype == "bfloat16"
     assert keras.config.dtype_policy().name == "float32"
     assert distiller.jit_compile is False
-    x, y = next(iter(splits()[0]))
+    x, y = next(splits()[0].as_numpy_iterator())
     logs = distiller.train_on_batch(x, y, return_dict=True)
     assert np.isfinite(logs["loss"])
 

@@ -1,0 +1,184 @@
+"""Logits of any rank (sequences) and single-logit (binary) outputs."""
+
+import numpy as np
+import keras
+import pytest
+
+import kd_keras
+from conftest import FEATURES
+from test_losses import np_log_softmax, np_per_position_kd
+
+pytestmark = pytest.mark.all_backends
+
+TIME, CLASSES = 4, 4  # As many steps as classes: shapes alone cannot tell.
+
+
+def sequence_model(units, seed, classes=CLASSES, masking=False):
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((TIME, FEATURES))]
+    if masking:
+        layers.append(keras.layers.Masking(0.0))
+    layers += [keras.layers.Dense(units, activation="relu"),
+               keras.layers.Dense(classes)]
+    return keras.Sequential(layers)
+
+
+def sequence_data(rows=12, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, TIME, FEATURES)).astype("float32")
+    y = rng.integers(0, CLASSES, size=(rows, TIME)).astype("int32")
+    return x, y
+
+
+def np_token_cross_entropy(logits, labels):
+    """Cross-entropy at every position of logits (..., classes)."""
+    log_q = np_log_softmax(np.asarray(logits, "float64"))
+    return -np.take_along_axis(log_q, labels[..., None], axis=-1)[..., 0]
+
+
+def distiller_for(teacher, student, **kwargs):
+    distiller = kd_keras.Distiller(teacher, student, **kwargs)
+    distiller.compile("sgd")
+    return distiller
+
+
+def logits_of(model, x):
+    return np.asarray(model.predict(x, verbose=0), "float64")
+
+
+def evaluate(distiller, x, y, **kwargs):
+    return distiller.evaluate(x, y, batch_size=len(x), return_dict=True,
+                              verbose=0, **kwargs)
+
+
+# Sequences.
+
+
+def test_integer_sequence_labels_give_per_token_means_of_both_terms():
+    x, y = sequence_data()
+    distiller = distiller_for(sequence_model(16, 1), sequence_model(8, 2),
+                              temperature=2.0, distillation_weight=0.6)
+    logs = evaluate(distiller, x, y)
+    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
+    label = np_token_cross_entropy(s, y).mean()
+    kd = np_per_position_kd(t, s, 2.0).mean()
+    assert logs["student_loss"] == pytest.approx(label, rel=1e-5)
+    assert logs["distillation_loss"] == pytest.approx(kd, rel=1e-5)
+    assert logs["loss"] == pytest.approx(0.4 * label + 0.6 * kd, rel=1e-5)
+
+
+def test_one_hot_sequence_labels_give_the_same_loss():
+    x, y = sequence_data()
+    sparse = evaluate(distiller_for(sequence_model(16, 1),
+                                    sequence_model(8, 2)), x, y)
+    one_hot = evaluate(distiller_for(sequence_model(16, 1),
+                                     sequence_model(8, 2)),
+                       x, keras.utils.to_categorical(y, CLASSES))
+    assert one_hot["loss"] == pytest.approx(sparse["loss"], rel=1e-5)
+
+
+def test_sample_weights_per_token_weigh_both_terms():
+    x, y = sequence_data()
+    weights = np.ones((len(x), TIME), "float32")
+    weights[:, 2:] = 0.0  # Padding.
+    distiller = distiller_for(sequence_model(16, 1), sequence_model(8, 2),
+                              temperature=3.0, distillation_weight=0.5)
+    logs = evaluate(distiller, x, y, sample_weight=weights)
+    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
+    positions = weights.size
+    label = (np_token_cross_entropy(s, y) * weights).sum() / positions
+    kd = (np_per_position_kd(t, s, 3.0) * weights).sum() / positions
+    assert logs["student_loss"] == pytest.approx(label, rel=1e-5)
+    assert logs["distillation_loss"] == pytest.approx(kd, rel=1e-5)
+
+
+def test_keras_masking_leaves_padded_tokens_out_of_both_terms():
+    x, y = sequence_data()
+    x[:, 3:] = 0.0  # The last step is padding, masked by `Masking`.
+    distiller = distiller_for(sequence_model(16, 1, masking=True),
+                              sequence_model(8, 2, masking=True),
+                              temperature=2.0, distillation_weight=0.5)
+    logs = evaluate(distiller, x, y)
+    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
+    label = np_token_cross_entropy(s, y)[:, :3].mean()
+    kd = np_per_position_kd(t, s, 2.0)[:, :3].mean()
+    assert logs["student_loss"] == pytest.approx(label, rel=1e-5)
+    assert logs["distillation_loss"] == pytest.approx(kd, rel=1e-5)
+
+
+def test_sequence_distillation_trains_on_cached_logits():
+    x, y = sequence_data(32)
+    teacher, student = sequence_model(16, 1), sequence_model(8, 2)
+    before = [w.copy() for w in student.get_weights()]
+    cached = kd_keras.cache_teacher_logits(teacher, (x, y), batch_size=8)
+    distiller = distiller_for(teacher, student)
+    history = distiller.fit(cached, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert not np.allclose(before[0], student.get_weights()[0])
+
+
+def test_sequence_labels_of_the_wrong_length_raise():
+    x, y = sequence_data()
+    distiller = distiller_for(sequence_model(16, 1), sequence_model(8, 2))
+    with pytest.raises(ValueError, match=r"labels of shape \(batch, 4\)"):
+        distiller.fit(x, y[:, :3], verbose=0)
+
+
+def test_sequence_labels_out_of_range_raise():
+    x, y = sequence_data()
+    distiller = distiller_for(sequence_model(16, 1), sequence_model(8, 2))
+    with pytest.raises(ValueError, match=r"labels in \[0, 4\)"):
+        distiller.fit(x, y + CLASSES, verbose=0)
+
+
+# One logit: binary classifiers.
+
+
+def binary_model(units, seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((FEATURES,)),
+                             keras.layers.Dense(units, activation="relu"),
+                             keras.layers.Dense(1)])
+
+
+def binary_data(rows=32):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(rows, FEATURES)).astype("float32")
+    return x, (x[:, 0] > 0).astype("float32")
+
+
+def np_binary_cross_entropy(logits, labels):
+    p = 1 / (1 + np.exp(-logits[:, 0]))
+    return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+
+
+def test_one_logit_distils_binary_soft_targets():
+    x, y = binary_data()
+    distiller = distiller_for(binary_model(16, 1), binary_model(8, 2),
+                              temperature=2.0, distillation_weight=0.9)
+    logs = evaluate(distiller, x, y)
+    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
+    label = np_binary_cross_entropy(s, y).mean()
+    kd = np_per_position_kd(t, s, 2.0).mean()
+    assert kd > 0.01
+    assert logs["student_loss"] == pytest.approx(label, rel=1e-4)
+    assert logs["distillation_loss"] == pytest.approx(kd, rel=1e-4)
+    assert logs["loss"] == pytest.approx(0.1 * label + 0.9 * kd, rel=1e-4)
+
+
+def test_binary_student_moves_towards_the_teacher():
+    x, y = binary_data(64)
+    teacher, student = binary_model(16, 1), binary_model(8, 2)
+    distiller = kd_keras.Distiller(teacher, student, distillation_weight=1.0,
+                                   temperature=1.0)
+    distiller.compile(keras.optimizers.Adam(0.01))
+    before = evaluate(distiller, x, y)["distillation_loss"]
+    distiller.fit(x, y, batch_size=16, epochs=5, verbose=0)
+    assert evaluate(distiller, x, y)["distillation_loss"] < before / 2
+
+
+def test_binary_labels_outside_zero_one_raise():
+    x, y = binary_data()
+    distiller = distiller_for(binary_model(16, 1), binary_model(8, 2))
+    with pytest.raises(ValueError, match="binary classifier"):
+        distiller.fit(x, y + 1.0, verbose=0)
