@@ -117,8 +117,8 @@ def environment():
             versions[name] = module.__version__
     try:
         devices = keras.distribution.list_devices()
-    except (NotImplementedError, RuntimeError, ValueError):
-        devices = []
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+        devices = []  # PyTorch has no `keras.distribution` backend.
     return {
         "backend": keras.backend.backend(),
         "keras": keras.__version__,

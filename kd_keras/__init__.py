@@ -1,4 +1,4 @@
-"""kd_keras: knowledge distillation for Keras 3 on TensorFlow."""
+"""kd_keras: knowledge distillation for Keras 3, on TensorFlow, JAX and PyTorch."""
 
 import os as _os
 import sys as _sys

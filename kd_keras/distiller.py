@@ -109,10 +109,14 @@ class _Hyperparameter(keras.Variable):
             name=name,
         )
 
+    def _distiller(self):
+        """The Distiller that owns the variable (held by a weak reference)."""
+        return self._owner() if self._owner is not None else None
+
     def _sync_owner(self):
-        owner = self._owner() if self._owner is not None else None
-        if owner is not None and not _backend.in_stateless_scope():
-            owner._sync_training_state()
+        distiller = self._distiller()
+        if distiller is not None and not _backend.in_stateless_scope():
+            distiller._sync_training_state()
 
     def assign(self, value):
         if value is None or isinstance(value, (bool, str)):
@@ -122,9 +126,9 @@ class _Hyperparameter(keras.Variable):
             self._check(number)
         self._sync_owner()
         result = super().assign(value)
-        owner = self._owner() if self._owner is not None else None
-        if owner is not None and number is not None:
-            owner._hyperparameter_assigned(self, number)
+        distiller = self._distiller()
+        if distiller is not None and number is not None:
+            distiller._hyperparameter_assigned(self, number)
         return result
 
     @property

@@ -172,6 +172,9 @@ def export_student(
     that differs by more than `tolerance` raises `ValueError`. The report
     (also written as `directory/report.json`) adds file sizes, the median
     single-example latency and, when `test_data` has labels, accuracy.
+    It runs with Keras on TensorFlow, and on JAX with TensorFlow installed
+    (Keras' `model.export` converts the model through jax2tf); on PyTorch it
+    raises an error that says how to export from a TensorFlow process.
     Quantised formats are not held to `tolerance`; compare their accuracy
     (the test suite holds int8 to at most 1 point below Keras on the 2,000
     sample test digits; on full MNIST it lost under 0.05 points).
@@ -205,6 +208,15 @@ def export_student(
     report["tflite_int8"]["accuracy"]
     ```
     """
+    if _backend.name() == "torch":
+        raise ValueError(
+            "export_student runs with Keras on TensorFlow or JAX: on PyTorch, "
+            "Keras' SavedModel export goes through `torch.export`, which "
+            "fails on common models. Save the model (`model.save("
+            "'student.keras')`; the file is the same on every backend) and "
+            "export it with TensorFlow: `KERAS_BACKEND=tensorflow kd-keras "
+            "export --model student.keras`."
+        )
     tf = _backend.require_tensorflow(
         "Export to SavedModel and TFLite (Keras' `model.export`)")
     model = _as_model(model)
@@ -224,10 +236,10 @@ def export_student(
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     expected = _in_batches(
-        lambda x: np.asarray(model(x, training=False), "float32"), x_test)
+        lambda x: np.asarray(model.predict_on_batch(x), "float32"), x_test)
     example = x_test[:1]
     report = {"keras": {
-        "latency_ms": _median_ms(lambda x: model(x, training=False), example,
+        "latency_ms": _median_ms(model.predict_on_batch, example,
                                  latency_repeats),
         "params": model.count_params(),
     }}

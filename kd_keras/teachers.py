@@ -234,17 +234,18 @@ class EnsembleCombine(keras.layers.Layer):
             self.member_weights or [1.0 / count] * count, "float32"
         ).reshape([count] + [1] * (len(stacked.shape) - 1))
         if self.mode == "logits":
-            return ops.sum(weights * stacked, axis=0)
+            return ops.sum(ops.convert_to_tensor(weights) * stacked, axis=0)
+        log_weights = ops.convert_to_tensor(np.log(weights))
         if stacked.shape[-1] == 1:
             # One logit: average the probabilities of both classes, and
             # return the logit of the averaged positive probability.
-            log_p = ops.logsumexp(
-                np.log(weights) + ops.log_sigmoid(stacked), axis=0)
-            log_not_p = ops.logsumexp(
-                np.log(weights) + ops.log_sigmoid(-stacked), axis=0)
+            log_p = ops.logsumexp(log_weights + ops.log_sigmoid(stacked),
+                                  axis=0)
+            log_not_p = ops.logsumexp(log_weights + ops.log_sigmoid(-stacked),
+                                      axis=0)
             return log_p - log_not_p
         return ops.logsumexp(
-            np.log(weights) + ops.log_softmax(stacked, axis=-1), axis=0)
+            log_weights + ops.log_softmax(stacked, axis=-1), axis=0)
 
     def compute_output_shape(self, input_shapes):
         return tuple(input_shapes[0])

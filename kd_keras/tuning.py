@@ -388,7 +388,8 @@ def _visible_devices():
     """The devices Keras trains on, e.g. ["gpu:0"] or ["cpu:0"]."""
     try:
         return keras.distribution.list_devices()
-    except (NotImplementedError, RuntimeError, ValueError):
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+        # PyTorch has no `keras.distribution` backend.
         return [keras.backend.backend()]
 
 

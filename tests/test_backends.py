@@ -24,12 +24,11 @@ WITHOUT_TENSORFLOW = textwrap.dedent("""
     sys.meta_path.insert(0, NoTensorFlow())
 """)
 
-# Everything above the Distiller, on arrays, without TensorFlow.
-WITHOUT_TENSORFLOW_RUN = WITHOUT_TENSORFLOW + textwrap.dedent("""
+# Tiny models and data for the scripts below.
+MODELS_AND_DATA = textwrap.dedent("""
     import json, pathlib, sys, tempfile
     import numpy as np, keras
     import kd_keras
-    from kd_keras import assistants, callbacks, data, export, tuning
 
     def mlp(units, seed):
         keras.utils.set_random_seed(seed)
@@ -37,9 +36,16 @@ WITHOUT_TENSORFLOW_RUN = WITHOUT_TENSORFLOW + textwrap.dedent("""
                                  keras.layers.Dense(units, "relu"),
                                  keras.layers.Dense(4)])
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(128, 8)).astype("float32")
-    y = ((x[:, 0] > 0) + 2 * (x[:, 1] > 0)).astype("int32")
+    def tiny_data(rows):
+        x = np.random.default_rng(0).normal(size=(rows, 8)).astype("float32")
+        return x, ((x[:, 0] > 0) + 2 * (x[:, 1] > 0)).astype("int32")
+""")
+
+# Everything above the Distiller, on arrays, without TensorFlow.
+WITHOUT_TENSORFLOW_RUN = WITHOUT_TENSORFLOW + MODELS_AND_DATA + textwrap.dedent("""
+    from kd_keras import assistants, callbacks, data, export, tuning
+
+    x, y = tiny_data(128)
     train = data.ArrayBatches(x[:96], y[:96], batch_size=16, shuffle=True,
                               seed=0)
     val = data.ArrayBatches(x[96:], y[96:], batch_size=16)
@@ -76,9 +82,9 @@ WITHOUT_TENSORFLOW_RUN = WITHOUT_TENSORFLOW + textwrap.dedent("""
 """)
 
 
-def run_python(code, backend):
+def run_python(code, backend, *args):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    done = subprocess.run([sys.executable, "-c", code], env=env,
+    done = subprocess.run([sys.executable, "-c", code, *args], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -100,20 +106,10 @@ def test_everything_above_the_distiller_runs_on_jax_without_tensorflow():
 
 
 # The Distiller's own scenarios on PyTorch.
-TORCH_RUN = textwrap.dedent("""
-    import json, pathlib, tempfile
-    import numpy as np, keras
-    import kd_keras
+TORCH_RUN = MODELS_AND_DATA + textwrap.dedent("""
+    from kd_keras import export
 
-    def mlp(units, seed):
-        keras.utils.set_random_seed(seed)
-        return keras.Sequential([keras.Input((8,)),
-                                 keras.layers.Dense(units, "relu"),
-                                 keras.layers.Dense(4)])
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 8)).astype("float32")
-    y = ((x[:, 0] > 0) + 2 * (x[:, 1] > 0)).astype("int32")
+    x, y = tiny_data(64)
     teacher, student = mlp(32, 1), mlp(8, 2)
     teacher_before = [w.copy() for w in teacher.get_weights()]
     distiller = kd_keras.Distiller(teacher, student, temperature=3.0)
@@ -128,7 +124,17 @@ TORCH_RUN = textwrap.dedent("""
     loaded = keras.saving.load_model(path)
     same = np.allclose(loaded.predict(x, verbose=0),
                        distiller.predict(x, verbose=0), rtol=1e-5)
+    student_path = pathlib.Path(sys.argv[1])
+    student.save(student_path)
+    np.save(student_path.with_suffix(".npy"), student.predict(x, verbose=0))
+    try:
+        export.export_student(student, student_path.parent / "export",
+                              test_data=(x, y))
+        export_error = None
+    except ValueError as error:
+        export_error = str(error)
     print(json.dumps({
+        "export_error": export_error,
         "backend": keras.backend.backend(),
         "loss": on_the_fly.history["loss"] + from_cache.history["loss"],
         "distillation_weight": from_cache.history["distillation_weight"],
@@ -141,10 +147,20 @@ TORCH_RUN = textwrap.dedent("""
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                     reason="PyTorch is not installed (it is optional)")
-def test_the_distiller_trains_saves_and_loads_on_pytorch():
-    result = run_python(TORCH_RUN, "torch")
+def test_the_distiller_trains_saves_and_loads_on_pytorch(tmp_path):
+    import numpy as np
+    import keras
+
+    student_path = tmp_path / "student.keras"
+    result = run_python(TORCH_RUN, "torch", str(student_path))
     assert result["backend"] == "torch"
     assert all(v == v and v < 10 for v in result["loss"])  # Finite.
     assert result["distillation_weight"] == [0.5]
     assert result["teacher_unchanged"]
     assert result["reloaded_predictions_match"]
+    # The fix the export error names: load the file here and export it.
+    assert "KERAS_BACKEND=tensorflow" in result["export_error"]
+    x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
+    np.testing.assert_allclose(
+        keras.saving.load_model(student_path).predict(x, verbose=0),
+        np.load(student_path.with_suffix(".npy")), rtol=1e-5, atol=1e-6)

@@ -208,7 +208,8 @@ def test_call_and_predict_return_student_logits(tiny_data):
     expected = distiller.student.predict(x, verbose=0)
     np.testing.assert_allclose(distiller.predict(x, verbose=0), expected,
                                rtol=1e-6)
-    np.testing.assert_allclose(distiller(x), expected, rtol=1e-6)
+    np.testing.assert_allclose(ops.convert_to_numpy(distiller(x)), expected,
+                               rtol=1e-6)
 
 
 def test_labels_are_optional_when_only_the_teacher_teaches(tiny_data):
@@ -446,3 +447,123 @@ def test_validation_data_is_checked_once_per_fit(tiny_data, monkeypatch):
     assert len(checks) == 2
     with pytest.raises(ValueError, match="Relabel"):
         distiller.fit(x, y, validation_data=(x, y + 9), epochs=1, verbose=0)
+
+
+# The scenarios of Keras' own distiller tests, with subclassed models.
+
+
+@keras.saving.register_keras_serializable(package="kd_keras_tests")
+class Subclassed(keras.Model):
+    def __init__(self, hidden=16, classes=NUM_CLASSES, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden, self.classes = hidden, classes
+        self.dense1 = keras.layers.Dense(hidden, activation="relu")
+        self.dense2 = keras.layers.Dense(classes)
+
+    def call(self, inputs, training=None):
+        return self.dense2(self.dense1(inputs))
+
+    def get_config(self):
+        return {**super().get_config(), "hidden": self.hidden,
+                "classes": self.classes}
+
+
+def subclassed(hidden, seed, x):
+    keras.utils.set_random_seed(seed)
+    model = Subclassed(hidden)
+    model(x[:2])
+    return model
+
+
+def test_subclassed_models_train_validate_and_round_trip(tiny_data, tmp_path):
+    x, y = tiny_data
+    one_hot = keras.utils.to_categorical(y, NUM_CLASSES)
+    weights = np.linspace(0.5, 1.5, len(x)).astype("float32")
+    teacher, student = subclassed(32, 1, x), subclassed(8, 2, x)
+    before = weights_of(student)
+    distiller = kd_keras.Distiller(teacher, student, temperature=2.0,
+                                   distillation_weight=0.5)
+    distiller.compile("adam", metrics=["accuracy"])
+    history = distiller.fit(x, one_hot, sample_weight=weights, batch_size=16,
+                            epochs=2, validation_data=(x, one_hot), verbose=0)
+    for key in ("loss", "student_loss", "distillation_loss", "val_loss",
+                "val_accuracy"):
+        assert np.all(np.isfinite(history.history[key]))
+    assert not np.allclose(before[0], student.get_weights()[0])
+    assert distiller.predict(x, verbose=0).shape == (len(x), NUM_CLASSES)
+    distiller.save(tmp_path / "distiller.keras")
+    loaded = keras.saving.load_model(tmp_path / "distiller.keras")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0),
+                               distiller.predict(x, verbose=0), rtol=1e-5)
+    assert evaluate_loss(loaded, x, one_hot) == pytest.approx(
+        evaluate_loss(distiller, x, one_hot), rel=1e-5)
+
+
+def evaluate_loss(distiller, x, y):
+    return distiller.evaluate(x, y, batch_size=len(x), return_dict=True,
+                              verbose=0)["loss"]
+
+
+# Regressions of defects found on main.
+
+
+def test_recompiling_without_a_loss_returns_to_the_default_and_saves_so(
+        tiny_data, tmp_path):
+    x, y = tiny_data
+    one_hot = keras.utils.to_categorical(y, NUM_CLASSES)
+    distiller = make_distiller(temperature=2.0, distillation_weight=0.0)
+    distiller.compile("sgd", loss=keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=0.3))
+    smoothed = evaluate_loss(distiller, x, one_hot)
+    distiller.compile("sgd")
+    in_memory = evaluate_loss(distiller, x, one_hot)
+    s = distiller.student.predict(x, verbose=0).astype("float64")
+    assert in_memory == pytest.approx(np_cross_entropy(s, y), rel=1e-5)
+    assert in_memory != pytest.approx(smoothed, rel=1e-3)
+    distiller.save(tmp_path / "d.keras")
+    loaded = keras.saving.load_model(tmp_path / "d.keras")
+    assert evaluate_loss(loaded, x, one_hot) == pytest.approx(in_memory,
+                                                              rel=1e-6)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("temperature", 0.0), ("temperature", -1.0), ("temperature", np.inf),
+    ("distillation_weight", 1.7), ("distillation_weight", -0.1)])
+def test_assigning_an_out_of_range_value_to_a_variable_raises(
+        tiny_data, name, value):
+    x, y = tiny_data
+    distiller = make_distiller()
+    variable = getattr(distiller, name)
+    before = float(variable.numpy())
+    with pytest.raises(ValueError, match=name):
+        variable.assign(value)
+    with pytest.raises(ValueError, match=name):
+        variable.assign(ops.convert_to_tensor(value))
+    assert float(variable.numpy()) == before
+    history = distiller.fit(x, y, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_assign_add_past_the_range_raises():
+    distiller = make_distiller(distillation_weight=0.9)
+    with pytest.raises(ValueError, match=r"distillation_weight.*\[0, 1\]"):
+        distiller.distillation_weight.assign_add(0.5)
+
+
+def test_mean_with_sample_weight_reduction_applies_to_both_terms(tiny_data):
+    x, y = tiny_data
+    weights = np.zeros(len(x), "float32")
+    weights[:10] = 2.0
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="mean_with_sample_weight")
+    distiller = make_distiller(student_loss=loss, temperature=2.0,
+                               distillation_weight=0.5)
+    logs = distiller.evaluate(x, y, sample_weight=weights, batch_size=len(x),
+                              return_dict=True, verbose=0)
+    t = distiller.teacher.predict(x[:10], verbose=0).astype("float64")
+    s = distiller.student.predict(x[:10], verbose=0).astype("float64")
+    # Both are weighted means: the weighted sum over the sum of weights.
+    assert logs["student_loss"] == pytest.approx(np_cross_entropy(s, y[:10]),
+                                                 rel=1e-5)
+    assert logs["distillation_loss"] == pytest.approx(
+        np_distillation_loss(t, s, 2.0), rel=1e-5)

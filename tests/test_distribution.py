@@ -73,6 +73,7 @@ def mixed_precision():
     keras.mixed_precision.set_dtype_policy("float32")
 
 
+@pytest.mark.all_backends
 def test_mixed_precision_training_keeps_the_loss_in_float32(
         tiny_data, mixed_precision):
     x, y = tiny_data

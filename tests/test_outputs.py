@@ -5,7 +5,7 @@ import keras
 import pytest
 
 import kd_keras
-from conftest import FEATURES
+from conftest import FEATURES, tiny_mlp
 from test_losses import np_log_softmax, np_per_position_kd
 
 pytestmark = pytest.mark.all_backends
@@ -51,6 +51,15 @@ def evaluate(distiller, x, y, **kwargs):
                               verbose=0, **kwargs)
 
 
+def assert_logged_terms(logs, label, kd, weight=None, rel=1e-5):
+    """The logged terms (and total, given λ) against NumPy references."""
+    assert logs["student_loss"] == pytest.approx(label, rel=rel)
+    assert logs["distillation_loss"] == pytest.approx(kd, rel=rel)
+    if weight is not None:
+        assert logs["loss"] == pytest.approx(
+            (1 - weight) * label + weight * kd, rel=rel)
+
+
 # Sequences.
 
 
@@ -60,11 +69,8 @@ def test_integer_sequence_labels_give_per_token_means_of_both_terms():
                               temperature=2.0, distillation_weight=0.6)
     logs = evaluate(distiller, x, y)
     t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
-    label = np_token_cross_entropy(s, y).mean()
-    kd = np_per_position_kd(t, s, 2.0).mean()
-    assert logs["student_loss"] == pytest.approx(label, rel=1e-5)
-    assert logs["distillation_loss"] == pytest.approx(kd, rel=1e-5)
-    assert logs["loss"] == pytest.approx(0.4 * label + 0.6 * kd, rel=1e-5)
+    assert_logged_terms(logs, np_token_cross_entropy(s, y).mean(),
+                        np_per_position_kd(t, s, 2.0).mean(), weight=0.6)
 
 
 def test_one_hot_sequence_labels_give_the_same_loss():
@@ -86,10 +92,9 @@ def test_sample_weights_per_token_weigh_both_terms():
     logs = evaluate(distiller, x, y, sample_weight=weights)
     t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
     positions = weights.size
-    label = (np_token_cross_entropy(s, y) * weights).sum() / positions
-    kd = (np_per_position_kd(t, s, 3.0) * weights).sum() / positions
-    assert logs["student_loss"] == pytest.approx(label, rel=1e-5)
-    assert logs["distillation_loss"] == pytest.approx(kd, rel=1e-5)
+    assert_logged_terms(
+        logs, (np_token_cross_entropy(s, y) * weights).sum() / positions,
+        (np_per_position_kd(t, s, 3.0) * weights).sum() / positions)
 
 
 def test_keras_masking_leaves_padded_tokens_out_of_both_terms():
@@ -100,10 +105,8 @@ def test_keras_masking_leaves_padded_tokens_out_of_both_terms():
                               temperature=2.0, distillation_weight=0.5)
     logs = evaluate(distiller, x, y)
     t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
-    label = np_token_cross_entropy(s, y)[:, :3].mean()
-    kd = np_per_position_kd(t, s, 2.0)[:, :3].mean()
-    assert logs["student_loss"] == pytest.approx(label, rel=1e-5)
-    assert logs["distillation_loss"] == pytest.approx(kd, rel=1e-5)
+    assert_logged_terms(logs, np_token_cross_entropy(s, y)[:, :3].mean(),
+                        np_per_position_kd(t, s, 2.0)[:, :3].mean())
 
 
 def test_sequence_distillation_trains_on_cached_logits():
@@ -135,10 +138,7 @@ def test_sequence_labels_out_of_range_raise():
 
 
 def binary_model(units, seed):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([keras.Input((FEATURES,)),
-                             keras.layers.Dense(units, activation="relu"),
-                             keras.layers.Dense(1)])
+    return tiny_mlp(units, seed=seed, num_classes=1)
 
 
 def binary_data(rows=32):
@@ -158,12 +158,10 @@ def test_one_logit_distils_binary_soft_targets():
                               temperature=2.0, distillation_weight=0.9)
     logs = evaluate(distiller, x, y)
     t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
-    label = np_binary_cross_entropy(s, y).mean()
     kd = np_per_position_kd(t, s, 2.0).mean()
-    assert kd > 0.01
-    assert logs["student_loss"] == pytest.approx(label, rel=1e-4)
-    assert logs["distillation_loss"] == pytest.approx(kd, rel=1e-4)
-    assert logs["loss"] == pytest.approx(0.1 * label + 0.9 * kd, rel=1e-4)
+    assert kd > 0.01  # Not the constant 0 of a softmax over one logit.
+    assert_logged_terms(logs, np_binary_cross_entropy(s, y).mean(), kd,
+                        weight=0.9, rel=1e-4)
 
 
 def test_binary_student_moves_towards_the_teacher():
