@@ -115,17 +115,15 @@ def environment():
         module = sys.modules.get(name)
         if module is not None:
             versions[name] = module.__version__
-    try:
-        devices = keras.distribution.list_devices()
-    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
-        devices = []  # PyTorch has no `keras.distribution` backend.
+    from kd_keras import _backend
+
     return {
         "backend": keras.backend.backend(),
         "keras": keras.__version__,
         **versions,
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
-        "devices": [str(d) for d in devices],
+        "devices": _backend.devices(),
     }
 
 

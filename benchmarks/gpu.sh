@@ -9,6 +9,11 @@
 #
 #     benchmarks/gpu.sh prepare [PYTHON_VERSION=3.12] [IDX_DIR=../shared/data/mnist]
 #
+# The GPU machine must already have what those need: numpy, absl-py, rich,
+# h5py, ml-dtypes, packaging, grpcio, protobuf, six, requests, matplotlib,
+# scipy and scikit-learn (the sweep's Bayesian tuner); `run` checks first.
+# To bundle some of them too: EXTRA_WHEELS="rich==14.0.0 six" gpu.sh prepare.
+#
 # Then, on the GPU machine, with the repository and benchmarks/gpu_bundle/:
 #
 #     benchmarks/gpu.sh run [OUTPUT_DIR=benchmarks/results]
@@ -26,7 +31,7 @@ prepare() {
     --python-version "$python_version" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d "$BUNDLE/wheels" "${WHEELS[@]}"
+    -d "$BUNDLE/wheels" "${WHEELS[@]}" ${EXTRA_WHEELS:-}
   cp "$idx_dir"/*-ubyte* "$BUNDLE/mnist/"
   du -sh "$BUNDLE"
 }
@@ -39,6 +44,11 @@ run() {
     --no-cache-dir --target "$site" "$BUNDLE"/wheels/*.whl
   export PYTHONPATH="$site:$PWD" KERAS_BACKEND=jax PYTHONUNBUFFERED=1
   mkdir -p "$output_dir"
+  if ! python3 -c "import kd_keras, keras_tuner, sklearn"; then
+    echo "kd_keras cannot be imported here: bundle the missing packages" \
+      "(EXTRA_WHEELS, see the top of $0) and run again." >&2
+    exit 1
+  fi
   python3 -c "import jax; print('JAX devices:', jax.devices())"
   python3 benchmarks/overhead.py --backend jax --epochs 6 \
     --idx_dir "$BUNDLE/mnist" --output "$output_dir/overhead_jax_gpu.json"

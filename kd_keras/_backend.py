@@ -91,6 +91,10 @@ def num_replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
+# Keras internals used below (stable across Keras 3 releases): whether a JAX
+# step is being traced, and the mask a layer attached to a tensor.
+
+
 def in_stateless_scope():
     """True inside a JAX training step, where variables are read and written
     through Keras' `StatelessScope`."""
@@ -101,6 +105,18 @@ def in_stateless_scope():
     return _in_scope()
 
 
-def scalar(variable):
-    """The value of a scalar Keras variable, as a Python float."""
-    return float(keras.ops.convert_to_numpy(variable.value))
+def keras_mask(tensor):
+    """The Keras mask a layer attached to `tensor` (e.g. padded tokens), or
+    None."""
+    from keras.src.backend import get_keras_mask
+
+    return get_keras_mask(tensor)
+
+
+def devices():
+    """The devices Keras trains on, e.g. ["gpu:0"], or [] where the backend
+    (PyTorch) has no `keras.distribution` support."""
+    try:
+        return [str(d) for d in keras.distribution.list_devices()]
+    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
+        return []

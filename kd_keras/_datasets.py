@@ -122,7 +122,10 @@ def numpy_batches(data):
 def _spec(data):
     if _backend.is_tf_dataset(data):
         return str(data.element_spec)
-    x, y, sample_weight = next(numpy_batches(data))
+    first = next(numpy_batches(data), None)
+    if first is None:
+        return "empty"
+    x, y, sample_weight = first
     return str(keras.tree.map_structure(
         lambda a: None if a is None else (a.dtype.str, a.shape[1:]),
         (x, y, sample_weight)))

@@ -102,7 +102,7 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self.switch_epoch = None
-        self._weight_before = _backend.scalar(self.model.distillation_weight)
+        self._weight_before = _backend.concrete_scalar(self.model.distillation_weight)
 
     def _switch(self, epoch):
         self.model.distillation_weight = 0.0
@@ -119,7 +119,7 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
 
     def on_epoch_end(self, epoch, logs=None):
         # Read from the variable: a resumed run may have restored λ = 0.
-        active = _backend.scalar(self.model.distillation_weight) > 0.0
+        active = _backend.concrete_scalar(self.model.distillation_weight) > 0.0
         if logs is not None:
             logs["distillation_active"] = float(active)
         if not (active and self._watch):
@@ -303,7 +303,7 @@ class ParameterSchedule(keras.callbacks.Callback):
         super().set_model(model)
 
     def _current(self):
-        return _backend.scalar(getattr(self.model, self.parameter))
+        return _backend.concrete_scalar(getattr(self.model, self.parameter))
 
     def on_epoch_begin(self, epoch, logs=None):
         if self._takes_current:

@@ -16,6 +16,7 @@ import tempfile
 import numpy as np
 import keras
 
+from kd_keras import _backend
 from kd_keras import _datasets
 
 SAMPLE_PATH = pathlib.Path(__file__).parent / "sample_data" / "mnist_sample.npz"
@@ -251,8 +252,7 @@ def filter_classes(dataset, keep=None, drop=None):
     Returns:
         The filtered dataset.
     """
-    import tensorflow as tf
-
+    tf = _backend.require_tensorflow("`filter_classes` (a tf.data filter)")
     keep = None if keep is None else sorted(set(int(c) for c in keep))
     drop = sorted(set(int(c) for c in drop or ()))
     if keep is not None and not keep:
@@ -291,8 +291,7 @@ def jitter(dataset, max_shift=2, seed=None):
         The jittered dataset. It differs on every pass, so do not cache
         teacher logits of it.
     """
-    import tensorflow as tf
-
+    tf = _backend.require_tensorflow("`jitter` (a tf.data map)")
     height, width = dataset.element_spec[0].shape[1:3]
     translate = keras.layers.RandomTranslation(
         height_factor=max_shift / height,
@@ -343,8 +342,9 @@ def pipeline(
         A batched, prefetched `tf.data.Dataset` of (float32 images in [0, 1],
         int32 labels).
     """
-    import tensorflow as tf
-
+    tf = _backend.require_tensorflow(
+        "`pipeline` and `load` (tf.data; without TensorFlow, use "
+        "`read_mnist` and `ArrayBatches`)")
     if isinstance(examples, tuple):
         examples = tf.data.Dataset.from_tensor_slices(examples)
     if keep_classes is not None or drop_classes:
@@ -429,6 +429,9 @@ def load(
     >>> train = load("mnist", "train", batch_size=128, shuffle=True)
     >>> test = load("mnist", "test")
     """
+    _backend.require_tensorflow(
+        "`load` (tensorflow-datasets and tf.data; without TensorFlow, use "
+        "`read_mnist` and `ArrayBatches`)")
     if name == SAMPLE_NAME:
         examples = _sample_split(split)
     else:
@@ -502,6 +505,9 @@ class ArrayBatches(keras.utils.PyDataset):
     def __init__(self, x, y=None, sample_weight=None, *, batch_size=128,
                  shuffle=False, seed=None):
         super().__init__()
+        x, y, sample_weight = keras.tree.map_structure(
+            lambda a: None if a is None else np.asarray(a),
+            (x, y, sample_weight))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
                 batch_size < 1):
             raise ValueError(

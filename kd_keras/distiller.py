@@ -2,6 +2,7 @@
 teacher's softened outputs, on every Keras backend."""
 
 import inspect
+import warnings
 import weakref
 
 import numpy as np
@@ -11,10 +12,12 @@ from keras import ops
 from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _datasets
-from kd_keras.losses import _DistillationTerm
 from kd_keras.losses import check_distillation_weight
 from kd_keras.losses import check_same_shape
+from kd_keras.losses import check_scalar
 from kd_keras.losses import check_temperature
+from kd_keras.losses import per_position_distillation_loss
+from kd_keras.losses import reduce_like_keras
 
 # A cached batch carries its inputs and the teacher's logits under these keys
 # (see `kd_keras.cache_teacher_logits`).
@@ -119,23 +122,24 @@ class _Hyperparameter(keras.Variable):
             distiller._sync_training_state()
 
     def assign(self, value):
-        if value is None or isinstance(value, (bool, str)):
-            self._check(value)
-        number = _backend.concrete_scalar(value)
-        if number is not None:
-            self._check(number)
+        distiller = self._distiller()
+        if distiller is not None and distiller._state_syncing:
+            # Keras writing back its training state: values it had.
+            return super().assign(value)
+        number = check_scalar(value, self._check, self.name)
         self._sync_owner()
         result = super().assign(value)
-        distiller = self._distiller()
         if distiller is not None and number is not None:
             distiller._hyperparameter_assigned(self, number)
         return result
 
-    @property
-    def value(self):
-        if self._value is None:  # Held by JAX's training state mid-epoch.
-            self._sync_owner()
-        return super().value
+    if _backend.name() == "jax":
+
+        @property
+        def value(self):
+            if self._value is None:  # Held by the training state mid-epoch.
+                self._sync_owner()
+            return super().value
 
 
 class _LogHyperparameters(keras.callbacks.Callback):
@@ -144,8 +148,8 @@ class _LogHyperparameters(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
-            logs["temperature"] = _backend.scalar(self.model.temperature)
-            logs["distillation_weight"] = _backend.scalar(
+            logs["temperature"] = _backend.concrete_scalar(self.model.temperature)
+            logs["distillation_weight"] = _backend.concrete_scalar(
                 self.model.distillation_weight)
 
 
@@ -261,7 +265,6 @@ class Distiller(keras.Model):
             name="distillation_loss"
         )
         self._label_losses = {}
-        self._distillation_terms = {}
         # Whether steps are traced with the teacher (see `_teacher_logits`).
         self._teacher_on = distillation_weight > 0.0
         self.built = True
@@ -353,6 +356,8 @@ class Distiller(keras.Model):
             loss if loss is not None else self._student_loss_arg
         )
         self._compile_loss_arg = loss
+        if _checks.num_classes(self.student) == 1:
+            metrics = _binary_logit_metrics(metrics)
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
     def get_compile_config(self):
@@ -395,12 +400,6 @@ class Distiller(keras.Model):
             }[kind](from_logits=True)
         return self._label_losses[kind]
 
-    def _distillation_term(self, reduction):
-        if reduction not in self._distillation_terms:
-            self._distillation_terms[reduction] = _DistillationTerm(
-                self._temperature, reduction=reduction)
-        return self._distillation_terms[reduction]
-
     def _teacher_logits(self, inputs, cached, student_logits):
         """The teacher's float32 logits; the teacher runs only when λ > 0.
 
@@ -408,7 +407,11 @@ class Distiller(keras.Model):
         that switches the teacher on or off traces the step again: a step
         with λ > 0 runs the teacher unconditionally, which is cheaper than a
         conditional. A step traced with λ = 0 still asks λ at run time, so
-        a λ set inside a compiled step cannot leave the teacher off.
+        a λ set inside a compiled step cannot leave the teacher off. Either
+        step gives the right loss for any λ (the KD term is zeroed when
+        λ = 0), so a compiled step that outlives its switch, which JAX's
+        trace cache could keep while something holds the old function, only
+        costs time.
         """
         if cached is not None:
             return ops.cast(cached, "float32")
@@ -430,22 +433,47 @@ class Distiller(keras.Model):
 
     def _regularization(self):
         """The student's regularisation losses, as Keras' `compute_loss`
-        adds them (divided by the replicas, as the loss terms are)."""
-        if not self.losses:
+        adds them (divided by the replicas, as the loss terms are).
+
+        An activity regulariser of the teacher, which may have run by now,
+        is left out: the teacher does not train.
+        """
+        teacher_losses = {id(loss) for loss in self.teacher.losses}
+        losses = [loss for loss in self.losses
+                  if id(loss) not in teacher_losses]
+        if not losses:
             return ops.zeros((), "float32")
         total = ops.sum([ops.cast(ops.sum(loss), "float32")
-                         for loss in self.losses])
+                         for loss in losses])
         return total / _backend.num_replicas()
+
+    def _label_values(self, label_fn, y, student_logits):
+        """The label loss at every position, before its reduction, as a
+        `keras.losses.Loss` computes it (in the loss's dtype)."""
+        dtype = label_fn.dtype
+        y = keras.tree.map_structure(
+            lambda t: ops.convert_to_tensor(t, dtype=dtype), y)
+        logits = ops.convert_to_tensor(student_logits, dtype=dtype)
+        if logits.shape[-1] == 1 and len(y.shape) == len(logits.shape) - 1:
+            # Binary labels (batch, ...) for logits (batch, ..., 1): without
+            # the axis, Keras' binary losses would average over positions.
+            y = ops.expand_dims(y, -1)
+        return label_fn.call(y, logits)
 
     def _total_loss(self, y, student_logits, teacher_logits, sample_weight,
                     regularization):
         """`(1 − λ)·label + λ·KD + regularisation`, tracked for the logs.
 
-        Both terms are `keras.losses.Loss` objects with the same reduction,
-        so they weigh positions, sample weights and masks alike.
+        Both terms are computed at every position and reduced by the same
+        function, with the label loss's reduction, the sample weights and
+        one mask: the student logits' Keras mask, together with any mask the
+        label loss sets itself (such as `ignore_class`).
         """
         check_same_shape(teacher_logits.shape, student_logits.shape)
         weight = ops.convert_to_tensor(self._distillation_weight)
+        mask = _backend.keras_mask(student_logits)
+        kd_values = per_position_distillation_loss(
+            teacher_logits, student_logits, self._temperature)
         if y is None:
             reduction = getattr(self._student_loss, "reduction",
                                 "sum_over_batch_size")
@@ -453,14 +481,20 @@ class Distiller(keras.Model):
         else:
             label_fn = self._label_loss_fn(y, student_logits)
             reduction = label_fn.reduction
-            label_loss = ops.cast(
-                label_fn(y, student_logits, sample_weight=sample_weight),
-                "float32")
-        kd_loss = self._distillation_term(reduction)(
-            teacher_logits, student_logits, sample_weight=sample_weight)
+            label_values = self._label_values(label_fn, y, student_logits)
+            label_mask = _backend.keras_mask(label_values)
+            if label_mask is not None and mask is not None:
+                label_mask = ops.logical_and(
+                    ops.cast(label_mask, "bool"), ops.cast(mask, "bool"))
+            elif label_mask is None:
+                label_mask = mask
+            label_loss = reduce_like_keras(label_values, sample_weight,
+                                           label_mask, reduction)
+            if tuple(label_values.shape) == tuple(kd_values.shape):
+                mask = label_mask
+        kd_loss = reduce_like_keras(kd_values, sample_weight, mask, reduction)
         kd_loss = ops.where(weight > 0.0, kd_loss, ops.zeros_like(kd_loss))
-        total = (1.0 - weight) * label_loss + weight * kd_loss
-        total = total + regularization
+        total = (1.0 - weight) * label_loss + weight * kd_loss + regularization
 
         # The terms are per-replica shares of the loss; the logs show it whole.
         replicas = _backend.num_replicas()
@@ -478,11 +512,11 @@ class Distiller(keras.Model):
         The teacher's logits come from the batch if it was cached, else from
         the teacher (when λ > 0), and are never differentiated.
         """
+        del training  # The teacher always runs in inference mode.
         inputs, cached = split_cached(x)
         regularization = self._regularization()
         teacher_logits = ops.stop_gradient(
             self._teacher_logits(inputs, cached, y_pred))
-        del training  # The teacher always runs in inference mode.
         return self._total_loss(y, y_pred, teacher_logits, sample_weight,
                                 regularization)
 
@@ -498,25 +532,34 @@ class Distiller(keras.Model):
         return self._tensorflow_train_step(*args, **kwargs)
 
     def _tensorflow_train_step(self, data):
-        """Keras' TensorFlow step, with the teacher outside the tape."""
+        """Keras' TensorFlow step, with the teacher outside the tape.
+
+        The teacher's logits reach `compute_loss` as cached logits, so the
+        loss (and any override of `compute_loss`) is the one other backends
+        use.
+        """
         import tensorflow as tf
 
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         inputs, cached = split_cached(x)
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
-            regularization = self._regularization()
             with tape.stop_recording():
                 teacher_logits = self._teacher_logits(inputs, cached, y_pred)
-            loss = self._total_loss(y, y_pred, teacher_logits, sample_weight,
-                                    regularization)
+            loss = self._compute_loss(
+                x={INPUTS_KEY: inputs, TEACHER_LOGITS_KEY: teacher_logits},
+                y=y, y_pred=y_pred, sample_weight=sample_weight,
+                training=True)
             self._loss_tracker.update_state(
                 loss * _backend.num_replicas(),
                 sample_weight=tf.shape(y_pred)[0])
             loss = self.optimizer.scale_loss(loss)
         variables = self.trainable_weights
-        gradients = tape.gradient(loss, variables)
-        self.optimizer.apply_gradients(zip(gradients, variables))
+        if variables:
+            gradients = tape.gradient(loss, variables)
+            self.optimizer.apply_gradients(zip(gradients, variables))
+        else:
+            warnings.warn("The student has no trainable weights.")
         return self.compute_metrics(x, y, y_pred, sample_weight)
 
     # Checks on the first batch, before any work is done.
@@ -557,7 +600,7 @@ class Distiller(keras.Model):
             return
         inputs, labels = batch
         inputs, cached = split_cached(inputs)
-        weight = _backend.scalar(self._distillation_weight)
+        weight = _backend.concrete_scalar(self._distillation_weight)
         if labels is None and weight < 1.0:
             raise ValueError(
                 "The data has no labels, but the label term has weight "
@@ -592,8 +635,8 @@ class Distiller(keras.Model):
             "trainable": self.trainable,
             "teacher": _serialize_model(self.teacher),
             "student": _serialize_model(self.student),
-            "temperature": _backend.scalar(self._temperature),
-            "distillation_weight": _backend.scalar(self._distillation_weight),
+            "temperature": _backend.concrete_scalar(self._temperature),
+            "distillation_weight": _backend.concrete_scalar(self._distillation_weight),
             "student_loss": None,
         }
         if self._student_loss_arg is not None:
@@ -613,6 +656,24 @@ class Distiller(keras.Model):
         return cls(**config)
 
 
+_ACCURACY_NAMES = ("accuracy", "acc", "binary_accuracy")
+
+
+def _binary_logit_metrics(metrics):
+    """Accuracy of a one-logit student, read on logits: positive above 0.
+
+    Keras would resolve "accuracy" to `BinaryAccuracy(threshold=0.5)`, which
+    expects a probability.
+    """
+    if not isinstance(metrics, (list, tuple)):
+        return metrics
+    return [
+        keras.metrics.BinaryAccuracy(name=m, threshold=0.0)
+        if isinstance(m, str) and m in _ACCURACY_NAMES else m
+        for m in metrics
+    ]
+
+
 def _serialize_model(model):
     """Serialises a model without its compile settings.
 
@@ -624,12 +685,6 @@ def _serialize_model(model):
     return config
 
 
-def _numpy(structure):
-    return keras.tree.map_structure(
-        lambda t: None if t is None else np.asarray(ops.convert_to_numpy(t)),
-        structure)
-
-
 def _peek_batch(x, y):
     """Returns the first (inputs, labels) of fit's data as NumPy, or None.
 
@@ -637,19 +692,11 @@ def _peek_batch(x, y):
     arrays or tensors of any backend; other inputs (generators) are not
     peeked at, since reading them would consume a batch.
     """
-    if _backend.is_tf_dataset(x):
+    if _backend.is_tf_dataset(x) or isinstance(x, keras.utils.PyDataset):
         if _datasets.has_cache(x):
             return None
-        element = next(iter(x.take(1)), None)
-        if element is None:
-            return None
-        inputs, labels, _ = keras.utils.unpack_x_y_sample_weight(element)
-        return _numpy((inputs, labels))
-    if isinstance(x, keras.utils.PyDataset):
-        if not len(x):
-            return None
-        inputs, labels, _ = keras.utils.unpack_x_y_sample_weight(x[0])
-        return _numpy((inputs, labels))
+        batch = next(_datasets.numpy_batches(x), None)
+        return None if batch is None else batch[:2]
     leaves = keras.tree.flatten(x) if x is not None else []
     if not leaves or not all(
         isinstance(a, np.ndarray) or ops.is_tensor(a) for a in leaves
@@ -659,7 +706,9 @@ def _peek_batch(x, y):
         isinstance(y, (np.ndarray, list)) or ops.is_tensor(y)
     ):
         return None
-    return _numpy((x, y))
+    return keras.tree.map_structure(
+        lambda t: None if t is None else np.asarray(ops.convert_to_numpy(t)),
+        (x, y))
 
 
 def _check_not_probabilities(logits, role, name):

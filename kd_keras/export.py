@@ -19,6 +19,7 @@ import keras
 from kd_keras import _backend
 from kd_keras import _datasets
 from kd_keras.distiller import Distiller
+from kd_keras.training import predicted_classes
 
 FORMATS = ("saved_model", "tflite", "tflite_dynamic", "tflite_int8")
 FLOAT_FORMATS = ("saved_model", "tflite")
@@ -245,7 +246,7 @@ def export_student(
     }}
     if y_test is not None:
         report["keras"]["accuracy"] = float(
-            np.mean(np.argmax(expected, -1) == y_test.reshape(-1)))
+            np.mean(predicted_classes(expected) == y_test.reshape(-1)))
 
     saved_model_dir = directory / "saved_model"
     model.export(str(saved_model_dir), format="tf_saved_model", verbose=False)
@@ -273,12 +274,12 @@ def export_student(
             "bytes": _size(path),
             "max_abs_diff": float(np.max(np.abs(got - expected))),
             "argmax_agreement_percent": 100.0 * float(np.mean(
-                np.argmax(got, -1) == np.argmax(expected, -1))),
+                predicted_classes(got) == predicted_classes(expected))),
             "latency_ms": _median_ms(run, example, latency_repeats),
         }
         if y_test is not None:
             entry["accuracy"] = float(
-                np.mean(np.argmax(got, -1) == y_test.reshape(-1)))
+                np.mean(predicted_classes(got) == y_test.reshape(-1)))
         report[fmt] = entry
         if fmt in FLOAT_FORMATS and entry["max_abs_diff"] > tolerance:
             failures.append(f"{fmt}: {entry['max_abs_diff']:.3g}")

@@ -43,19 +43,25 @@ def check_distillation_weight(distillation_weight):
         )
 
 
-def _check_temperature_argument(temperature):
-    """Checks a number, tensor or variable; symbolic values pass unchecked."""
-    if isinstance(temperature, (bool, str)) or temperature is None:
-        check_temperature(temperature)
+def check_scalar(value, check, name):
+    """Checks a number, tensor or variable with `check`, and returns it as a
+    float; a symbolic value (inside a compiled step) passes unchecked, as
+    None."""
+    if value is None or isinstance(value, (bool, str)):
+        check(value)
     try:
-        value = _backend.concrete_scalar(temperature)
+        number = _backend.concrete_scalar(value)
     except (TypeError, ValueError):
         raise ValueError(
-            "Expected `temperature` to be a scalar > 0, such as 4.0. "
-            f"Received: temperature={temperature!r}"
+            f"Expected `{name}` to be a scalar. Received: {name}={value!r}"
         ) from None
-    if value is not None:
-        check_temperature(value)
+    if number is not None:
+        check(number)
+    return number
+
+
+def _check_temperature_argument(temperature):
+    check_scalar(temperature, check_temperature, "temperature")
 
 
 def _as_float32(x):
@@ -114,30 +120,32 @@ def per_position_distillation_loss(teacher_logits, student_logits, temperature):
     return ops.square(temperature) * ops.sum(kl, axis=-1)
 
 
-class _DistillationTerm(keras.losses.Loss):
-    """T²·KL between teacher and student logits, reduced as a Keras loss.
+def reduce_like_keras(values, sample_weight=None, mask=None,
+                      reduction="sum_over_batch_size"):
+    """Reduces per-position losses as a `keras.losses.Loss` does.
 
-    Being a `keras.losses.Loss`, it weighs positions by `sample_weight`,
-    leaves out positions masked by Keras masking (the student logits' mask),
-    and reduces the same way as the label loss it is paired with: the
-    Distiller gives it the label loss's `reduction`, so both terms are means
-    over the same positions with the same weights.
-
-    Args:
-        temperature: T, a number or a scalar variable (read at every call).
-        reduction: a Keras reduction, "sum_over_batch_size" by default.
-        name: the loss's name.
+    The same weights, mask and reduction as Keras' own losses, so that a term
+    reduced here and a Keras loss agree. A `sample_weight` of lower rank than
+    `values`, such as one weight per sequence, is broadcast over the trailing
+    positions (Keras would instead misalign `(batch,)` weights with
+    `(batch, time)` losses).
     """
+    from keras.src.losses.loss import reduce_weighted_values
 
-    def __init__(self, temperature=1.0, reduction="sum_over_batch_size",
-                 name="distillation_loss"):
-        super().__init__(name=name, reduction=reduction, dtype="float32")
-        self.temperature = temperature
-
-    def call(self, teacher_logits, student_logits):
-        return per_position_distillation_loss(
-            teacher_logits, student_logits, self.temperature
-        )
+    values = _as_float32(values)
+    if sample_weight is not None:
+        # A copy: on PyTorch Keras multiplies the mask into it in place, and
+        # the caller reduces the other term with the same weights.
+        sample_weight = ops.copy(_as_float32(sample_weight))
+        rank = len(values.shape)
+        if len(sample_weight.shape) < rank:
+            sample_weight = ops.reshape(
+                sample_weight, tuple(ops.shape(sample_weight))
+                + (1,) * (rank - len(sample_weight.shape)))
+            sample_weight = ops.broadcast_to(sample_weight, ops.shape(values))
+    return reduce_weighted_values(values, sample_weight=sample_weight,
+                                  mask=mask, reduction=reduction,
+                                  dtype="float32")
 
 
 def check_same_shape(teacher_shape, student_shape, where=""):
@@ -178,7 +186,8 @@ def distillation_loss(
         temperature: a number > 0 (a scalar tensor or variable as well).
         sample_weight: optional weights of shape `(batch,)` or
             `(batch, ...)`; the weighted sum is divided by the number of
-            positions, as Keras' own losses do.
+            positions, as Keras' own losses do. Positions that the student
+            logits' Keras mask hides are left out.
 
     Returns:
         A float32 scalar.
@@ -189,9 +198,11 @@ def distillation_loss(
     0.4023...
     """
     _check_temperature_argument(temperature)
+    mask = _backend.keras_mask(student_logits)
     teacher_logits = ops.convert_to_tensor(teacher_logits)
     student_logits = ops.convert_to_tensor(student_logits)
     check_same_shape(teacher_logits.shape, student_logits.shape)
-    return _DistillationTerm(temperature)(
-        teacher_logits, student_logits, sample_weight=sample_weight
-    )
+    return reduce_like_keras(
+        per_position_distillation_loss(teacher_logits, student_logits,
+                                       temperature),
+        sample_weight, mask)

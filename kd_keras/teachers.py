@@ -45,34 +45,30 @@ def _check_no_augmentation(dataset):
         )
 
 
-def _one_pass(teacher, dataset):
+def _one_pass(teacher, dataset, keep_data=True):
     """Runs the teacher over one pass of the dataset.
 
     Returns the batches' inputs, labels and sample weights, each concatenated
-    (as NumPy, in the dataset's structure), the teacher's float32 logits and
-    the first batch's size. Everything comes from the same pass, so logits and
-    inputs always belong together, even if the dataset shuffles.
+    (as NumPy, in the dataset's structure; None unless `keep_data`), the
+    teacher's float32 logits and the first batch's size. Everything comes
+    from the same pass, so logits and inputs always belong together, even if
+    the dataset shuffles.
     """
     parts, logits = [], []
     for x, y, sample_weight in _datasets.numpy_batches(dataset):
         logits.append(np.asarray(teacher.predict_on_batch(x), "float32"))
-        parts.append((x, y, sample_weight))
+        if keep_data:
+            parts.append((x, y, sample_weight))
     if not logits:
         raise ValueError("The dataset is empty: there is nothing to cache.")
-    x, y, sample_weight = keras.tree.map_structure(
-        lambda *batches: None if batches[0] is None else np.concatenate(batches),
-        *parts,
-    )
+    x = y = sample_weight = None
+    if keep_data:
+        x, y, sample_weight = keras.tree.map_structure(
+            lambda *batches: (None if batches[0] is None
+                              else np.concatenate(batches)),
+            *parts,
+        )
     return x, y, sample_weight, np.concatenate(logits), len(logits[0])
-
-
-def _array_logits(teacher, batches):
-    """The teacher's float32 logits on an unshuffled `ArrayBatches`."""
-    return np.concatenate([
-        np.asarray(teacher.predict_on_batch(
-            keras.utils.unpack_x_y_sample_weight(batches[i])[0]), "float32")
-        for i in range(len(batches))
-    ])
 
 
 def _tf_dataset(x, y, sample_weight, logits, batch_size, shuffle, seed):
@@ -123,8 +119,10 @@ def cache_teacher_logits(
     on every Keras backend.
 
     A random augmentation in the pipeline cannot be cached: every epoch would
-    see the same augmented inputs. Such a dataset is refused (a `shuffle` is
-    fine). To train on augmented data, run the teacher on the fly.
+    see the same augmented inputs. A `tf.data` pipeline with random ops is
+    refused (a `shuffle` is fine); a `PyDataset` cannot be inspected, so make
+    sure it does not augment. To train on augmented data, run the teacher on
+    the fly.
 
     Args:
         teacher: the trained teacher, a `keras.Model` emitting logits, or an
@@ -158,13 +156,11 @@ def cache_teacher_logits(
     dataset = _as_batches(dataset, batch_size)
     if not allow_random:
         _check_no_augmentation(dataset)
-    if isinstance(dataset, ArrayBatches) and dataset.shuffle is False:
-        # The arrays are served as they are, without a copy.
-        if not len(dataset):
-            raise ValueError("The dataset is empty: there is nothing to cache.")
+    if isinstance(dataset, ArrayBatches) and not dataset.shuffle:
+        # In order: the arrays are served as they are, without a copy.
+        _, _, _, logits, first_batch_size = _one_pass(teacher, dataset,
+                                                      keep_data=False)
         x, y, sample_weight = dataset.x, dataset.y, dataset.sample_weight
-        logits = _array_logits(teacher, dataset)
-        first_batch_size = dataset.batch_size
     else:
         x, y, sample_weight, logits, first_batch_size = _one_pass(
             teacher, dataset)
@@ -194,6 +190,10 @@ def is_cached(dataset):
 
 def without_teacher_logits(dataset):
     """The `(x, y[, sample_weight])` batches of a cached dataset."""
+    if not is_cached(dataset):
+        raise ValueError(
+            "Expected batches made by `cache_teacher_logits`. Received: "
+            f"{type(dataset).__name__}, which carries no teacher logits.")
     if isinstance(dataset, ArrayBatches):
         return dataset.with_arrays(dataset.x[INPUTS_KEY], dataset.y,
                                    dataset.sample_weight)

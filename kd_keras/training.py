@@ -123,12 +123,21 @@ def distill(
     return distiller, history
 
 
+def predicted_classes(logits):
+    """Class ids from logits `(..., classes)`; one logit is a binary
+    classifier, positive where the logit is above 0."""
+    logits = np.asarray(logits)
+    if logits.shape[-1] == 1:
+        return (logits[..., 0] > 0).astype("int64")
+    return np.argmax(logits, axis=-1)
+
+
 def predictions(model, dataset):
     """Returns `(predicted class ids, true labels)` over a batched dataset."""
     predicted, labels = [], []
     for x, y, _ in _datasets.numpy_batches(dataset):
         logits = np.asarray(model.predict_on_batch(x))
-        predicted.append(np.argmax(logits, axis=-1).reshape(-1))
+        predicted.append(predicted_classes(logits).reshape(-1))
         labels.append(y.reshape(-1))
     return np.concatenate(predicted), np.concatenate(labels)
 

@@ -15,6 +15,7 @@ from absl import logging
 import keras
 import keras_tuner
 
+from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _datasets
 from kd_keras import _fingerprints
@@ -371,8 +372,9 @@ def tune(
     temporary.write_text(json.dumps(stamp, indent=2) + "\n")
     os.replace(temporary, stamp_path)
     if not _is_chief():
-        logging.info("Tuning on %s.", ", ".join(
-            str(device) for device in _visible_devices()))
+        logging.info("Tuning with Keras on %s, on %s.",
+                     keras.backend.backend(),
+                     ", ".join(_backend.devices()) or "its default device")
         train_data = hypermodel.cache(train_data, "train")
         validation_data = hypermodel.cache(validation_data, "validation")
     kt_tuner.search(train_data, validation_data=validation_data, epochs=epochs,
@@ -382,15 +384,6 @@ def tune(
     write_results(kt_tuner, objective)
     best = kt_tuner.get_best_hyperparameters(1)
     return kt_tuner, (best[0] if best else None)
-
-
-def _visible_devices():
-    """The devices Keras trains on, e.g. ["gpu:0"] or ["cpu:0"]."""
-    try:
-        return keras.distribution.list_devices()
-    except (AttributeError, NotImplementedError, RuntimeError, ValueError):
-        # PyTorch has no `keras.distribution` backend.
-        return [keras.backend.backend()]
 
 
 def trials_table(kt_tuner):

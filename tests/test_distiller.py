@@ -182,6 +182,10 @@ def test_switching_the_teacher_off_and_on_traces_the_step_again(tiny_data):
     x, y = tiny_data
     teacher = counting_teacher()
     distiller = make_distiller(teacher=teacher)
+    traces = []
+    distiller._teacher_logits = lambda *args, **kwargs: traces.append(
+        distiller._teacher_on) or type(distiller)._teacher_logits(
+            distiller, *args, **kwargs)
     distiller.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert teacher.count() == 4
     distiller.distillation_weight = 0.0
@@ -190,6 +194,25 @@ def test_switching_the_teacher_off_and_on_traces_the_step_again(tiny_data):
     distiller.distillation_weight = 0.5
     logs = distiller.fit(x, y, batch_size=16, epochs=1, verbose=0).history
     assert teacher.count() == 8 and logs["distillation_loss"][0] > 0.0
+    if BACKEND != "torch":  # PyTorch runs eagerly: nothing is traced.
+        # Traced with the teacher, then without it, then with it again.
+        assert [on for i, on in enumerate(traces)
+                if i == 0 or on != traces[i - 1]] == [True, False, True]
+
+
+def test_a_teacher_activity_regulariser_is_not_in_the_loss(tiny_data):
+    x, y = tiny_data
+    keras.utils.set_random_seed(1)
+    teacher = keras.Sequential([
+        keras.Input((FEATURES,)),
+        keras.layers.Dense(NUM_CLASSES,
+                           activity_regularizer=keras.regularizers.L2(10.0))])
+    distiller = make_distiller(teacher=teacher, distillation_weight=0.5)
+    history = distiller.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    logs = history.history
+    assert logs["loss"][0] == pytest.approx(
+        0.5 * logs["student_loss"][0] + 0.5 * logs["distillation_loss"][0],
+        rel=1e-5)
 
 
 def test_temperature_setter_validates():

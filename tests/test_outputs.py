@@ -180,3 +180,67 @@ def test_binary_labels_outside_zero_one_raise():
     distiller = distiller_for(binary_model(16, 1), binary_model(8, 2))
     with pytest.raises(ValueError, match="binary classifier"):
         distiller.fit(x, y + 1.0, verbose=0)
+
+
+def test_binary_sequences_weigh_and_mask_tokens_not_examples():
+    # As many sequences as steps, so that mixing the axes cannot pass.
+    x, y = sequence_data(rows=TIME)
+    y = (y % 2).astype("float32")
+    x[:, 3:] = 0.0  # Masked by `Masking`.
+    weights = np.ones((TIME, TIME), "float32")
+    weights[:, 0] = 0.5
+    distiller = distiller_for(sequence_model(16, 1, classes=1, masking=True),
+                              sequence_model(8, 2, classes=1, masking=True),
+                              temperature=2.0, distillation_weight=0.5)
+    logs = evaluate(distiller, x, y, sample_weight=weights)
+    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
+    p = 1 / (1 + np.exp(-s[..., 0]))
+    label = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    kd = np_per_position_kd(t, s, 2.0)
+    valid = (weights * (np.arange(TIME) < 3))[..., :]
+    # Keras' "sum_over_batch_size" with a mask: over the unmasked tokens.
+    count = 3 * TIME
+    assert_logged_terms(logs, (label * valid).sum() / count,
+                        (kd * valid).sum() / count, weight=0.5)
+
+
+def test_a_label_loss_that_ignores_a_class_leaves_those_tokens_out_of_both():
+    x, y = sequence_data()
+    y[:, -1] = -1  # Padding, ignored by the label loss.
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                      ignore_class=-1)
+    distiller = kd_keras.Distiller(sequence_model(16, 1), sequence_model(8, 2),
+                                   temperature=2.0, distillation_weight=0.5,
+                                   student_loss=loss)
+    distiller.compile("sgd")
+    logs = evaluate(distiller, x, y)
+    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
+    assert_logged_terms(
+        logs, np_token_cross_entropy(s[:, :-1], y[:, :-1]).mean(),
+        np_per_position_kd(t, s, 2.0)[:, :-1].mean(), weight=0.5)
+
+
+def test_one_weight_per_sequence_weighs_all_its_tokens():
+    x, y = sequence_data(rows=TIME)  # As many sequences as steps.
+    weights = np.array([1.0, 0.0, 2.0, 0.5], "float32")
+    distiller = distiller_for(sequence_model(16, 1), sequence_model(8, 2),
+                              temperature=3.0, distillation_weight=0.5)
+    logs = evaluate(distiller, x, y, sample_weight=weights)
+    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
+    per_token = weights[:, None] * np.ones((TIME, TIME))
+    assert_logged_terms(
+        logs, (np_token_cross_entropy(s, y) * per_token).sum() / per_token.size,
+        (np_per_position_kd(t, s, 3.0) * per_token).sum() / per_token.size)
+
+
+def test_accuracy_of_a_binary_student_reads_its_logits():
+    x, y = binary_data()
+    distiller = kd_keras.Distiller(binary_model(16, 1), binary_model(8, 2))
+    distiller.compile("sgd", metrics=["accuracy"])
+    logs = evaluate(distiller, x, y)
+    s = logits_of(distiller.student, x)[:, 0]
+    expected = np.mean((s > 0) == (y > 0.5))
+    assert logs["accuracy"] == pytest.approx(expected)
+    batches = kd_keras.data.ArrayBatches(x, y.astype("int32"), batch_size=8)
+    assert kd_keras.training.test_accuracy(distiller.student, batches) == (
+        pytest.approx(expected))
