@@ -35,6 +35,8 @@ def split_cached(x):
 
 
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+_BINARY_LOSSES = (keras.losses.BinaryCrossentropy,
+                  keras.losses.BinaryFocalCrossentropy)
 
 
 def _expects_probabilities(loss):
@@ -80,6 +82,14 @@ def _check_student_loss(loss):
         )
     if not isinstance(resolved, keras.losses.Loss):
         resolved = _PerExampleFunction(resolved)
+    elif type(resolved).call is keras.losses.Loss.call:
+        raise ValueError(
+            f"The student loss {type(resolved).__name__} does not implement "
+            "`call(y_true, y_pred)`. The Distiller reduces the label term and "
+            "the distillation term together, from the losses per example "
+            "that `call` returns: implement `call`, as Keras' own losses do, "
+            "rather than `__call__`."
+        )
     if resolved.reduction not in _MEAN_REDUCTIONS:
         raise ValueError(
             "Expected `student_loss` to average over the batch, as the "
@@ -171,10 +181,12 @@ class Distiller(keras.Model):
     the same loss, written once in `keras.ops`.
 
     Logits may have any rank `(batch, ..., classes)`, e.g. one per token of
-    a sequence: both terms are then means over every position, and positions
-    masked by Keras masking or weighted 0 by a `sample_weight` of shape
-    `(batch, time)` are left out of both. The distillation term is reduced
-    exactly as the label loss is (its `reduction`, weights and mask). A
+    a sequence: both terms are then means over every position. Positions
+    masked by Keras masking, or ignored by the label loss (`ignore_class`),
+    are left out of both; a `sample_weight` of shape `(batch, time)` weighs
+    each position, and one of shape `(batch,)` all positions of an example.
+    The distillation term is reduced exactly as the label loss is (its
+    `reduction`, weights and mask). A
     model with a single logit is a binary classifier: its soft targets are
     `sigmoid(t/T)` against `sigmoid(s/T)`, with KD = T²·binary KL, and the
     default label loss is binary cross-entropy from logits.
@@ -356,8 +368,10 @@ class Distiller(keras.Model):
             loss if loss is not None else self._student_loss_arg
         )
         self._compile_loss_arg = loss
-        if _checks.num_classes(self.student) == 1:
-            metrics = _binary_logit_metrics(metrics)
+        metrics = _logit_accuracy_metrics(metrics)
+        if "weighted_metrics" in kwargs:
+            kwargs["weighted_metrics"] = _logit_accuracy_metrics(
+                kwargs["weighted_metrics"])
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
     def get_compile_config(self):
@@ -454,7 +468,9 @@ class Distiller(keras.Model):
         y = keras.tree.map_structure(
             lambda t: ops.convert_to_tensor(t, dtype=dtype), y)
         logits = ops.convert_to_tensor(student_logits, dtype=dtype)
-        if logits.shape[-1] == 1 and len(y.shape) == len(logits.shape) - 1:
+        if isinstance(label_fn, _BINARY_LOSSES) and ops.is_tensor(y) and (
+            len(y.shape) == len(logits.shape) - 1
+        ):
             # Binary labels (batch, ...) for logits (batch, ..., 1): without
             # the axis, Keras' binary losses would average over positions.
             y = ops.expand_dims(y, -1)
@@ -490,7 +506,7 @@ class Distiller(keras.Model):
                 label_mask = mask
             label_loss = reduce_like_keras(label_values, sample_weight,
                                            label_mask, reduction)
-            if tuple(label_values.shape) == tuple(kd_values.shape):
+            if len(label_values.shape) == len(kd_values.shape):
                 mask = label_mask
         kd_loss = reduce_like_keras(kd_values, sample_weight, mask, reduction)
         kd_loss = ops.where(weight > 0.0, kd_loss, ops.zeros_like(kd_loss))
@@ -510,7 +526,11 @@ class Distiller(keras.Model):
         """The combined loss; Keras' training and evaluation steps call it.
 
         The teacher's logits come from the batch if it was cached, else from
-        the teacher (when λ > 0), and are never differentiated.
+        the teacher (when λ > 0), and are never differentiated. `x` may come
+        in the cached form `{"inputs": ..., "teacher_logits": ...}` (the
+        TensorFlow training step passes it so, having run the teacher outside
+        its gradient tape): an override unpacks it with
+        `kd_keras.distiller.split_cached(x)`.
         """
         del training  # The teacher always runs in inference mode.
         inputs, cached = split_cached(x)
@@ -656,22 +676,31 @@ class Distiller(keras.Model):
         return cls(**config)
 
 
-_ACCURACY_NAMES = ("accuracy", "acc", "binary_accuracy")
+@keras.saving.register_keras_serializable(package="kd_keras")
+def logit_accuracy(y_true, y_pred):
+    """Accuracy of logits, per example: one logit is positive above 0;
+    otherwise the arg max is compared with class ids or one-hot labels."""
+    if y_pred.shape[-1] == 1:
+        return keras.metrics.binary_accuracy(y_true, y_pred, threshold=0.0)
+    if len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] != 1:
+        return keras.metrics.categorical_accuracy(y_true, y_pred)
+    return keras.metrics.sparse_categorical_accuracy(y_true, y_pred)
 
 
-def _binary_logit_metrics(metrics):
-    """Accuracy of a one-logit student, read on logits: positive above 0.
+def _logit_accuracy_metrics(metrics):
+    """"accuracy" (or "acc") as `logit_accuracy`, in lists and dicts.
 
-    Keras would resolve "accuracy" to `BinaryAccuracy(threshold=0.5)`, which
-    expects a probability.
+    Keras would resolve it by the output's shape, and for one output to
+    `BinaryAccuracy(threshold=0.5)`, which expects a probability.
     """
-    if not isinstance(metrics, (list, tuple)):
-        return metrics
-    return [
-        keras.metrics.BinaryAccuracy(name=m, threshold=0.0)
-        if isinstance(m, str) and m in _ACCURACY_NAMES else m
-        for m in metrics
-    ]
+    if isinstance(metrics, dict):
+        return {key: _logit_accuracy_metrics(value)
+                for key, value in metrics.items()}
+    if isinstance(metrics, (list, tuple)):
+        return [_logit_accuracy_metrics(m) for m in metrics]
+    if isinstance(metrics, str) and metrics.lower() in ("accuracy", "acc"):
+        return keras.metrics.MeanMetricWrapper(logit_accuracy, name=metrics)
+    return metrics
 
 
 def _serialize_model(model):

@@ -246,7 +246,8 @@ def export_student(
     }}
     if y_test is not None:
         report["keras"]["accuracy"] = float(
-            np.mean(predicted_classes(expected) == y_test.reshape(-1)))
+            np.mean(predicted_classes(expected).reshape(-1)
+                    == y_test.reshape(-1)))
 
     saved_model_dir = directory / "saved_model"
     model.export(str(saved_model_dir), format="tf_saved_model", verbose=False)
@@ -279,7 +280,8 @@ def export_student(
         }
         if y_test is not None:
             entry["accuracy"] = float(
-                np.mean(predicted_classes(got) == y_test.reshape(-1)))
+                np.mean(predicted_classes(got).reshape(-1)
+                        == y_test.reshape(-1)))
         report[fmt] = entry
         if fmt in FLOAT_FORMATS and entry["max_abs_diff"] > tolerance:
             failures.append(f"{fmt}: {entry['max_abs_diff']:.3g}")

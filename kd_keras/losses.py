@@ -120,29 +120,54 @@ def per_position_distillation_loss(teacher_logits, student_logits, temperature):
     return ops.square(temperature) * ops.sum(kl, axis=-1)
 
 
+def _per_row(shape):
+    """Elements per example of a static shape, or None if unknown."""
+    try:
+        dims = tuple(shape)[1:]
+    except (TypeError, ValueError):  # A TensorFlow shape of unknown rank.
+        return None
+    return None if None in dims else math.prod(dims)
+
+
+def _weights_like(sample_weight, values):
+    """`sample_weight` as a new array of the values' shape.
+
+    One weight per example (`(batch,)` or `(batch, 1)`) is spread over every
+    position of the example; one weight per position is taken as it is.
+    Keras would instead misalign `(batch,)` weights with `(batch, time)`
+    losses, and divide by the weights' own sum. A new array also matters on
+    PyTorch, where Keras multiplies the mask into the weights in place.
+    """
+    sample_weight = _as_float32(sample_weight)
+    weights_per_row = _per_row(sample_weight.shape)
+    positions = _per_row(values.shape)
+    if None not in (weights_per_row, positions) and (
+        weights_per_row not in (1, positions)
+    ):
+        raise ValueError(
+            f"Expected `sample_weight` of shape {tuple(values.shape[:1])} "
+            f"(one weight per example) or {tuple(values.shape)} (one per "
+            f"position) for losses of shape {tuple(values.shape)}. Received: "
+            f"sample_weight of shape {tuple(sample_weight.shape)}.")
+    batch = ops.shape(values)[0]
+    rows = ops.reshape(sample_weight, (batch, -1)) * ops.reshape(
+        ops.ones_like(values), (batch, -1))
+    return ops.reshape(rows, ops.shape(values))
+
+
 def reduce_like_keras(values, sample_weight=None, mask=None,
                       reduction="sum_over_batch_size"):
     """Reduces per-position losses as a `keras.losses.Loss` does.
 
     The same weights, mask and reduction as Keras' own losses, so that a term
-    reduced here and a Keras loss agree. A `sample_weight` of lower rank than
-    `values`, such as one weight per sequence, is broadcast over the trailing
-    positions (Keras would instead misalign `(batch,)` weights with
-    `(batch, time)` losses).
+    reduced here and a Keras loss agree; weights per example are spread over
+    every position of the example (see `_weights_like`).
     """
     from keras.src.losses.loss import reduce_weighted_values
 
     values = _as_float32(values)
     if sample_weight is not None:
-        # A copy: on PyTorch Keras multiplies the mask into it in place, and
-        # the caller reduces the other term with the same weights.
-        sample_weight = ops.copy(_as_float32(sample_weight))
-        rank = len(values.shape)
-        if len(sample_weight.shape) < rank:
-            sample_weight = ops.reshape(
-                sample_weight, tuple(ops.shape(sample_weight))
-                + (1,) * (rank - len(sample_weight.shape)))
-            sample_weight = ops.broadcast_to(sample_weight, ops.shape(values))
+        sample_weight = _weights_like(sample_weight, values)
     return reduce_weighted_values(values, sample_weight=sample_weight,
                                   mask=mask, reduction=reduction,
                                   dtype="float32")

@@ -590,3 +590,12 @@ def test_mean_with_sample_weight_reduction_applies_to_both_terms(tiny_data):
                                                  rel=1e-5)
     assert logs["distillation_loss"] == pytest.approx(
         np_distillation_loss(t, s, 2.0), rel=1e-5)
+
+
+def test_a_student_loss_that_only_overrides_call_dunder_is_refused():
+    class Opaque(keras.losses.Loss):
+        def __call__(self, y_true, y_pred, sample_weight=None):
+            return ops.mean(ops.square(y_pred))
+
+    with pytest.raises(ValueError, match="implement `call`"):
+        make_distiller(student_loss=Opaque())

@@ -244,3 +244,53 @@ def test_accuracy_of_a_binary_student_reads_its_logits():
     batches = kd_keras.data.ArrayBatches(x, y.astype("int32"), batch_size=8)
     assert kd_keras.training.test_accuracy(distiller.student, batches) == (
         pytest.approx(expected))
+
+
+def test_one_weight_per_sequence_with_masking():
+    x, y = sequence_data(rows=TIME)
+    x[:, 3:] = 0.0
+    weights = np.array([1.0, 0.0, 2.0, 0.5], "float32")
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="mean_with_sample_weight")
+    distiller = kd_keras.Distiller(
+        sequence_model(16, 1, masking=True), sequence_model(8, 2, masking=True),
+        temperature=2.0, distillation_weight=0.5, student_loss=loss)
+    distiller.compile("sgd")
+    for shape in ((TIME,), (TIME, 1)):
+        logs = evaluate(distiller, x, y, sample_weight=weights.reshape(shape))
+        t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
+        per_token = weights[:, None] * (np.arange(TIME) < 3)
+        # A weighted mean over the unmasked tokens.
+        assert_logged_terms(
+            logs, (np_token_cross_entropy(s, y) * per_token).sum()
+            / per_token.sum(),
+            (np_per_position_kd(t, s, 2.0) * per_token).sum() / per_token.sum())
+
+
+def test_sample_weights_that_fit_no_position_raise():
+    x, y = sequence_data()
+    distiller = distiller_for(sequence_model(16, 1), sequence_model(8, 2))
+    with pytest.raises(ValueError, match="one weight per example"):
+        evaluate(distiller, x, y, sample_weight=np.ones((len(x), TIME + 1)))
+
+
+class SubclassedBinary(keras.Model):
+    def __init__(self, units):
+        super().__init__()
+        self.hidden = keras.layers.Dense(units, activation="relu")
+        self.out = keras.layers.Dense(1)
+
+    def call(self, inputs):
+        return self.out(self.hidden(inputs))
+
+
+def test_accuracy_of_a_subclassed_binary_student_reads_its_logits():
+    x, y = binary_data()
+    keras.utils.set_random_seed(2)
+    student = SubclassedBinary(8)
+    student(x[:2])
+    distiller = kd_keras.Distiller(binary_model(16, 1), student)
+    distiller.compile("sgd", metrics=["Accuracy"])
+    logs = evaluate(distiller, x, y)
+    s = logits_of(student, x)[:, 0]
+    assert logs["Accuracy"] == pytest.approx(np.mean((s > 0) == (y > 0.5)))
