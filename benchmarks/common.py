@@ -27,10 +27,12 @@ def _backend_from_argv(argv):
 if _backend_from_argv(sys.argv):
     os.environ["KERAS_BACKEND"] = _backend_from_argv(sys.argv)
 
-import numpy as np
-import keras
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
-from kd_keras import data
+from kd_keras import data  # noqa: E402
+from kd_keras import training  # noqa: E402
+from kd_keras.apps.tables import markdown_table  # noqa: E402, F401
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -66,21 +68,6 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def markdown_table(rows, columns):
-    """Formats a list of dicts as a markdown table of the given columns."""
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" for _ in columns) + "|",
-    ]
-    for row in rows:
-        cells = []
-        for column in columns:
-            value = row.get(column, "")
-            cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def write_json(path, payload):
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,8 +91,12 @@ def define_backend_flag():
     """`--backend`, read by this module at import (see its docstring)."""
     from absl import flags
 
-    flags.DEFINE_enum("backend", keras.backend.backend(), BACKENDS,
-                      "Keras backend (sets KERAS_BACKEND).")
+    flags.DEFINE_enum(
+        "backend",
+        keras.backend.backend(),
+        BACKENDS,
+        "Keras backend (sets KERAS_BACKEND).",
+    )
 
 
 def environment():
@@ -134,7 +125,8 @@ def mnist_arrays(idx_dir=None):
     checkout are read."""
     return tuple(
         ((x.astype("float32") / 255.0)[..., None], y.astype("int32"))
-        for x, y in data.read_mnist(idx_dir or SHARED_MNIST))
+        for x, y in data.read_mnist(idx_dir or SHARED_MNIST)
+    )
 
 
 def define_run_flags(default_seeds="2 quick, 3 full"):
@@ -142,18 +134,47 @@ def define_run_flags(default_seeds="2 quick, 3 full"):
     from absl import flags
 
     define_backend_flag()
-    flags.DEFINE_bool("quick", False, "A smaller run that takes under 10 "
-                      "minutes on 2 cores.")
+    flags.DEFINE_bool(
+        "quick", False, "A smaller run that takes under 10 minutes on 2 cores."
+    )
     flags.DEFINE_integer("seeds", None, f"Seeds (default: {default_seeds}).")
-    flags.DEFINE_enum("pipeline", "tfds", ["tfds", "array_batches"],
-                      "tfds: tf.data from tensorflow-datasets; array_batches: "
-                      "kd_keras.data.ArrayBatches over the IDX files read "
-                      "into memory (no TensorFlow needed).")
-    flags.DEFINE_string("data_dir", None,
-                        "tensorflow-datasets folder with MNIST.")
+    flags.DEFINE_enum(
+        "pipeline",
+        "tfds",
+        ["tfds", "array_batches"],
+        "tfds: tf.data from tensorflow-datasets; array_batches: "
+        "kd_keras.data.ArrayBatches over the IDX files read "
+        "into memory (no TensorFlow needed).",
+    )
+    flags.DEFINE_string("data_dir", None, "tensorflow-datasets folder with MNIST.")
     flags.DEFINE_string("idx_dir", None, "Folder of MNIST IDX files to import.")
-    flags.DEFINE_string("output_dir", str(RESULTS),
-                        "Where to write the table, JSON and PNG.")
+    flags.DEFINE_string(
+        "output_dir", str(RESULTS), "Where to write the table, JSON and PNG."
+    )
+
+
+def settings(flag_values, quick, full):
+    """A benchmark's quick or full settings, with `--seeds` applied."""
+    chosen = dict(quick if flag_values.quick else full)
+    if flag_values.seeds is not None:
+        chosen["seeds"] = flag_values.seeds
+    return chosen
+
+
+def distill(flag_values, teacher, student, splits, epochs):
+    """Distils with the benchmark's `--temperature` and
+    `--distillation_weight`, validating on the splits' validation data."""
+    train, val, _ = splits
+    training.distill(
+        teacher,
+        student,
+        train,
+        val,
+        temperature=flag_values.temperature,
+        distillation_weight=flag_values.distillation_weight,
+        epochs=epochs,
+        verbose=0,
+    )
 
 
 VALIDATION_EXAMPLES = 5_000
@@ -163,9 +184,8 @@ def _train_examples(train_split):
     """N of a split written "train[:N]", the only form the benchmarks use."""
     prefix, suffix = "train[:", "]"
     if not (train_split.startswith(prefix) and train_split.endswith(suffix)):
-        raise ValueError(f"Expected a split 'train[:N]'. Received "
-                         f"{train_split!r}.")
-    return int(train_split[len(prefix):-len(suffix)])
+        raise ValueError(f"Expected a split 'train[:N]'. Received {train_split!r}.")
+    return int(train_split[len(prefix) : -len(suffix)])
 
 
 def mnist_splits(flag_values, train_split, batch_size=128):
@@ -179,8 +199,9 @@ def mnist_splits(flag_values, train_split, batch_size=128):
         count = _train_examples(train_split)
         held_out = slice(len(y) - VALIDATION_EXAMPLES, None)
         return (
-            data.ArrayBatches(x[:count], y[:count], batch_size=batch_size,
-                              shuffle=True, seed=0),
+            data.ArrayBatches(
+                x[:count], y[:count], batch_size=batch_size, shuffle=True, seed=0
+            ),
             data.ArrayBatches(x[held_out], y[held_out], batch_size=batch_size),
             data.ArrayBatches(x_test, y_test, batch_size=batch_size),
         )
@@ -205,6 +226,5 @@ def write_report(flag_values, name, heading, markdown, payload):
     out = pathlib.Path(flag_values.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(f"{heading}\n\n{markdown}\n")
-    write_json(out / f"{name}.json",
-               dict(payload, environment=environment()))
+    write_json(out / f"{name}.json", dict(payload, environment=environment()))
     return out

@@ -25,26 +25,27 @@ validation curves (seed 0) with the switch epoch marked.
 import pathlib
 import tempfile
 
-import common  # First: it sets the backend before Keras is imported.
-
 from absl import app
 from absl import flags
-import numpy as np
+import common  # Before Keras: it sets the backend from --backend.
 import keras
+import numpy as np
 
 import kd_keras
 from kd_keras import callbacks
 from kd_keras import models
-from kd_keras import plots
 from kd_keras import training
+from kd_keras.apps import plots
 
 FLAGS = flags.FLAGS
 common.define_run_flags(default_seeds="3")
 flags.DEFINE_float("temperature", 3.0, "Distillation temperature.")
 flags.DEFINE_float("distillation_weight", 0.9, "Weight of the KD term.")
-flags.DEFINE_integer("early_teacher_epoch", None,
-                     "Epoch of the early-stopped teacher's snapshot "
-                     "(default: 2 with --quick, else 5).")
+flags.DEFINE_integer(
+    "early_teacher_epoch",
+    None,
+    "Epoch of the early-stopped teacher's snapshot (default: 2 with --quick, else 5).",
+)
 
 ROWS = (
     ("scratch", None, False),
@@ -57,11 +58,19 @@ ROWS = (
 
 def _settings():
     if FLAGS.quick:
-        settings = dict(train_split="train[:10000]", teacher_epochs=8,
-                        student_epochs=16, early_teacher_epoch=2)
+        settings = dict(
+            train_split="train[:10000]",
+            teacher_epochs=8,
+            student_epochs=16,
+            early_teacher_epoch=2,
+        )
     else:
-        settings = dict(train_split="train[:55000]", teacher_epochs=20,
-                        student_epochs=30, early_teacher_epoch=5)
+        settings = dict(
+            train_split="train[:55000]",
+            teacher_epochs=20,
+            student_epochs=30,
+            early_teacher_epoch=5,
+        )
     if FLAGS.early_teacher_epoch is not None:
         settings["early_teacher_epoch"] = FLAGS.early_teacher_epoch
     settings["seeds"] = FLAGS.seeds or 3
@@ -74,36 +83,55 @@ def _run_seed(seed, splits, settings, workdir):
     keras.utils.set_random_seed(seed)
     teacher = models.hinton_teacher()
     snapshots = workdir / f"teacher_seed{seed}"
-    training.train(teacher, train, val, epochs=settings["teacher_epochs"],
-                   callbacks=[callbacks.TeacherSnapshots(
-                       snapshots, epochs=[settings["early_teacher_epoch"]])],
-                   verbose=0)
+    training.train(
+        teacher,
+        train,
+        val,
+        epochs=settings["teacher_epochs"],
+        callbacks=[
+            callbacks.TeacherSnapshots(
+                snapshots, epochs=[settings["early_teacher_epoch"]]
+            )
+        ],
+        verbose=0,
+    )
     teachers = {
         "final": teacher,
         "early": callbacks.TeacherSnapshots.load(
-            snapshots, settings["early_teacher_epoch"]),
+            snapshots, settings["early_teacher_epoch"]
+        ),
     }
-    cached = {name: kd_keras.cache_teacher_logits(t, train, seed=seed)
-              for name, t in teachers.items()}
-    results = {f"teacher ({name})": training.test_errors(t, test)
-               for name, t in teachers.items()}
+    cached = {
+        name: kd_keras.cache_teacher_logits(t, train, seed=seed)
+        for name, t in teachers.items()
+    }
+    results = {
+        f"teacher ({name})": training.test_errors(t, test)
+        for name, t in teachers.items()
+    }
     curves, switches = {}, {}
     stop_epoch = settings["student_epochs"] // 2
     for row, teacher_name, early_stop in ROWS:
         keras.utils.set_random_seed(seed)
         student = models.mlp((30, 30), name="student")
         if teacher_name is None:
-            history = training.train(student, train, val,
-                                     epochs=settings["student_epochs"],
-                                     verbose=0)
+            history = training.train(
+                student, train, val, epochs=settings["student_epochs"], verbose=0
+            )
         else:
             stop = [callbacks.StudentEarlyStop(epoch=stop_epoch)]
             _, history = training.distill(
-                teachers[teacher_name], student, cached[teacher_name], val,
+                teachers[teacher_name],
+                student,
+                cached[teacher_name],
+                val,
                 temperature=FLAGS.temperature,
                 distillation_weight=FLAGS.distillation_weight,
-                epochs=settings["student_epochs"], cache=False,
-                callbacks=stop if early_stop else [], verbose=0)
+                epochs=settings["student_epochs"],
+                cache=False,
+                callbacks=stop if early_stop else [],
+                verbose=0,
+            )
             if early_stop:
                 switches[row] = stop[0].switch_epoch + 1
         results[row] = training.test_errors(student, test)
@@ -119,7 +147,8 @@ def main(argv):
     with training.Stopwatch() as timer, tempfile.TemporaryDirectory() as workdir:
         for seed in range(settings["seeds"]):
             results, curves, switches = _run_seed(
-                seed, splits, settings, pathlib.Path(workdir))
+                seed, splits, settings, pathlib.Path(workdir)
+            )
             per_seed.append(results)
             if seed == 0:
                 first_curves, first_switches = curves, switches
@@ -128,33 +157,51 @@ def main(argv):
     for name in names:
         errors = [r[name][0] for r in per_seed]
         examples = per_seed[0][name][1]
-        table.append({
-            "model": name,
-            "test_error_percent": common.percent_mean_std(
-                np.asarray(errors) / examples),
-            "test_errors": "/".join(map(str, errors))})
+        table.append(
+            {
+                "model": name,
+                "test_error_percent": common.percent_mean_std(
+                    np.asarray(errors) / examples
+                ),
+                "test_errors": "/".join(map(str, errors)),
+            }
+        )
     mode = "quick" if FLAGS.quick else "full"
-    heading = (f"Early stops on MNIST ({mode}: {settings['train_split']}, "
-               f"teacher {settings['teacher_epochs']} epochs, student 30x30 "
-               f"{settings['student_epochs']} epochs, T={FLAGS.temperature:g}, "
-               f"λ={FLAGS.distillation_weight:g}, KD off from epoch "
-               f"{settings['student_epochs'] // 2 + 1}, early teacher = epoch "
-               f"{settings['early_teacher_epoch']}; {settings['seeds']} seeds, "
-               f"{timer.seconds / 60:.1f} min)")
+    heading = (
+        f"Early stops on MNIST ({mode}: {settings['train_split']}, "
+        f"teacher {settings['teacher_epochs']} epochs, student 30x30 "
+        f"{settings['student_epochs']} epochs, T={FLAGS.temperature:g}, "
+        f"λ={FLAGS.distillation_weight:g}, KD off from epoch "
+        f"{settings['student_epochs'] // 2 + 1}, early teacher = epoch "
+        f"{settings['early_teacher_epoch']}; {settings['seeds']} seeds, "
+        f"{timer.seconds / 60:.1f} min)"
+    )
     markdown = common.markdown_table(
-        table, ["model", "test_error_percent", "test_errors"])
-    out = common.write_report(FLAGS, f"early_stop_{mode}", heading, markdown, {
-        "settings": {**settings, "temperature": FLAGS.temperature,
-                     "distillation_weight": FLAGS.distillation_weight},
-        "rows": table,
-        "per_seed": per_seed,
-        "minutes": timer.seconds / 60,
-    })
+        table, ["model", "test_error_percent", "test_errors"]
+    )
+    out = common.write_report(
+        FLAGS,
+        f"early_stop_{mode}",
+        heading,
+        markdown,
+        {
+            "settings": {
+                **settings,
+                "temperature": FLAGS.temperature,
+                "distillation_weight": FLAGS.distillation_weight,
+            },
+            "rows": table,
+            "per_seed": per_seed,
+            "minutes": timer.seconds / 60,
+        },
+    )
     plots.plot_history(
-        {name: first_curves[name] for name, _, _ in ROWS}, "val_accuracy",
+        {name: first_curves[name] for name, _, _ in ROWS},
+        "val_accuracy",
         path=out / f"early_stop_{mode}.png",
         title="Student 30x30 validation accuracy (seed 0); dashed: KD off",
-        marks=first_switches)
+        marks=first_switches,
+    )
     print(f"\nWrote {out}/early_stop_{mode}.{{md,json,png}}")
 
 

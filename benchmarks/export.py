@@ -14,10 +14,9 @@ import pathlib
 import shutil
 import tempfile
 
-import common  # First: it sets the backend before Keras is imported.
-
 from absl import app
 from absl import flags
+import common  # Before Keras: it sets the backend from --backend.
 import keras
 
 from kd_keras import export
@@ -42,38 +41,62 @@ def main(argv):
     teacher = models.hinton_teacher()
     training.train(teacher, train, val, epochs=settings["epochs"], verbose=0)
     student = models.mlp((300, 300), name="student")
-    training.distill(teacher, student, train, val, temperature=4.0,
-                     epochs=settings["epochs"], verbose=0)
+    training.distill(
+        teacher,
+        student,
+        train,
+        val,
+        temperature=4.0,
+        epochs=settings["epochs"],
+        verbose=0,
+    )
     rows = []
     workdir = pathlib.Path(tempfile.mkdtemp())
     try:
-        for name, model in (("teacher 2x1200", teacher),
-                            ("student 2x300", student)):
+        for name, model in (("teacher 2x1200", teacher), ("student 2x300", student)):
             report = export.export_student(
-                model, workdir / name.split()[0], representative_data=train,
-                test_data=test)
+                model,
+                workdir / name.split()[0],
+                representative_data=train,
+                test_data=test,
+            )
             for fmt, entry in report.items():
-                rows.append({
-                    "model": name, "format": fmt,
-                    "size_kb": entry.get("bytes", 4 * entry.get("params", 0))
-                    / 1024,
-                    "latency_ms": entry["latency_ms"],
-                    "test_accuracy_percent": 100 * entry["accuracy"],
-                    "max_abs_diff": f"{entry.get('max_abs_diff', 0.0):.1e}",
-                })
+                rows.append(
+                    {
+                        "model": name,
+                        "format": fmt,
+                        "size_kb": entry.get("bytes", 4 * entry.get("params", 0))
+                        / 1024,
+                        "latency_ms": entry["latency_ms"],
+                        "test_accuracy_percent": 100 * entry["accuracy"],
+                        "max_abs_diff": f"{entry.get('max_abs_diff', 0.0):.1e}",
+                    }
+                )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     mode = "quick" if FLAGS.quick else "full"
     heading = (
         f"Export on MNIST ({mode}: {settings['train_split']}, "
         f"{settings['epochs']} epochs each; latency is one example, median, "
-        "2 CPU cores; the keras row's size is 4 bytes per parameter)")
+        "2 CPU cores; the keras row's size is 4 bytes per parameter)"
+    )
     common.write_report(
-        FLAGS, f"export_{mode}", heading,
-        common.markdown_table(rows, ["model", "format", "size_kb",
-                                     "latency_ms", "test_accuracy_percent",
-                                     "max_abs_diff"]),
-        {"settings": settings, "rows": rows})
+        FLAGS,
+        f"export_{mode}",
+        heading,
+        common.markdown_table(
+            rows,
+            [
+                "model",
+                "format",
+                "size_kb",
+                "latency_ms",
+                "test_accuracy_percent",
+                "max_abs_diff",
+            ],
+        ),
+        {"settings": settings, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

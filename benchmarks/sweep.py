@@ -18,10 +18,9 @@ import pathlib
 import shutil
 import tempfile
 
-import common  # First: it sets the backend before Keras is imported.
-
 from absl import app
 from absl import flags
+import common  # Before Keras: it sets the backend from --backend.
 import keras
 
 from kd_keras import models
@@ -37,10 +36,10 @@ STUDENT, ASSISTANTS = (30, 30), (300, 100)
 
 def _settings():
     if FLAGS.quick:
-        return dict(train_split="train[:5000]", max_trials=12, epochs=3,
-                    teacher_epochs=5)
-    return dict(train_split="train[:30000]", max_trials=24, epochs=6,
-                teacher_epochs=10)
+        return dict(
+            train_split="train[:5000]", max_trials=12, epochs=3, teacher_epochs=5
+        )
+    return dict(train_split="train[:30000]", max_trials=24, epochs=6, teacher_epochs=10)
 
 
 def _mode():
@@ -53,55 +52,83 @@ def _mode():
 def main(argv):
     del argv
     if FLAGS.seeds not in (None, 1):
-        raise app.UsageError("A sweep is one run (its trials are the "
-                             "repeats): drop --seeds.")
+        raise app.UsageError(
+            "A sweep is one run (its trials are the repeats): drop --seeds."
+        )
     settings = _settings()
     train, val, test = common.mnist_splits(FLAGS, settings["train_split"])
     keras.utils.set_random_seed(0)
     teacher = models.hinton_teacher()
-    training.train(teacher, train, val, epochs=settings["teacher_epochs"],
-                   verbose=0)
+    training.train(teacher, train, val, epochs=settings["teacher_epochs"], verbose=0)
     hypermodel = tuning.DistillationHyperModel(
-        teacher, lambda: models.mlp(STUDENT, name="student"),
+        teacher,
+        lambda: models.mlp(STUDENT, name="student"),
         lambda width: models.mlp((width, width), name=f"assistant_{width}"),
-        assistant_sizes=ASSISTANTS)
+        assistant_sizes=ASSISTANTS,
+    )
     workdir = pathlib.Path(tempfile.mkdtemp())
     try:
         with training.Stopwatch() as sweep_time:
             tuner, best = tuning.tune(
-                hypermodel, train, val, tuner=FLAGS.tuner,
-                max_trials=settings["max_trials"], epochs=settings["epochs"],
-                directory=workdir, project_name="sweep")
+                hypermodel,
+                train,
+                val,
+                tuner=FLAGS.tuner,
+                max_trials=settings["max_trials"],
+                epochs=settings["epochs"],
+                directory=workdir,
+                project_name="sweep",
+            )
         best_student = tuner.get_best_models(1)[0].student
         trials = tuning.trials_table(tuner)
         pathlib.Path(FLAGS.output_dir).mkdir(parents=True, exist_ok=True)
-        shutil.copy(workdir / "sweep" / "sweep.png",
-                    pathlib.Path(FLAGS.output_dir) /
-                    f"sweep_{_mode()}.png")
+        shutil.copy(
+            workdir / "sweep" / "sweep.png",
+            pathlib.Path(FLAGS.output_dir) / f"sweep_{_mode()}.png",
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     keras.utils.set_random_seed(0)
     default_student = models.mlp(STUDENT, name="student")
-    training.distill(teacher, default_student, train, val, temperature=4.0,
-                     distillation_weight=0.9, epochs=settings["epochs"],
-                     verbose=0)
+    training.distill(
+        teacher,
+        default_student,
+        train,
+        val,
+        temperature=4.0,
+        distillation_weight=0.9,
+        epochs=settings["epochs"],
+        verbose=0,
+    )
     keras.utils.set_random_seed(0)
     scratch = models.mlp(STUDENT, name="student")
     training.train(scratch, train, val, epochs=settings["epochs"], verbose=0)
     hours = sweep_time.seconds / 3600
     comparison = [
-        {"student 30x30": "teacher 1200x1200 (reference)",
-         "settings": "", "test_accuracy": training.test_accuracy(teacher, test)},
-        {"student 30x30": "from scratch", "settings": "",
-         "test_accuracy": training.test_accuracy(scratch, test)},
-        {"student 30x30": "distilled, default settings",
-         "settings": "assistant none, T=4, λ=0.9",
-         "test_accuracy": training.test_accuracy(default_student, test)},
-        {"student 30x30": "distilled, best of the sweep",
-         "settings": (f"assistant {best.values['assistant_size']}, "
-                      f"T={best.values['temperature']:g}, "
-                      f"λ={best.values['distillation_weight']:.2f}"),
-         "test_accuracy": training.test_accuracy(best_student, test)},
+        {
+            "student 30x30": "teacher 1200x1200 (reference)",
+            "settings": "",
+            "test_accuracy": training.test_accuracy(teacher, test),
+        },
+        {
+            "student 30x30": "from scratch",
+            "settings": "",
+            "test_accuracy": training.test_accuracy(scratch, test),
+        },
+        {
+            "student 30x30": "distilled, default settings",
+            "settings": "assistant none, T=4, λ=0.9",
+            "test_accuracy": training.test_accuracy(default_student, test),
+        },
+        {
+            "student 30x30": "distilled, best of the sweep",
+            "settings": (
+                f"assistant {best.values['assistant_size']}, "
+                f"T={best.values['temperature']:g}, "
+                f"λ={best.values['distillation_weight']:.2f}"
+            ),
+            "test_accuracy": training.test_accuracy(best_student, test),
+        },
     ]
     mode = _mode()
     heading = (
@@ -111,21 +138,32 @@ def main(argv):
         f"{keras.backend.backend()}; {sweep_time.seconds / 60:.1f} min, "
         f"{len(trials) / hours:.0f} trials per hour on "
         f"{', '.join(common.environment()['devices']) or 'this machine'}; "
-        f"teacher passes over the data: {hypermodel.teacher_passes})")
-    markdown = (common.markdown_table(
-        comparison, ["student 30x30", "settings", "test_accuracy"])
+        f"teacher passes over the data: {hypermodel.teacher_passes})"
+    )
+    markdown = (
+        common.markdown_table(
+            comparison, ["student 30x30", "settings", "test_accuracy"]
+        )
         + "\n\nTrials (score: student validation accuracy):\n\n"
         + common.markdown_table(
-            trials, ["trial", "assistant_size", "temperature",
-                     "distillation_weight", "score"]))
-    common.write_report(FLAGS, f"sweep_{mode}", heading, markdown, {
-        "settings": settings,
-        "teacher_passes": hypermodel.teacher_passes,
-        "trials_per_hour": len(trials) / hours,
-        "best": best.values,
-        "comparison": comparison,
-        "trials": trials,
-    })
+            trials,
+            ["trial", "assistant_size", "temperature", "distillation_weight", "score"],
+        )
+    )
+    common.write_report(
+        FLAGS,
+        f"sweep_{mode}",
+        heading,
+        markdown,
+        {
+            "settings": settings,
+            "teacher_passes": hypermodel.teacher_passes,
+            "trials_per_hour": len(trials) / hours,
+            "best": best.values,
+            "comparison": comparison,
+            "trials": trials,
+        },
+    )
 
 
 if __name__ == "__main__":

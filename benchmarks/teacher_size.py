@@ -12,16 +12,15 @@ student from scratch for reference, and writes JSON and a PNG.
     python benchmarks/teacher_size.py              # full, under 60 minutes
 """
 
-import common  # First: it sets the backend before Keras is imported.
-
 from absl import app
 from absl import flags
-import numpy as np
+import common  # Before Keras: it sets the backend from --backend.
 import keras
+import numpy as np
 
 from kd_keras import models
-from kd_keras import plots
 from kd_keras import training
+from kd_keras.apps import plots
 
 FLAGS = flags.FLAGS
 common.define_run_flags()
@@ -33,15 +32,11 @@ TEACHER_DEPTHS, STUDENT_DEPTH = (4, 6, 8, 10), 2
 
 
 def _settings():
-    if FLAGS.quick:
-        settings = dict(train_split="train[:3000]", teacher_epochs=4,
-                        epochs=4, seeds=2)
-    else:
-        settings = dict(train_split="train[:15000]", teacher_epochs=10,
-                        epochs=8, seeds=3)
-    if FLAGS.seeds is not None:
-        settings["seeds"] = FLAGS.seeds
-    return settings
+    return common.settings(
+        FLAGS,
+        quick=dict(train_split="train[:3000]", teacher_epochs=4, epochs=4, seeds=2),
+        full=dict(train_split="train[:15000]", teacher_epochs=10, epochs=8, seeds=3),
+    )
 
 
 def _run_seed(seed, splits, settings):
@@ -54,17 +49,17 @@ def _run_seed(seed, splits, settings):
     for depth in TEACHER_DEPTHS:
         keras.utils.set_random_seed(seed)
         teacher = models.plain_cnn(depth, width=FLAGS.width)
-        training.train(teacher, train, val, epochs=settings["teacher_epochs"],
-                       verbose=0)
+        training.train(
+            teacher, train, val, epochs=settings["teacher_epochs"], verbose=0
+        )
         keras.utils.set_random_seed(seed)
         student = models.plain_cnn(STUDENT_DEPTH, width=FLAGS.width)
-        training.distill(teacher, student, train, val,
-                         temperature=FLAGS.temperature,
-                         distillation_weight=FLAGS.distillation_weight,
-                         epochs=settings["epochs"], verbose=0)
-        rows[depth] = {"params": teacher.count_params(),
-                       "teacher": training.test_accuracy(teacher, test),
-                       "student": training.test_accuracy(student, test)}
+        common.distill(FLAGS, teacher, student, splits, settings["epochs"])
+        rows[depth] = {
+            "params": teacher.count_params(),
+            "teacher": training.test_accuracy(teacher, test),
+            "student": training.test_accuracy(student, test),
+        }
     return rows
 
 
@@ -73,26 +68,34 @@ def main(argv):
     settings = _settings()
     splits = common.mnist_splits(FLAGS, settings["train_split"])
     with training.Stopwatch() as timer:
-        runs = [_run_seed(seed, splits, settings)
-                for seed in range(settings["seeds"])]
+        runs = [_run_seed(seed, splits, settings) for seed in range(settings["seeds"])]
 
     def cell(key, field):
         values = [run[key][field] for run in runs]
         mean, std = common.mean_std(100.0 * np.asarray(values))
         return mean, std, common.percent_mean_std(values)
 
-    table = [{"teacher": "none (student from scratch)", "teacher_params": "",
-              "teacher_test_accuracy": "",
-              "student_test_accuracy": cell("scratch", "student")[2]}]
+    table = [
+        {
+            "teacher": "none (student from scratch)",
+            "teacher_params": "",
+            "teacher_test_accuracy": "",
+            "student_test_accuracy": cell("scratch", "student")[2],
+        }
+    ]
     means, stds = [], []
     for depth in TEACHER_DEPTHS:
         mean, std, text = cell(depth, "student")
         means.append(mean)
         stds.append(std)
-        table.append({"teacher": f"plain CNN depth {depth}",
-                      "teacher_params": runs[0][depth]["params"],
-                      "teacher_test_accuracy": cell(depth, "teacher")[2],
-                      "student_test_accuracy": text})
+        table.append(
+            {
+                "teacher": f"plain CNN depth {depth}",
+                "teacher_params": runs[0][depth]["params"],
+                "teacher_test_accuracy": cell(depth, "teacher")[2],
+                "student_test_accuracy": text,
+            }
+        )
     mode = "quick" if FLAGS.quick else "full"
     heading = (
         f"Teacher size on MNIST ({mode}: student plain CNN depth "
@@ -100,26 +103,41 @@ def main(argv):
         f"teachers {settings['teacher_epochs']} epochs, students "
         f"{settings['epochs']} epochs, T={FLAGS.temperature:g}, "
         f"λ={FLAGS.distillation_weight:g}, {settings['seeds']} seeds; "
-        f"{timer.seconds / 60:.1f} min)")
+        f"{timer.seconds / 60:.1f} min)"
+    )
     markdown = common.markdown_table(
-        table, ["teacher", "teacher_params", "teacher_test_accuracy",
-                "student_test_accuracy"])
-    out = common.write_report(FLAGS, f"teacher_size_{mode}", heading, markdown, {
-        "settings": {**settings, "width": FLAGS.width,
-                     "temperature": FLAGS.temperature,
-                     "distillation_weight": FLAGS.distillation_weight},
-        "table": table, "runs": [{str(k): v for k, v in run.items()}
-                                 for run in runs],
-        "minutes": timer.seconds / 60,
-    })
+        table,
+        ["teacher", "teacher_params", "teacher_test_accuracy", "student_test_accuracy"],
+    )
+    out = common.write_report(
+        FLAGS,
+        f"teacher_size_{mode}",
+        heading,
+        markdown,
+        {
+            "settings": {
+                **settings,
+                "width": FLAGS.width,
+                "temperature": FLAGS.temperature,
+                "distillation_weight": FLAGS.distillation_weight,
+            },
+            "table": table,
+            "runs": [{str(k): v for k, v in run.items()} for run in runs],
+            "minutes": timer.seconds / 60,
+        },
+    )
     params = [runs[0][d]["params"] for d in TEACHER_DEPTHS]
     plots.plot_curve(
-        np.log10(params), means, "teacher parameters (log10)",
-        "student test accuracy %", errors=stds,
-        xticks=[f"d{d}\n{p:,}" for d, p in zip(TEACHER_DEPTHS, params)],
+        np.log10(params),
+        means,
+        "teacher parameters (log10)",
+        "student test accuracy %",
+        errors=stds,
+        xticks=[f"d{d}\n{p:,}" for d, p in zip(TEACHER_DEPTHS, params, strict=True)],
         path=out / f"teacher_size_{mode}.png",
         title=f"Student (plain CNN depth {STUDENT_DEPTH}) by teacher size; "
-              f"scratch {cell('scratch', 'student')[2]}")
+        f"scratch {cell('scratch', 'student')[2]}",
+    )
     print(f"\nWrote {out}/teacher_size_{mode}.{{md,json,png}}")
 
 

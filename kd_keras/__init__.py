@@ -1,25 +1,51 @@
-"""kd_keras: knowledge distillation for Keras 3, on TensorFlow, JAX and PyTorch."""
+"""kd_keras: knowledge distillation for Keras 3, on TensorFlow, JAX and PyTorch.
 
-import os as _os
-import sys as _sys
+Every name loads on first use, so `import kd_keras` loads neither Keras nor
+anything else, and costs nothing beside `import keras`. The library's
+modules are `losses`, `distiller`, `teachers`, `callbacks`, `metrics`,
+`assistants`, `store`, `tuning`, `export`, `models`, `data` and `training`;
+the applications (command line, demo, paper reproductions, plots) live in
+`kd_keras.apps`.
+"""
 
-if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "kd-keras":
-    # The command line prints its own results; TensorFlow's start-up notices
-    # would bury them. A user's own setting wins.
-    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from kd_keras.losses import distillation_loss
-from kd_keras.losses import softmax_with_temperature
-from kd_keras.distiller import Distiller
-from kd_keras.teachers import EnsembleTeacher
-from kd_keras.teachers import cache_teacher_logits
-from kd_keras import assistants
-from kd_keras import callbacks
-from kd_keras import data
-from kd_keras import export
-from kd_keras import models
-from kd_keras import plots
-from kd_keras import training
-from kd_keras import tuning
+import importlib
 
 __version__ = "0.1.0"
+
+# Public names of the package, and the module each lives in.
+_NAMES = {
+    "Distiller": "distiller",
+    "EnsembleTeacher": "teachers",
+    "cache_teacher_logits": "teachers",
+    "distillation_loss": "losses",
+    "softmax_with_temperature": "losses",
+}
+_SUBMODULES = (
+    "apps",
+    "assistants",
+    "callbacks",
+    "data",
+    "distiller",
+    "export",
+    "losses",
+    "metrics",
+    "models",
+    "store",
+    "teachers",
+    "training",
+    "tuning",
+)
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        module = importlib.import_module(f"kd_keras.{_NAMES[name]}")
+        return getattr(module, name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"kd_keras.{name}")
+    raise AttributeError(f"module 'kd_keras' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NAMES) | set(_SUBMODULES))

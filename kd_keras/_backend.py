@@ -8,8 +8,8 @@ machine without TensorFlow.
 import numbers
 import sys
 
-import numpy as np
 import keras
+import numpy as np
 
 
 def name():
@@ -72,9 +72,7 @@ def concrete_scalar(value):
         return None
     array = np.asarray(keras.ops.convert_to_numpy(value))
     if array.size != 1:
-        raise ValueError(
-            f"Expected a scalar. Received a value of shape {array.shape}."
-        )
+        raise ValueError(f"Expected a scalar. Received a value of shape {array.shape}.")
     return float(array.reshape(()))
 
 
@@ -98,9 +96,7 @@ def num_replicas():
 def in_stateless_scope():
     """True inside a JAX training step, where variables are read and written
     through Keras' `StatelessScope`."""
-    from keras.src.backend.common.stateless_scope import (
-        in_stateless_scope as _in_scope,
-    )
+    from keras.src.backend.common.stateless_scope import in_stateless_scope as _in_scope
 
     return _in_scope()
 

@@ -10,13 +10,21 @@ data are a `tf.data.Dataset`, which means it is already imported.
 
 import hashlib
 
-import numpy as np
 import keras
+import numpy as np
 
 from kd_keras import _backend
 
-# Ops whose output differs from one run to the next.
-_RANDOM_OP_MARKERS = ("Random", "RngReadAndSkip", "RngSkip")
+# Ops whose output differs from one run to the next, and opaque ops that run
+# Python (`tf.numpy_function`, `tf.py_function`, `from_generator`), whose
+# output may.
+_RANDOM_OP_MARKERS = (
+    "Random",
+    "RngReadAndSkip",
+    "RngSkip",
+    "PyFunc",
+    "GeneratorDataset",
+)
 
 
 def _stages(dataset):
@@ -48,20 +56,24 @@ def _function_nodes(stage):
 
 
 def augmentation_ops(dataset):
-    """Names the random ops of a `tf.data` pipeline's functions.
+    """Names the random and opaque ops of a `tf.data` pipeline's functions.
 
-    Such ops (random crops, shifts, noise) give an example different inputs
-    on every pass; a shuffle only reorders examples and is not counted.
-    Other data (a `PyDataset`) cannot be inspected and yield none.
+    Random ops (crops, shifts, noise) give an example different inputs on
+    every pass; opaque ones run Python (`tf.numpy_function`,
+    `tf.py_function`, `from_generator`) and may. A shuffle only reorders
+    examples and is not counted. Other data (a `PyDataset`) cannot be
+    inspected and yield none.
     """
     if not _backend.is_tf_dataset(dataset):
         return []
-    return sorted({
-        node.op
-        for stage in _stages(dataset)
-        for node in _function_nodes(stage)
-        if any(marker in node.op for marker in _RANDOM_OP_MARKERS)
-    })
+    return sorted(
+        {
+            node.op
+            for stage in _stages(dataset)
+            for node in _function_nodes(stage)
+            if any(marker in node.op for marker in _RANDOM_OP_MARKERS)
+        }
+    )
 
 
 def has_cache(dataset):
@@ -81,11 +93,15 @@ def _pipeline_digest(dataset):
     for stage in _stages(dataset):
         parts.append(type(stage).__name__)
         for node in _function_nodes(stage):
-            constant = node.attr["value"].tensor.SerializeToString() \
-                if node.op == "Const" else b""
+            constant = (
+                node.attr["value"].tensor.SerializeToString()
+                if node.op == "Const"
+                else b""
+            )
             parts.append(node.op.encode() + constant)
-    return hashlib.sha256(b"|".join(sorted(
-        p.encode() if isinstance(p, str) else p for p in parts))).hexdigest()
+    return hashlib.sha256(
+        b"|".join(sorted(p.encode() if isinstance(p, str) else p for p in parts))
+    ).hexdigest()
 
 
 def _row_hashes(leaves):
@@ -93,30 +109,39 @@ def _row_hashes(leaves):
     rows = len(leaves[0])
     flat = [np.ascontiguousarray(leaf).reshape(rows, -1) for leaf in leaves]
     return [
-        int.from_bytes(hashlib.blake2b(
-            b"".join(part[i].tobytes() for part in flat),
-            digest_size=8).digest(), "little")
+        int.from_bytes(
+            hashlib.blake2b(
+                b"".join(part[i].tobytes() for part in flat), digest_size=8
+            ).digest(),
+            "little",
+        )
         for i in range(rows)
     ]
+
+
+def check_batches(data):
+    """Raises unless `data` is a batched `tf.data.Dataset` or `PyDataset`."""
+    if not (_backend.is_tf_dataset(data) or isinstance(data, keras.utils.PyDataset)):
+        raise ValueError(
+            "Expected a batched `tf.data.Dataset` or a `keras.utils.PyDataset` "
+            "(such as `kd_keras.data.ArrayBatches(x, y, batch_size=128)`), or "
+            f"a tuple of arrays `(x, y)`. Received: {type(data).__name__}."
+        )
 
 
 def numpy_batches(data):
     """Yields `(x, y, sample_weight)` of every batch as NumPy (y and
     sample_weight may be None), from a `tf.data.Dataset` or a `PyDataset`."""
+    check_batches(data)
     if _backend.is_tf_dataset(data):
         elements = data.as_numpy_iterator()
-    elif isinstance(data, keras.utils.PyDataset):
-        elements = (data[index] for index in range(len(data)))
     else:
-        raise ValueError(
-            "Expected a batched `tf.data.Dataset` or a `keras.utils.PyDataset` "
-            "(such as `kd_keras.data.ArrayBatches(x, y, batch_size=128)`). "
-            f"Received: {type(data).__name__}."
-        )
+        elements = (data[index] for index in range(len(data)))
     for element in elements:
         yield keras.tree.map_structure(
             lambda t: None if t is None else np.asarray(t),
-            keras.utils.unpack_x_y_sample_weight(element))
+            keras.utils.unpack_x_y_sample_weight(element),
+        )
 
 
 def _spec(data):
@@ -126,9 +151,12 @@ def _spec(data):
     if first is None:
         return "empty"
     x, y, sample_weight = first
-    return str(keras.tree.map_structure(
-        lambda a: None if a is None else (a.dtype.str, a.shape[1:]),
-        (x, y, sample_weight)))
+    return str(
+        keras.tree.map_structure(
+            lambda a: None if a is None else (a.dtype.str, a.shape[1:]),
+            (x, y, sample_weight),
+        )
+    )
 
 
 def fingerprint(dataset):
@@ -144,10 +172,13 @@ def fingerprint(dataset):
     augmented = bool(augmentation_ops(dataset))
     count, total = 0, 0
     for x, y, sample_weight in numpy_batches(dataset):
-        leaves = [leaf for leaf in keras.tree.flatten((x, y, sample_weight))
-                  if leaf is not None]
+        leaves = [
+            leaf
+            for leaf in keras.tree.flatten((x, y, sample_weight))
+            if leaf is not None
+        ]
         if augmented:
-            leaves = leaves[len(keras.tree.flatten(x)):]  # Random inputs.
+            leaves = leaves[len(keras.tree.flatten(x)) :]  # Random inputs.
         if not leaves:
             continue
         count += len(leaves[0])

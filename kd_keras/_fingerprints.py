@@ -33,10 +33,18 @@ def _names(config, found):
     return found
 
 
+# Config keys that say nothing about what a model computes: Keras' class
+# registration, and the `trainable` flag that a Distiller flips on teachers.
+_IGNORED_KEYS = ("registered_name", "trainable")
+
+
 def _renamed(config, names):
     if isinstance(config, dict):
-        return {key: _renamed(value, names) for key, value in config.items()
-                if key != "registered_name"}
+        return {
+            key: _renamed(value, names)
+            for key, value in config.items()
+            if key not in _IGNORED_KEYS
+        }
     if isinstance(config, (list, tuple)):
         return [_renamed(value, names) for value in config]
     if isinstance(config, str):
@@ -48,7 +56,8 @@ def architecture(model):
     """Identifies a model's architecture, whatever its layers are named.
 
     Names are replaced by their order of appearance, also where a functional
-    model's config refers to them (inbound nodes, inputs and outputs).
+    model's config refers to them (inbound nodes, inputs and outputs), and
+    `trainable` flags are left out.
     """
     config = model.get_config()
     return digest(type(model).__name__, _renamed(config, _names(config, {})))

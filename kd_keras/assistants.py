@@ -10,22 +10,17 @@ they finish, so rerunning the same call skips the finished steps.
 
 import dataclasses
 import itertools
-import json
-import os
+import numbers
 import pathlib
-import time
 
 from absl import logging
 import keras
 
 from kd_keras import _checks
-from kd_keras import _datasets
 from kd_keras import _fingerprints
 from kd_keras import training
-from kd_keras.losses import check_distillation_weight
-from kd_keras.losses import check_temperature
-
-MANIFEST = "manifest.json"
+from kd_keras.store import ModelStore
+from kd_keras.store import Settings
 
 
 def _check_chain(models):
@@ -44,121 +39,24 @@ def _check_chain(models):
     if len(known) > 1:
         raise ValueError(
             "Every model of a chain must output the same number of classes. "
-            "Received: " + ", ".join(
-                f"{m.name}: {c}" for m, c in zip(models, classes)) + "."
+            "Received: "
+            + ", ".join(f"{m.name}: {c}" for m, c in zip(models, classes, strict=True))
+            + "."
         )
-    for bigger, smaller in zip(models, models[1:]):
+    for bigger, smaller in zip(models, models[1:], strict=False):
         if smaller.count_params() > bigger.count_params():
             logging.warning(
                 "`%s` (%s parameters) is larger than its teacher `%s` (%s). "
                 "Chains usually go from larger to smaller models.",
-                smaller.name, f"{smaller.count_params():,}", bigger.name,
-                f"{bigger.count_params():,}")
-
-
-@dataclasses.dataclass
-class _Settings:
-    """What a distillation step depends on, besides its teacher and student."""
-
-    temperature: float
-    distillation_weight: float
-    epochs: int
-    learning_rate: float
-    data: str
-    seed: int
-
-    def check(self):
-        check_temperature(self.temperature)
-        check_distillation_weight(self.distillation_weight)
-        if self.epochs < 1:
-            raise ValueError(
-                f"Expected `epochs` >= 1. Received: epochs={self.epochs}")
-
-
-class _StepStore:
-    """Trained step models and their manifest in a work folder.
-
-    A step is stored under the fingerprint of everything it depends on: its
-    teacher's fingerprint, the student's architecture and the settings. A
-    step is reused only if that fingerprint matches, so changed settings
-    retrain the steps they affect and every step after them.
-    """
-
-    def __init__(self, workdir):
-        self.workdir = pathlib.Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.trained = 0
-        self.reused = 0
-
-    def _manifest(self):
-        path = self.workdir / MANIFEST
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    def _record(self, fingerprint, entry):
-        manifest = self._manifest()
-        manifest[fingerprint] = entry
-        temporary = self.workdir / (MANIFEST + ".tmp")
-        temporary.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(temporary, self.workdir / MANIFEST)
-
-    def step(self, teacher, teacher_fingerprint, student, settings, train_data,
-             val_data, verbose):
-        """Distils `teacher` into `student` (in place), or reloads it.
-
-        Returns `(fingerprint, report)`.
-        """
-        fingerprint = _fingerprints.digest(
-            teacher_fingerprint, _fingerprints.architecture(student),
-            dataclasses.asdict(settings))
-        entry = self._manifest().get(fingerprint)
-        if entry is not None and (self.workdir / entry["path"]).is_file():
-            path = self.workdir / entry["path"]
-            student.load_weights(path)
-            self.reused += 1
-            logging.info("Reusing %s from %s.", student.name, path)
-            # Scored afresh: the validation data may have changed.
-            return fingerprint, dict(
-                entry, reused=True,
-                val_accuracy=training.test_accuracy(student, val_data))
-        path = self.workdir / f"{student.name}-{fingerprint}.keras"
-        keras.utils.set_random_seed(settings.seed)
-        with training.Stopwatch() as watch:
-            training.distill(
-                teacher, student, train_data, val_data,
-                temperature=settings.temperature,
-                distillation_weight=settings.distillation_weight,
-                epochs=settings.epochs, learning_rate=settings.learning_rate,
-                backup_dir=self.workdir / f"{fingerprint}.backup",
-                verbose=verbose)
-        student.save(path)
-        entry = {
-            "teacher": teacher.name,
-            "student": student.name,
-            "val_accuracy": training.test_accuracy(student, val_data),
-            "epochs": settings.epochs,
-            "seconds": watch.seconds,
-            "path": path.name,
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        self._record(fingerprint, entry)
-        self.trained += 1
-        logging.info("Distilled %s into %s: validation accuracy %.4f.",
-                     teacher.name, student.name, entry["val_accuracy"])
-        return fingerprint, dict(entry, reused=False)
+                smaller.name,
+                f"{smaller.count_params():,}",
+                bigger.name,
+                f"{bigger.count_params():,}",
+            )
 
 
 def distill_chain(
-    models,
-    train_data,
-    val_data,
-    *,
-    temperature=4.0,
-    distillation_weight=0.9,
-    epochs=10,
-    workdir,
-    learning_rate=1e-3,
-    seed=0,
-    verbose=0,
+    models, train_data, val_data, *, workdir, logdir=None, verbose=0, **settings
 ):
     """Distils a teacher into a student through assistants, step by step.
 
@@ -176,14 +74,17 @@ def distill_chain(
             the others are trained here, in place.
         train_data: the transfer set, a batched dataset of `(x, y)`.
         val_data: a batched dataset of `(x, y)` for the validation accuracy.
-        temperature: T of every step.
-        distillation_weight: λ of every step.
-        epochs: epochs of every step.
-        workdir: folder for the trained models and the manifest.
-        learning_rate: Adam's learning rate.
-        seed: the random seed set before every step (shuffles, dropout); the
-            models come already initialised.
+        workdir: folder for the trained models and the manifest (a
+            `kd_keras.store.ModelStore`).
+        logdir: if set, each step writes TensorBoard logs (both loss terms,
+            T and λ) to `logdir/<student name>`.
         verbose: Keras verbosity.
+        **settings: the settings of every step, fields of
+            `kd_keras.store.Settings`: `temperature` (4.0),
+            `distillation_weight` (0.9), `epochs` (10), `optimizer` ("adam",
+            copied for every step), `learning_rate` (1e-3) and `seed` (0, of
+            the shuffle of the cached logits; the models come initialised by
+            the caller).
 
     Like a `Distiller`, the chain freezes each model it uses as a teacher
     (`trainable = False`).
@@ -204,21 +105,56 @@ def distill_chain(
     """
     models = list(models)
     _check_chain(models)
-    settings = _Settings(temperature, distillation_weight, epochs,
-                         learning_rate, _datasets.fingerprint(train_data), seed)
-    settings.check()
-    store = _StepStore(workdir)
+    ladder = _Ladder(workdir, train_data, val_data, logdir, verbose, settings)
     fingerprint = _fingerprints.weights(models[0])
     report = []
-    for index, (teacher, student) in enumerate(zip(models, models[1:]), 1):
-        fingerprint, entry = store.step(teacher, fingerprint, student, settings,
-                                        train_data, val_data, verbose)
+    pairs = zip(models, models[1:], strict=False)
+    for index, (teacher, student) in enumerate(pairs, 1):
+        fingerprint, entry = ladder.step(teacher, fingerprint, student, student.name)
         report.append(dict(entry, step=index))
     return models[-1], report
 
 
-def _build(builder, name, seed):
-    keras.utils.set_random_seed(seed)
+class _Ladder:
+    """The distillation steps of a chain or a path search: stored in one
+    folder, with the same data, settings and logging."""
+
+    def __init__(self, workdir, train_data, val_data, logdir, verbose, settings):
+        try:
+            self.settings = Settings(**settings)
+        except TypeError as error:
+            raise ValueError(
+                f"Unknown setting ({error}). The settings are the fields of "
+                "`kd_keras.store.Settings`: "
+                + ", ".join(f.name for f in dataclasses.fields(Settings))
+            ) from None
+        self.settings.check()
+        self.store = ModelStore(workdir)
+        self.train_data = training.as_batches(train_data)
+        self.val_data = val_data
+        self.logdir = logdir
+        self.verbose = verbose
+
+    def step(self, teacher, teacher_fingerprint, student, name):
+        """Distils `teacher` into `student` (or reloads it); logs go to
+        `logdir/name`. Returns `(fingerprint, entry)`."""
+        callbacks = []
+        if self.logdir is not None:
+            log_dir = str(pathlib.Path(self.logdir) / name)
+            callbacks.append(keras.callbacks.TensorBoard(log_dir))
+        return self.store.distill(
+            teacher,
+            student,
+            self.train_data,
+            self.val_data,
+            self.settings,
+            teacher_fingerprint=teacher_fingerprint,
+            callbacks=callbacks,
+            verbose=self.verbose,
+        )
+
+
+def _build(builder, name):
     if isinstance(builder, keras.Model):
         model = keras.models.clone_model(builder)
     elif callable(builder):
@@ -230,6 +166,23 @@ def _build(builder, name, seed):
         )
     _checks.check_keras_model(model, name)
     return model
+
+
+class _SameStart:
+    """New models from a builder, every one starting from the weights of
+    the first, so that paths differ only in what they distil."""
+
+    def __init__(self, builder, name):
+        self.builder, self.name = builder, name
+        self.initial_weights = None
+
+    def __call__(self):
+        model = _build(self.builder, self.name)
+        if self.initial_weights is None:
+            self.initial_weights = model.get_weights()
+        else:
+            model.set_weights(self.initial_weights)
+        return model
 
 
 def _path_name(assistants):
@@ -270,13 +223,10 @@ def search_paths(
     val_data,
     *,
     test_data=None,
-    temperature=4.0,
-    distillation_weight=0.9,
-    epochs=10,
     workdir,
-    learning_rate=1e-3,
-    seed=0,
+    logdir=None,
     verbose=0,
+    **settings,
 ):
     """Trains every distillation path from the teacher to the student.
 
@@ -284,10 +234,10 @@ def search_paths(
     the order given (largest first), as in Figure 5 of Mirzadeh et al.
     (2020): with candidates 8, 6 and 4, the eight paths are T→S, T→8→S,
     T→6→S, T→4→S, T→8→6→S, T→8→4→S, T→6→4→S and T→8→6→4→S. Shared prefixes
-    are trained once: T→8 serves four paths. Every model of the same
-    architecture starts from the same initial weights (`seed`), so paths
-    differ only in what they distil. Steps are stored in `workdir` as in
-    `distill_chain`, so an interrupted search resumes.
+    are trained once: T→8 serves four paths. Every model built from the same
+    builder starts from the same initial weights (those of its first
+    build), so paths differ only in what they distil. Steps are stored in
+    `workdir` as in `distill_chain`, so an interrupted search resumes.
 
     Args:
         teacher: the trained teacher.
@@ -297,11 +247,10 @@ def search_paths(
         train_data: the transfer set, a batched dataset of `(x, y)`.
         val_data: a batched dataset of `(x, y)`.
         test_data: optional batched dataset for a test accuracy per path.
-        temperature, distillation_weight, epochs, learning_rate: as in
-            `distill_chain`, for every step.
         workdir: folder for the trained models and the manifest.
-        seed: seed of every model's initial weights and every step.
+        logdir: as in `distill_chain` (logs go to `logdir/<path>`).
         verbose: Keras verbosity.
+        **settings: the settings of every step, as in `distill_chain`.
 
     Returns:
         A `PathSearchResult`.
@@ -309,31 +258,34 @@ def search_paths(
     names = list(candidates)
     if len(set(names)) != len(names):
         raise ValueError(f"Candidate names must be unique. Received: {names}")
-    _check_chain([teacher, _build(student, "student", seed)])
-    settings = _Settings(temperature, distillation_weight, epochs,
-                         learning_rate, _datasets.fingerprint(train_data), seed)
-    settings.check()
-    store = _StepStore(workdir)
-    paths = [combo for size in range(len(names) + 1)
-             for combo in itertools.combinations(names, size)]
+    new_student = _SameStart(student, "student")
+    _check_chain([teacher, new_student()])
+    builders = {name: _SameStart(candidates[name], name) for name in names}
+    ladder = _Ladder(workdir, train_data, val_data, logdir, verbose, settings)
+    paths = [
+        combo
+        for size in range(len(names) + 1)
+        for combo in itertools.combinations(names, size)
+    ]
     # Assistants at the end of each distinct prefix, shortest prefixes first.
     trained = {(): (teacher, _fingerprints.weights(teacher))}
     accuracies = {}
-    for prefix in sorted({p[:k] for p in paths for k in range(1, len(p) + 1)},
-                         key=len):
+    for prefix in sorted({p[:k] for p in paths for k in range(1, len(p) + 1)}, key=len):
         parent, parent_fingerprint = trained[prefix[:-1]]
-        assistant = _build(candidates[prefix[-1]], prefix[-1], seed)
+        assistant = builders[prefix[-1]]()
         _check_chain([parent, assistant])
-        fingerprint, entry = store.step(parent, parent_fingerprint, assistant,
-                                        settings, train_data, val_data, verbose)
+        fingerprint, entry = ladder.step(
+            parent, parent_fingerprint, assistant, "-".join(prefix)
+        )
         trained[prefix] = (assistant, fingerprint)
         accuracies[prefix] = entry["val_accuracy"]
     table = []
     for path in paths:
         parent, parent_fingerprint = trained[path]
-        model = _build(student, "student", seed)
-        _, entry = store.step(parent, parent_fingerprint, model, settings,
-                              train_data, val_data, verbose)
+        model = new_student()
+        _, entry = ladder.step(
+            parent, parent_fingerprint, model, "-".join((*path, "student"))
+        )
         row = {
             "path": _path_name(path),
             "assistants": list(path),
@@ -346,8 +298,8 @@ def search_paths(
     table.sort(key=lambda row: -row["student_val_accuracy"])
     return PathSearchResult(
         table=table,
-        trainings=store.trained,
-        reused=store.reused,
+        trainings=ladder.store.trained,
+        reused=ladder.store.reused,
         distinct_steps=len(trained) - 1 + len(paths),
         naive_trainings=sum(len(p) + 1 for p in paths),
         assistant_accuracies=accuracies,
@@ -364,8 +316,8 @@ def suggest_assistant(
     train_data=None,
     val_data=None,
     epochs=1,
+    optimizer="adam",
     learning_rate=1e-3,
-    seed=0,
 ):
     """Picks the assistant whose accuracy is nearest the teacher's and the
     student's mean.
@@ -387,8 +339,9 @@ def suggest_assistant(
         train_data: batched `(x, y)` for the short trainings.
         val_data: batched `(x, y)` to score on.
         epochs: epochs of each short training.
-        learning_rate: Adam's learning rate of the short trainings.
-        seed: seed of the short trainings.
+        optimizer: a Keras optimizer (copied) or its config, or the name of
+            one to use with `learning_rate`, for the short trainings.
+        learning_rate: the learning rate of an optimizer given by name.
 
     Returns:
         A dict: `assistant` (the chosen name), `target_accuracy` (the mean),
@@ -404,8 +357,7 @@ def suggest_assistant(
     if not candidates:
         raise ValueError("Expected at least one candidate assistant.")
     values = list(candidates.values())
-    known = all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                for v in values)
+    known = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
     if not known and (train_data is None or val_data is None):
         raise ValueError(
             "To estimate the candidates' accuracies, pass `train_data` and "
@@ -413,24 +365,36 @@ def suggest_assistant(
         )
 
     def estimate(builder, name):
-        model = _build(builder, name, seed)
-        training.train(model, train_data, epochs=epochs,
-                       learning_rate=learning_rate, verbose=0)
+        model = _build(builder, name)
+        training.train(
+            model,
+            train_data,
+            epochs=epochs,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            verbose=0,
+        )
         return training.test_accuracy(model, val_data)
 
     if teacher_accuracy is None:
         if teacher is None or val_data is None:
-            raise ValueError("Pass `teacher_accuracy`, or `teacher` and "
-                             "`val_data` to measure it.")
+            raise ValueError(
+                "Pass `teacher_accuracy`, or `teacher` and `val_data` to measure it."
+            )
         teacher_accuracy = training.test_accuracy(teacher, val_data)
     if student_accuracy is None:
         if student is None or train_data is None or val_data is None:
-            raise ValueError("Pass `student_accuracy`, or `student` (a "
-                             "builder), `train_data` and `val_data` to "
-                             "estimate it.")
+            raise ValueError(
+                "Pass `student_accuracy`, or `student` (a "
+                "builder), `train_data` and `val_data` to "
+                "estimate it."
+            )
         student_accuracy = estimate(student, "student")
-    accuracies = dict(candidates) if known else {
-        name: estimate(builder, name) for name, builder in candidates.items()}
+    accuracies = (
+        {k: float(v) for k, v in candidates.items()}
+        if known
+        else {name: estimate(builder, name) for name, builder in candidates.items()}
+    )
     target = (teacher_accuracy + student_accuracy) / 2.0
     best = min(accuracies, key=lambda name: abs(accuracies[name] - target))
     return {

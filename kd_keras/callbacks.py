@@ -3,7 +3,6 @@ early stop of the student's distillation term, early-stopped teachers, and
 schedules of temperature and distillation weight."""
 
 import inspect
-import json
 import numbers
 import os
 import pathlib
@@ -12,6 +11,7 @@ from absl import logging
 import keras
 
 from kd_keras import _backend
+from kd_keras import _io
 from kd_keras.distiller import Distiller
 
 PARAMETERS = ("temperature", "distillation_weight")
@@ -45,6 +45,11 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
     logged through `absl.logging`. When `fit` ends, the distillation weight
     is set back to its value before `fit`.
 
+    A callback's state is not in Keras' `BackupAndRestore` checkpoints: give
+    `state_dir` (the same folder) so that a resumed run still knows when the
+    switch happened and which weight to restore. `training.distill` does
+    that with its `backup_dir`.
+
     Args:
         epoch: index (from 0, as Keras counts) of the first epoch trained on
             the labels only: `epoch=5` distils during the first 5 epochs.
@@ -54,6 +59,8 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
         mode: `"auto"`, `"min"` or `"max"`, as for `EarlyStopping`.
         min_delta: the smallest change of `monitor` that counts as improvement.
         start_from_epoch: epochs to wait before watching `monitor`.
+        state_dir: optional folder where the switch is recorded while `fit`
+            runs, such as the `BackupAndRestore` folder.
 
     Example:
 
@@ -63,6 +70,8 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
     ```
     """
 
+    STATE = "student_early_stop.json"
+
     def __init__(
         self,
         epoch=None,
@@ -71,6 +80,7 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
         mode="auto",
         min_delta=0.0,
         start_from_epoch=0,
+        state_dir=None,
     ):
         if epoch is None and monitor is None:
             raise ValueError(
@@ -81,8 +91,7 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
             isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0
         ):
             raise ValueError(
-                "Expected `epoch` to be an integer >= 0. "
-                f"Received: epoch={epoch!r}"
+                f"Expected `epoch` to be an integer >= 0. Received: epoch={epoch!r}"
             )
         super().__init__(
             monitor=monitor or "val_loss",
@@ -94,6 +103,14 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
         self.epoch = epoch
         self._watch = monitor is not None
         self.switch_epoch = None
+        self.state_dir = state_dir
+
+    def _state_path(self):
+        return (
+            None
+            if self.state_dir is None
+            else (pathlib.Path(self.state_dir) / self.STATE)
+        )
 
     def set_model(self, model):
         _check_distiller(model, "StudentEarlyStop")
@@ -101,19 +118,33 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        self.switch_epoch = None
-        self._weight_before = _backend.concrete_scalar(self.model.distillation_weight)
+        state = {}
+        if self._state_path() is not None:
+            state = _io.read_json(self._state_path(), {})
+        # A resumed run restores λ = 0 after a switch: the state says more.
+        self.switch_epoch = state.get("switch_epoch")
+        self._weight_before = state.get(
+            "weight_before", _backend.concrete_scalar(self.model.distillation_weight)
+        )
 
     def _switch(self, epoch):
         self.model.distillation_weight = 0.0
         self.switch_epoch = epoch
+        if self._state_path() is not None:
+            _io.write_json(
+                self._state_path(),
+                {"switch_epoch": epoch, "weight_before": self._weight_before},
+            )
         logging.info(
-            "StudentEarlyStop: the student trains on the labels only from "
-            "epoch %d.", epoch + 1)
+            "StudentEarlyStop: the student trains on the labels only from epoch %d.",
+            epoch + 1,
+        )
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self.switch_epoch is None and self.epoch is not None and (
-            epoch >= self.epoch
+        if (
+            self.switch_epoch is None
+            and self.epoch is not None
+            and (epoch >= self.epoch)
         ):
             self._switch(epoch)
 
@@ -135,6 +166,8 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
     def on_train_end(self, logs=None):
         # The switch lasts for this `fit` only; a later `fit` distils again.
         self.model.distillation_weight = self._weight_before
+        if self._state_path() is not None:
+            self._state_path().unlink(missing_ok=True)
 
 
 class TeacherSnapshots(keras.callbacks.ModelCheckpoint):
@@ -176,17 +209,14 @@ class TeacherSnapshots(keras.callbacks.ModelCheckpoint):
                 "(e.g. every=5). Received neither."
             )
         for value in epochs + ([every] if every else []):
-            if isinstance(value, bool) or not isinstance(value, int) or (
-                value < 1
-            ):
+            if isinstance(value, bool) or not isinstance(value, int) or (value < 1):
                 raise ValueError(
                     "Expected snapshot epochs counted from 1, as Keras prints "
                     f"them. Received: epochs={epochs}, every={every!r}"
                 )
         self.directory = pathlib.Path(directory)
         super().__init__(
-            os.fspath(self.directory / "epoch_{epoch:03d}.keras"),
-            verbose=verbose,
+            os.fspath(self.directory / "epoch_{epoch:03d}.keras"), verbose=verbose
         )
         self.epochs = epochs
         self.every = every
@@ -202,18 +232,14 @@ class TeacherSnapshots(keras.callbacks.ModelCheckpoint):
             self._fresh = False
             manifest = self.read_manifest(self.directory)
             for key in [k for k in manifest if int(k) > epoch]:
-                (self.directory / manifest.pop(key)["path"]).unlink(
-                    missing_ok=True)
+                (self.directory / manifest.pop(key)["path"]).unlink(missing_ok=True)
             self._write_manifest(manifest)
 
     def _write_manifest(self, manifest):
         if not manifest and not self.directory.is_dir():
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
         ordered = dict(sorted(manifest.items(), key=lambda kv: int(kv[0])))
-        temporary = self.directory / (self.MANIFEST + ".tmp")
-        temporary.write_text(json.dumps(ordered, indent=2) + "\n")
-        os.replace(temporary, self.directory / self.MANIFEST)
+        _io.write_json(self.directory / self.MANIFEST, ordered)
 
     def _wanted(self, epoch):
         return epoch in self.epochs or bool(self.every and epoch % self.every == 0)
@@ -226,18 +252,18 @@ class TeacherSnapshots(keras.callbacks.ModelCheckpoint):
         manifest[str(epoch + 1)] = {
             "epoch": epoch + 1,
             "path": f"epoch_{epoch + 1:03d}.keras",
-            "metrics": {k: float(v) for k, v in (logs or {}).items()
-                        if isinstance(v, numbers.Real)},
+            "metrics": {
+                k: float(v)
+                for k, v in (logs or {}).items()
+                if isinstance(v, numbers.Real)
+            },
         }
         self._write_manifest(manifest)
 
     @classmethod
     def read_manifest(cls, directory):
         """Returns `{epoch: {"epoch", "path", "metrics"}}` with str keys."""
-        path = pathlib.Path(directory) / cls.MANIFEST
-        if not path.is_file():
-            return {}
-        return json.loads(path.read_text())
+        return _io.read_json(pathlib.Path(directory) / cls.MANIFEST, {})
 
     @classmethod
     def load(cls, directory, epoch):
@@ -293,8 +319,8 @@ class ParameterSchedule(keras.callbacks.Callback):
             parameters = inspect.signature(schedule).parameters.values()
             self._takes_current = sum(
                 p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                for p in parameters) >= 2 or any(
-                p.kind == p.VAR_POSITIONAL for p in parameters)
+                for p in parameters
+            ) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in parameters)
         except (TypeError, ValueError):
             self._takes_current = False
 
@@ -311,8 +337,12 @@ class ParameterSchedule(keras.callbacks.Callback):
         else:
             value = self.schedule(epoch)
         setattr(self.model, self.parameter, value)
-        logging.info("ParameterSchedule: %s = %g at epoch %d.",
-                     self.parameter, self._current(), epoch + 1)
+        logging.info(
+            "ParameterSchedule: %s = %g at epoch %d.",
+            self.parameter,
+            self._current(),
+            epoch + 1,
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:

@@ -7,14 +7,15 @@ need TensorFlow, which is imported when one is built; `ArrayBatches` and the
 IDX reader work on any Keras backend without it.
 """
 
+import contextlib
 import gzip
 import os
-import re
 import pathlib
+import re
 import tempfile
 
-import numpy as np
 import keras
+import numpy as np
 
 from kd_keras import _backend
 from kd_keras import _datasets
@@ -29,8 +30,14 @@ MNIST_FILES = {
     "test_data": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4",
-               0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 def _open(path):
@@ -54,8 +61,9 @@ def read_idx_header(path):
         dims = f.read(4 * rank)
         if len(dims) != 4 * rank:
             raise ValueError(f"{path} ends inside its IDX header.")
-        shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big")
-                      for i in range(rank))
+        shape = tuple(
+            int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(rank)
+        )
     return np.dtype(_IDX_DTYPES[head[2]]), shape
 
 
@@ -85,8 +93,12 @@ def _find_idx_files(idx_dir):
     for key, stem in MNIST_FILES.items():
         candidates = [
             idx_dir / name
-            for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"),
-                         stem.replace("-idx", ".idx") + ".gz")
+            for name in (
+                stem,
+                stem + ".gz",
+                stem.replace("-idx", ".idx"),
+                stem.replace("-idx", ".idx") + ".gz",
+            )
         ]
         existing = [c for c in candidates if c.is_file()]
         if existing:
@@ -179,13 +191,11 @@ def import_mnist(idx_dir, data_dir):
         builder.download_and_prepare(
             download_dir=scratch,
             download_config=tfds.download.DownloadConfig(
-                try_download_gcs=False,
-                extract_dir=os.path.join(scratch, "extracted"),
+                try_download_gcs=False, extract_dir=os.path.join(scratch, "extracted")
             ),
         )
     return {
-        split: builder.info.splits[split].num_examples
-        for split in ("train", "test")
+        split: builder.info.splits[split].num_examples for split in ("train", "test")
     }
 
 
@@ -214,7 +224,8 @@ def read_mnist(idx_dir):
     _check_mnist_files(files)
     return tuple(
         (read_idx(files[split + "_data"]), read_idx(files[split + "_labels"]))
-        for split in ("train", "test"))
+        for split in ("train", "test")
+    )
 
 
 def sample():
@@ -344,7 +355,8 @@ def pipeline(
     """
     tf = _backend.require_tensorflow(
         "`pipeline` and `load` (tf.data; without TensorFlow, use "
-        "`read_mnist` and `ArrayBatches`)")
+        "`read_mnist` and `ArrayBatches`)"
+    )
     if isinstance(examples, tuple):
         examples = tf.data.Dataset.from_tensor_slices(examples)
     if keep_classes is not None or drop_classes:
@@ -359,6 +371,20 @@ def pipeline(
     if max_shift:
         batches = jitter(batches, max_shift, seed=seed)
     return batches.prefetch(tf.data.AUTOTUNE)
+
+
+@contextlib.contextmanager
+def _few_download_retries(retries=2):
+    """tensorflow-datasets retries a failed download 10 times with growing
+    pauses, over 3 minutes without a network; this fails within seconds."""
+    from tensorflow_datasets.core.download import downloader
+
+    default = downloader.MAX_RETRIES
+    downloader.MAX_RETRIES = retries
+    try:
+        yield
+    finally:
+        downloader.MAX_RETRIES = default
 
 
 _SPLIT = re.compile(r"^(train|test)(?:\[(-?\d*)(%?):(-?\d*)(%?)\])?$")
@@ -431,26 +457,32 @@ def load(
     """
     _backend.require_tensorflow(
         "`load` (tensorflow-datasets and tf.data; without TensorFlow, use "
-        "`read_mnist` and `ArrayBatches`)")
+        "`read_mnist` and `ArrayBatches`)"
+    )
     if name == SAMPLE_NAME:
         examples = _sample_split(split)
     else:
         import tensorflow_datasets as tfds
 
         try:
-            examples = tfds.load(
-                name,
-                split=split,
-                data_dir=None if data_dir is None else os.path.expanduser(
-                    str(data_dir)),
-                as_supervised=True,
-                download=download,
-                batch_size=-1 if in_memory else None,
-            )
+            with _few_download_retries():
+                examples = tfds.load(
+                    name,
+                    split=split,
+                    data_dir=None
+                    if data_dir is None
+                    else os.path.expanduser(str(data_dir)),
+                    as_supervised=True,
+                    download=download,
+                    batch_size=-1 if in_memory else None,
+                )
             if in_memory:
                 examples = tuple(tfds.as_numpy(examples))
-        except (tfds.core.registered.DatasetNotFoundError,
-                AssertionError, OSError) as error:
+        except (
+            tfds.core.registered.DatasetNotFoundError,
+            AssertionError,
+            OSError,
+        ) as error:
             raise ValueError(
                 f"Could not load {name!r} split {split!r} from "
                 f"data_dir={data_dir!r}: {error}. For MNIST with no network, "
@@ -502,24 +534,31 @@ class ArrayBatches(keras.utils.PyDataset):
     >>> student.fit(train, epochs=5)
     """
 
-    def __init__(self, x, y=None, sample_weight=None, *, batch_size=128,
-                 shuffle=False, seed=None):
+    def __init__(
+        self, x, y=None, sample_weight=None, *, batch_size=128, shuffle=False, seed=None
+    ):
         super().__init__()
         x, y, sample_weight = keras.tree.map_structure(
-            lambda a: None if a is None else np.asarray(a),
-            (x, y, sample_weight))
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or (
-                batch_size < 1):
+            lambda a: None if a is None else np.asarray(a), (x, y, sample_weight)
+        )
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int)
+            or (batch_size < 1)
+        ):
             raise ValueError(
                 "Expected `batch_size` to be a positive integer. Received: "
-                f"batch_size={batch_size!r}")
+                f"batch_size={batch_size!r}"
+            )
         self.x, self.y, self.sample_weight = x, y, sample_weight
-        lengths = {len(a) for a in keras.tree.flatten((x, y, sample_weight))
-                   if a is not None}
+        lengths = {
+            len(a) for a in keras.tree.flatten((x, y, sample_weight)) if a is not None
+        }
         if len(lengths) != 1:
             raise ValueError(
                 "Expected inputs, labels and sample weights with one row per "
-                f"example. Received arrays of lengths {sorted(lengths)}.")
+                f"example. Received arrays of lengths {sorted(lengths)}."
+            )
         self.count = lengths.pop()
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -539,7 +578,8 @@ class ArrayBatches(keras.utils.PyDataset):
             rows = self._order[rows]
         x, y, sample_weight = keras.tree.map_structure(
             lambda a: None if a is None else a[rows],
-            (self.x, self.y, self.sample_weight))
+            (self.x, self.y, self.sample_weight),
+        )
         return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
     def on_epoch_end(self):
@@ -549,6 +589,10 @@ class ArrayBatches(keras.utils.PyDataset):
     def with_arrays(self, x, y=None, sample_weight=None, shuffle=None):
         """The same batching (size, shuffle, seed) over other arrays."""
         return ArrayBatches(
-            x, y, sample_weight, batch_size=self.batch_size,
+            x,
+            y,
+            sample_weight,
+            batch_size=self.batch_size,
             shuffle=self.shuffle if shuffle is None else shuffle,
-            seed=self.seed)
+            seed=self.seed,
+        )

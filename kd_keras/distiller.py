@@ -5,16 +5,16 @@ import inspect
 import warnings
 import weakref
 
-import numpy as np
 import keras
 from keras import ops
+import numpy as np
 
 from kd_keras import _backend
 from kd_keras import _checks
-from kd_keras import _datasets
+from kd_keras import _hyperparameters
+from kd_keras import metrics as metrics_lib
 from kd_keras.losses import check_distillation_weight
 from kd_keras.losses import check_same_shape
-from kd_keras.losses import check_scalar
 from kd_keras.losses import check_temperature
 from kd_keras.losses import per_position_distillation_loss
 from kd_keras.losses import reduce_like_keras
@@ -23,8 +23,6 @@ from kd_keras.losses import reduce_like_keras
 # (see `kd_keras.cache_teacher_logits`).
 INPUTS_KEY = "inputs"
 TEACHER_LOGITS_KEY = "teacher_logits"
-# Rows of the first batch that the checks before training run the models on.
-_PEEK_ROWS = 8
 
 
 def split_cached(x):
@@ -35,8 +33,7 @@ def split_cached(x):
 
 
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
-_BINARY_LOSSES = (keras.losses.BinaryCrossentropy,
-                  keras.losses.BinaryFocalCrossentropy)
+_BINARY_LOSSES = (keras.losses.BinaryCrossentropy, keras.losses.BinaryFocalCrossentropy)
 
 
 def _expects_probabilities(loss):
@@ -55,8 +52,7 @@ class _PerExampleFunction(keras.losses.Loss):
     position), reduced as Keras' own losses are."""
 
     def __init__(self, fn):
-        super().__init__(name=getattr(fn, "__name__", "student_loss"),
-                         dtype="float32")
+        super().__init__(name=getattr(fn, "__name__", "student_loss"), dtype="float32")
         self.fn = fn
 
     def call(self, y_true, y_pred):
@@ -98,69 +94,6 @@ def _check_student_loss(loss):
             "(the default) or 'mean_with_sample_weight'."
         )
     return resolved
-
-
-class _Hyperparameter(keras.Variable):
-    """A float32 scalar variable that refuses values out of its range.
-
-    Assigning a number or a concrete tensor validates it first, so
-    `distiller.temperature.assign(0.0)` raises instead of turning the loss
-    into NaN. A value computed inside a compiled step cannot be read there,
-    and is not checked.
-    """
-
-    def __init__(self, value, name, check):
-        self._check = check
-        self._owner = None
-        check(value)
-        super().__init__(
-            keras.initializers.Constant(float(value)),
-            shape=(),
-            dtype="float32",
-            trainable=False,
-            autocast=False,
-            name=name,
-        )
-
-    def _distiller(self):
-        """The Distiller that owns the variable (held by a weak reference)."""
-        return self._owner() if self._owner is not None else None
-
-    def _sync_owner(self):
-        distiller = self._distiller()
-        if distiller is not None and not _backend.in_stateless_scope():
-            distiller._sync_training_state()
-
-    def assign(self, value):
-        distiller = self._distiller()
-        if distiller is not None and distiller._state_syncing:
-            # Keras writing back its training state: values it had.
-            return super().assign(value)
-        number = check_scalar(value, self._check, self.name)
-        self._sync_owner()
-        result = super().assign(value)
-        if distiller is not None and number is not None:
-            distiller._hyperparameter_assigned(self, number)
-        return result
-
-    if _backend.name() == "jax":
-
-        @property
-        def value(self):
-            if self._value is None:  # Held by the training state mid-epoch.
-                self._sync_owner()
-            return super().value
-
-
-class _LogHyperparameters(keras.callbacks.Callback):
-    """Writes the temperature and the distillation weight into each epoch's
-    logs, so that schedules and early stops show in the History."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["temperature"] = _backend.concrete_scalar(self.model.temperature)
-            logs["distillation_weight"] = _backend.concrete_scalar(
-                self.model.distillation_weight)
 
 
 @keras.saving.register_keras_serializable(package="kd_keras")
@@ -255,27 +188,28 @@ class Distiller(keras.Model):
         teacher_shape = _checks.output_shape(teacher)
         student_shape = _checks.output_shape(student)
         if teacher_shape and student_shape:
-            check_same_shape(teacher_shape, student_shape,
-                             f" (teacher `{teacher.name}`, student "
-                             f"`{student.name}`)")
+            check_same_shape(
+                teacher_shape,
+                student_shape,
+                f" (teacher `{teacher.name}`, student `{student.name}`)",
+            )
         self._student_loss_arg = student_loss
         self._student_loss = _check_student_loss(student_loss)
 
         teacher.trainable = False
         self.teacher = teacher
         self.student = student
-        self._temperature = _Hyperparameter(
-            temperature, "temperature", check_temperature)
-        self._distillation_weight = _Hyperparameter(
-            distillation_weight, "distillation_weight",
-            check_distillation_weight)
+        self._temperature = _hyperparameters.Hyperparameter(
+            temperature, "temperature", check_temperature
+        )
+        self._distillation_weight = _hyperparameters.Hyperparameter(
+            distillation_weight, "distillation_weight", check_distillation_weight
+        )
         self._state_syncing = False
         for variable in (self._temperature, self._distillation_weight):
             variable._owner = weakref.ref(self)
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
-        self.distillation_loss_tracker = keras.metrics.Mean(
-            name="distillation_loss"
-        )
+        self.distillation_loss_tracker = keras.metrics.Mean(name="distillation_loss")
         self._label_losses = {}
         # Whether steps are traced with the teacher (see `_teacher_logits`).
         self._teacher_on = distillation_weight > 0.0
@@ -336,7 +270,8 @@ class Distiller(keras.Model):
         # labels they stay out.
         compiled = getattr(self, "_compile_metrics", None)
         return [
-            m for m in super().metrics
+            m
+            for m in super().metrics
             if not (m is compiled and not getattr(m, "built", True))
         ]
 
@@ -355,9 +290,13 @@ class Distiller(keras.Model):
             **kwargs: passed on to `keras.Model.compile` (e.g.
                 `jit_compile`, `steps_per_execution`).
         """
-        if loss is not None and self._student_loss_arg is not None and (
-            keras.saving.serialize_keras_object(loss)
-            != keras.saving.serialize_keras_object(self._student_loss_arg)
+        if (
+            loss is not None
+            and self._student_loss_arg is not None
+            and (
+                keras.saving.serialize_keras_object(loss)
+                != keras.saving.serialize_keras_object(self._student_loss_arg)
+            )
         ):
             raise ValueError(
                 "The student loss was given twice: to the Distiller "
@@ -368,18 +307,17 @@ class Distiller(keras.Model):
             loss if loss is not None else self._student_loss_arg
         )
         self._compile_loss_arg = loss
-        metrics = _logit_accuracy_metrics(metrics)
+        metrics = metrics_lib.with_logit_accuracy(metrics)
         if "weighted_metrics" in kwargs:
-            kwargs["weighted_metrics"] = _logit_accuracy_metrics(
-                kwargs["weighted_metrics"])
+            kwargs["weighted_metrics"] = metrics_lib.with_logit_accuracy(
+                kwargs["weighted_metrics"]
+            )
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
     def get_compile_config(self):
         config = super().get_compile_config()
         if config and getattr(self, "_compile_loss_arg", None) is not None:
-            config["loss"] = keras.saving.serialize_keras_object(
-                self._compile_loss_arg
-            )
+            config["loss"] = keras.saving.serialize_keras_object(self._compile_loss_arg)
         return config
 
     def compile_from_config(self, config):
@@ -453,31 +391,31 @@ class Distiller(keras.Model):
         is left out: the teacher does not train.
         """
         teacher_losses = {id(loss) for loss in self.teacher.losses}
-        losses = [loss for loss in self.losses
-                  if id(loss) not in teacher_losses]
+        losses = [loss for loss in self.losses if id(loss) not in teacher_losses]
         if not losses:
             return ops.zeros((), "float32")
-        total = ops.sum([ops.cast(ops.sum(loss), "float32")
-                         for loss in losses])
+        total = ops.sum([ops.cast(ops.sum(loss), "float32") for loss in losses])
         return total / _backend.num_replicas()
 
     def _label_values(self, label_fn, y, student_logits):
         """The label loss at every position, before its reduction, as a
         `keras.losses.Loss` computes it (in the loss's dtype)."""
         dtype = label_fn.dtype
-        y = keras.tree.map_structure(
-            lambda t: ops.convert_to_tensor(t, dtype=dtype), y)
+        y = keras.tree.map_structure(lambda t: ops.convert_to_tensor(t, dtype=dtype), y)
         logits = ops.convert_to_tensor(student_logits, dtype=dtype)
-        if isinstance(label_fn, _BINARY_LOSSES) and ops.is_tensor(y) and (
-            len(y.shape) == len(logits.shape) - 1
+        if (
+            isinstance(label_fn, _BINARY_LOSSES)
+            and ops.is_tensor(y)
+            and (len(y.shape) == len(logits.shape) - 1)
         ):
             # Binary labels (batch, ...) for logits (batch, ..., 1): without
             # the axis, Keras' binary losses would average over positions.
             y = ops.expand_dims(y, -1)
         return label_fn.call(y, logits)
 
-    def _total_loss(self, y, student_logits, teacher_logits, sample_weight,
-                    regularization):
+    def _total_loss(
+        self, y, student_logits, teacher_logits, sample_weight, regularization
+    ):
         """`(1 − λ)·label + λ·KD + regularisation`, tracked for the logs.
 
         Both terms are computed at every position and reduced by the same
@@ -489,10 +427,10 @@ class Distiller(keras.Model):
         weight = ops.convert_to_tensor(self._distillation_weight)
         mask = _backend.keras_mask(student_logits)
         kd_values = per_position_distillation_loss(
-            teacher_logits, student_logits, self._temperature)
+            teacher_logits, student_logits, self._temperature
+        )
         if y is None:
-            reduction = getattr(self._student_loss, "reduction",
-                                "sum_over_batch_size")
+            reduction = getattr(self._student_loss, "reduction", "sum_over_batch_size")
             label_loss = ops.zeros((), "float32")
         else:
             label_fn = self._label_loss_fn(y, student_logits)
@@ -501,11 +439,13 @@ class Distiller(keras.Model):
             label_mask = _backend.keras_mask(label_values)
             if label_mask is not None and mask is not None:
                 label_mask = ops.logical_and(
-                    ops.cast(label_mask, "bool"), ops.cast(mask, "bool"))
+                    ops.cast(label_mask, "bool"), ops.cast(mask, "bool")
+                )
             elif label_mask is None:
                 label_mask = mask
-            label_loss = reduce_like_keras(label_values, sample_weight,
-                                           label_mask, reduction)
+            label_loss = reduce_like_keras(
+                label_values, sample_weight, label_mask, reduction
+            )
             if len(label_values.shape) == len(kd_values.shape):
                 mask = label_mask
         kd_loss = reduce_like_keras(kd_values, sample_weight, mask, reduction)
@@ -516,13 +456,16 @@ class Distiller(keras.Model):
         replicas = _backend.num_replicas()
         batch_size = ops.shape(student_logits)[0]
         self.student_loss_tracker.update_state(
-            label_loss * replicas, sample_weight=batch_size)
+            label_loss * replicas, sample_weight=batch_size
+        )
         self.distillation_loss_tracker.update_state(
-            kd_loss * replicas, sample_weight=batch_size)
+            kd_loss * replicas, sample_weight=batch_size
+        )
         return total
 
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None,
-                     training=True):
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
         """The combined loss; Keras' training and evaluation steps call it.
 
         The teacher's logits come from the batch if it was cached, else from
@@ -535,10 +478,10 @@ class Distiller(keras.Model):
         del training  # The teacher always runs in inference mode.
         inputs, cached = split_cached(x)
         regularization = self._regularization()
-        teacher_logits = ops.stop_gradient(
-            self._teacher_logits(inputs, cached, y_pred))
-        return self._total_loss(y, y_pred, teacher_logits, sample_weight,
-                                regularization)
+        teacher_logits = ops.stop_gradient(self._teacher_logits(inputs, cached, y_pred))
+        return self._total_loss(
+            y, y_pred, teacher_logits, sample_weight, regularization
+        )
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if y is None:  # Unlabeled data: label metrics cannot be computed.
@@ -568,25 +511,37 @@ class Distiller(keras.Model):
                 teacher_logits = self._teacher_logits(inputs, cached, y_pred)
             loss = self._compute_loss(
                 x={INPUTS_KEY: inputs, TEACHER_LOGITS_KEY: teacher_logits},
-                y=y, y_pred=y_pred, sample_weight=sample_weight,
-                training=True)
+                y=y,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
+                training=True,
+            )
             self._loss_tracker.update_state(
-                loss * _backend.num_replicas(),
-                sample_weight=tf.shape(y_pred)[0])
+                loss * _backend.num_replicas(), sample_weight=tf.shape(y_pred)[0]
+            )
             loss = self.optimizer.scale_loss(loss)
         variables = self.trainable_weights
         if variables:
             gradients = tape.gradient(loss, variables)
-            self.optimizer.apply_gradients(zip(gradients, variables))
+            self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
         else:
-            warnings.warn("The student has no trainable weights.")
+            warnings.warn("The student has no trainable weights.", stacklevel=2)
         return self.compute_metrics(x, y, y_pred, sample_weight)
 
     # Checks on the first batch, before any work is done.
 
-    def fit(self, x=None, y=None, batch_size=None, epochs=1, verbose="auto",
-            callbacks=None, validation_split=0.0, validation_data=None,
-            **kwargs):
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        validation_data=None,
+        **kwargs,
+    ):
         """`keras.Model.fit`, with the data checked before the first step.
 
         Each epoch's logs also get the `temperature` and the
@@ -601,11 +556,18 @@ class Distiller(keras.Model):
                 self._check_first_batch(validation_data, None)
         if callbacks is None or isinstance(callbacks, (list, tuple)):
             # First, so that it logs the values the epoch trained with.
-            callbacks = [_LogHyperparameters(), *(callbacks or ())]
+            callbacks = [_hyperparameters.LogHyperparameters(), *(callbacks or ())]
         return super().fit(
-            x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
-            callbacks=callbacks, validation_split=validation_split,
-            validation_data=validation_data, **kwargs)
+            x,
+            y,
+            batch_size=batch_size,
+            epochs=epochs,
+            verbose=verbose,
+            callbacks=callbacks,
+            validation_split=validation_split,
+            validation_data=validation_data,
+            **kwargs,
+        )
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         # During `fit`, Keras evaluates the validation data (checked once in
@@ -615,7 +577,7 @@ class Distiller(keras.Model):
         return super().evaluate(x, y, *args, **kwargs)
 
     def _check_first_batch(self, x, y):
-        batch = _peek_batch(x, y)
+        batch = _checks.peek_batch(x, y)
         if batch is None:
             return
         inputs, labels = batch
@@ -628,24 +590,25 @@ class Distiller(keras.Model):
                 "or set `distillation_weight=1.0` to distil on an unlabeled "
                 "transfer set."
             )
-        rows = keras.tree.map_structure(lambda a: a[:_PEEK_ROWS], inputs)
+        rows = keras.tree.map_structure(lambda a: a[: _checks.PEEK_ROWS], inputs)
         student_logits = ops.convert_to_numpy(self.student(rows))
-        _check_not_probabilities(student_logits, "student", self.student.name)
+        _checks.check_not_probabilities(student_logits, "student", self.student.name)
         if cached is not None:
-            teacher_logits = np.asarray(cached[:_PEEK_ROWS])
+            teacher_logits = np.asarray(cached[: _checks.PEEK_ROWS])
         elif _checks.output_layers(self.teacher) or not weight:
             # Checked at construction, or not run at all.
             teacher_logits = None
         else:
             teacher_logits = ops.convert_to_numpy(self.teacher(rows))
-            _check_not_probabilities(
+            _checks.check_not_probabilities(
                 teacher_logits, "teacher", self.teacher.name
             )
         if teacher_logits is not None:
-            check_same_shape(teacher_logits.shape[1:],
-                             student_logits.shape[1:], " per example")
+            check_same_shape(
+                teacher_logits.shape[1:], student_logits.shape[1:], " per example"
+            )
         if labels is not None and self._student_loss is None:
-            _check_labels(labels, student_logits.shape)
+            _checks.check_labels(labels, student_logits.shape)
 
     # Serialisation.
 
@@ -676,33 +639,6 @@ class Distiller(keras.Model):
         return cls(**config)
 
 
-@keras.saving.register_keras_serializable(package="kd_keras")
-def logit_accuracy(y_true, y_pred):
-    """Accuracy of logits, per example: one logit is positive above 0;
-    otherwise the arg max is compared with class ids or one-hot labels."""
-    if y_pred.shape[-1] == 1:
-        return keras.metrics.binary_accuracy(y_true, y_pred, threshold=0.0)
-    if len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] != 1:
-        return keras.metrics.categorical_accuracy(y_true, y_pred)
-    return keras.metrics.sparse_categorical_accuracy(y_true, y_pred)
-
-
-def _logit_accuracy_metrics(metrics):
-    """"accuracy" (or "acc") as `logit_accuracy`, in lists and dicts.
-
-    Keras would resolve it by the output's shape, and for one output to
-    `BinaryAccuracy(threshold=0.5)`, which expects a probability.
-    """
-    if isinstance(metrics, dict):
-        return {key: _logit_accuracy_metrics(value)
-                for key, value in metrics.items()}
-    if isinstance(metrics, (list, tuple)):
-        return [_logit_accuracy_metrics(m) for m in metrics]
-    if isinstance(metrics, str) and metrics.lower() in ("accuracy", "acc"):
-        return keras.metrics.MeanMetricWrapper(logit_accuracy, name=metrics)
-    return metrics
-
-
 def _serialize_model(model):
     """Serialises a model without its compile settings.
 
@@ -712,99 +648,3 @@ def _serialize_model(model):
     config = keras.saving.serialize_keras_object(model)
     config.pop("compile_config", None)
     return config
-
-
-def _peek_batch(x, y):
-    """Returns the first (inputs, labels) of fit's data as NumPy, or None.
-
-    Reads tf.data pipelines (unless they hold a `.cache()`), `PyDataset`s and
-    arrays or tensors of any backend; other inputs (generators) are not
-    peeked at, since reading them would consume a batch.
-    """
-    if _backend.is_tf_dataset(x) or isinstance(x, keras.utils.PyDataset):
-        if _datasets.has_cache(x):
-            return None
-        batch = next(_datasets.numpy_batches(x), None)
-        return None if batch is None else batch[:2]
-    leaves = keras.tree.flatten(x) if x is not None else []
-    if not leaves or not all(
-        isinstance(a, np.ndarray) or ops.is_tensor(a) for a in leaves
-    ):
-        return None
-    if y is not None and not (
-        isinstance(y, (np.ndarray, list)) or ops.is_tensor(y)
-    ):
-        return None
-    return keras.tree.map_structure(
-        lambda t: None if t is None else np.asarray(ops.convert_to_numpy(t)),
-        (x, y))
-
-
-def _check_not_probabilities(logits, role, name):
-    logits = np.asarray(logits, dtype="float64")
-    if logits.ndim < 2 or logits.shape[-1] < 2 or logits.size == 0:
-        return
-    sums = logits.sum(axis=-1)
-    if logits.min() >= 0.0 and np.allclose(sums, 1.0, atol=1e-3):
-        raise ValueError(
-            f"The {role} `{name}` outputs probabilities (non-negative, rows "
-            "summing to 1), but distillation needs logits. Remove its final "
-            "softmax, e.g. end it with `Dense(num_classes)` and no activation."
-        )
-
-
-def _batch_shape(shape):
-    """`(batch, 5, 4)` for the per-example shape (5, 4)."""
-    return "(" + ", ".join(["batch", *map(str, shape)]) + ")"
-
-
-def _check_labels(labels, logits_shape):
-    """Checks labels against logits `(batch, ..., classes)`.
-
-    Integer labels have the logits' shape without the class axis (a trailing
-    axis of 1 is accepted); one-hot labels have the logits' shape. A single
-    logit takes binary labels in [0, 1].
-    """
-    labels = np.asarray(labels)
-    classes, rank = logits_shape[-1], len(logits_shape)
-    positions = tuple(logits_shape[1:-1])
-    ids_shape = _batch_shape(positions)
-    if labels.ndim == rank and labels.shape[-1] != 1:
-        if classes == 1 or labels.shape[-1] != classes:
-            raise ValueError(
-                f"The labels have {labels.shape[-1]} classes (shape "
-                f"{labels.shape}) but the models output {classes}. Give "
-                f"one-hot labels of shape {_batch_shape(logits_shape[1:])}, "
-                f"or integer class ids of shape {ids_shape}."
-            )
-        ids = None
-        label_positions = labels.shape[1:-1]
-    else:
-        ids = labels[..., 0] if labels.ndim == rank else labels
-        label_positions = ids.shape[1:]
-    if tuple(label_positions) != positions:
-        raise ValueError(
-            f"Expected labels of shape {ids_shape} (class ids) or "
-            f"{_batch_shape(logits_shape[1:])} (one-hot) for logits of shape "
-            f"{_batch_shape(logits_shape[1:])}. Received labels of shape "
-            f"{labels.shape}."
-        )
-    if ids is None or ids.size == 0 or not np.issubdtype(ids.dtype,
-                                                          np.number):
-        return
-    low, high = ids.min(), ids.max()
-    if classes == 1:
-        if low < 0 or high > 1:
-            raise ValueError(
-                "A model with one logit is a binary classifier, so it takes "
-                f"labels in [0, 1]. Received labels from {low} to {high}. "
-                "Give 0/1 labels, or give the models one logit per class."
-            )
-        return
-    if low < 0 or high >= classes:
-        raise ValueError(
-            f"Expected integer labels in [0, {classes}), since the models "
-            f"output {classes} classes. Received labels from {low} to "
-            f"{high}. Relabel the data, or give the models {int(high) + 1} "
-            "outputs."
-        )

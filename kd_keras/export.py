@@ -7,35 +7,41 @@ format, the file size, the largest logit difference, the argmax agreement,
 the single-example latency and (with labels) the accuracy.
 """
 
-import json
 import pathlib
 import time
 import warnings
 
 from absl import logging
-import numpy as np
 import keras
+import numpy as np
 
 from kd_keras import _backend
 from kd_keras import _datasets
+from kd_keras import _io
 from kd_keras.distiller import Distiller
+from kd_keras.training import class_ids
 from kd_keras.training import predicted_classes
 
 FORMATS = ("saved_model", "tflite", "tflite_dynamic", "tflite_int8")
 FLOAT_FORMATS = ("saved_model", "tflite")
+TFLITE_FILES = {
+    "tflite": "student.tflite",
+    "tflite_dynamic": "student_dynamic.tflite",
+    "tflite_int8": "student_int8.tflite",
+}
 
 
 def _check_formats(formats, representative_data):
     formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
-        raise ValueError(
-            f"Expected `formats` among {FORMATS}. Received: {formats}")
+        raise ValueError(f"Expected `formats` among {FORMATS}. Received: {formats}")
     if "tflite_int8" in formats and representative_data is None:
         raise ValueError(
             "`tflite_int8` calibrates its int8 ranges on example inputs: pass "
             "`representative_data` (a batched dataset or an array of a few "
-            "hundred training inputs), or leave out 'tflite_int8'.")
+            "hundred training inputs), or leave out 'tflite_int8'."
+        )
     return formats
 
 
@@ -47,11 +53,13 @@ def _as_model(model):
         raise ValueError(
             "Expected a `keras.Model` (or a `kd_keras.Distiller`, whose "
             f"student is exported). Received: {type(model).__name__}. Load a "
-            "saved model first with `keras.saving.load_model(path)`.")
+            "saved model first with `keras.saving.load_model(path)`."
+        )
     if not model.built:
         raise ValueError(
             f"The model `{model.name}` is not built. Call it on data or "
-            "`model.build(input_shape)` before exporting.")
+            "`model.build(input_shape)` before exporting."
+        )
     return model
 
 
@@ -122,16 +130,15 @@ class _TFLiteRunner:
             self.interpreter.resize_tensor_input(self.input["index"], x.shape)
             self.interpreter.allocate_tensors()
             self.batch = x.shape
-        self.interpreter.set_tensor(self.input["index"],
-                                   x.astype(self.input["dtype"]))
+        self.interpreter.set_tensor(self.input["index"], x.astype(self.input["dtype"]))
         self.interpreter.invoke()
-        return self.interpreter.get_tensor(self.output["index"]).astype(
-            "float32")
+        return self.interpreter.get_tensor(self.output["index"]).astype("float32")
 
 
 def _in_batches(run, x, batch_size=500):
-    return np.concatenate([run(x[i:i + batch_size])
-                           for i in range(0, len(x), batch_size)])
+    return np.concatenate(
+        [run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    )
 
 
 def _convert(saved_model_dir, fmt, representative):
@@ -141,13 +148,13 @@ def _convert(saved_model_dir, fmt, representative):
     if fmt in ("tflite_dynamic", "tflite_int8"):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if fmt == "tflite_int8":
+
         def examples():
             for row in representative:
                 yield [row[np.newaxis]]
 
         converter.representative_dataset = examples
-        converter.target_spec.supported_ops = [
-            tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return converter.convert()
 
 
@@ -168,8 +175,10 @@ def export_student(
     quantised weights) and `student_int8.tflite` (int8 weights and
     activations, calibrated on `representative_data`, with float input and
     output). Each is read back and compared with the Keras model on
-    `test_data` (or, without it, on the representative inputs): the largest
-    absolute logit difference and the argmax agreement in %. A float format
+    `test_data` (or, without it, on the representative inputs, or without
+    those on 300 seeded random normal inputs of the model's input shape; the
+    report's `compared_on` says which): the largest absolute logit
+    difference and the argmax agreement in %. A float format
     that differs by more than `tolerance` raises `ValueError`. The report
     (also written as `directory/report.json`) adds file sizes, the median
     single-example latency and, when `test_data` has labels, accuracy.
@@ -190,15 +199,16 @@ def export_student(
         representative_data: training inputs (a batched dataset, an array, or
             `(x, y)`) to calibrate int8; required for "tflite_int8".
         test_data: held-out inputs and labels (a batched dataset or
-            `(x, y)`) to compare on.
+            `(x, y)`) to compare on; labels may be class ids or one-hot.
         tolerance: the largest logit difference a float format may show.
         calibration_examples: how many representative inputs calibrate int8.
         latency_repeats: timed single-example runs per format.
 
     Returns:
-        The report: `{"keras": {...}, format: {"path", "bytes",
-        "max_abs_diff", "argmax_agreement_percent", "latency_ms",
-        "accuracy"}}`.
+        The report: `{"keras": {"latency_ms", "params", "compared_on",
+        "accuracy"}, format: {"path", "bytes", "max_abs_diff",
+        "argmax_agreement_percent", "latency_ms", "accuracy"}}` (accuracy
+        only with labels).
 
     Example:
 
@@ -209,6 +219,57 @@ def export_student(
     report["tflite_int8"]["accuracy"]
     ```
     """
+    _check_backend()
+    tf = _backend.require_tensorflow(
+        "Export to SavedModel and TFLite (Keras' `model.export`)"
+    )
+    model = _as_model(model)
+    formats = _check_formats(formats, representative_data)
+    representative, _ = _arrays(representative_data, calibration_examples)
+    x_test, y_test, compared_on = _comparison_data(model, test_data, representative)
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    expected = _in_batches(
+        lambda x: np.asarray(model.predict_on_batch(x), "float32"), x_test
+    )
+    report = {
+        "keras": {
+            "latency_ms": _median_ms(
+                model.predict_on_batch, x_test[:1], latency_repeats
+            ),
+            "params": model.count_params(),
+            "compared_on": compared_on,
+            **_accuracy(expected, y_test),
+        }
+    }
+    failures = []
+    for fmt, (path, run) in _write_formats(
+        tf, model, directory, formats, representative
+    ).items():
+        got = _in_batches(run, x_test)
+        report[fmt] = {
+            "path": str(path),
+            "bytes": _size(path),
+            "max_abs_diff": float(np.max(np.abs(got - expected))),
+            "argmax_agreement_percent": 100.0
+            * float(np.mean(predicted_classes(got) == predicted_classes(expected))),
+            "latency_ms": _median_ms(run, x_test[:1], latency_repeats),
+            **_accuracy(got, y_test),
+        }
+        if fmt in FLOAT_FORMATS and report[fmt]["max_abs_diff"] > tolerance:
+            failures.append(f"{fmt}: {report[fmt]['max_abs_diff']:.3g}")
+    _io.write_json(directory / "report.json", report)
+    if failures:
+        raise ValueError(
+            f"Float exports differ from the Keras model by more than "
+            f"tolerance={tolerance:g} ({'; '.join(failures)}); see "
+            f"{directory / 'report.json'}. The model may use an op the "
+            "converter approximates; check its custom layers."
+        )
+    return report
+
+
+def _check_backend():
     if _backend.name() == "torch":
         raise ValueError(
             "export_student runs with Keras on TensorFlow or JAX: on PyTorch, "
@@ -218,78 +279,63 @@ def export_student(
             "export it with TensorFlow: `KERAS_BACKEND=tensorflow kd-keras "
             "export --model student.keras`."
         )
-    tf = _backend.require_tensorflow(
-        "Export to SavedModel and TFLite (Keras' `model.export`)")
-    model = _as_model(model)
-    formats = _check_formats(formats, representative_data)
-    representative, _ = _arrays(representative_data, calibration_examples)
+
+
+RANDOM_INPUTS = 300
+
+
+def _comparison_data(model, test_data, representative):
+    """`(inputs, labels or None, what they are)` to compare the exports on:
+    the test data, else the representative inputs, else seeded random
+    inputs of the model's input shape."""
     x_test, y_test = _arrays(test_data)
-    if x_test is None:
-        if representative is None:
-            raise ValueError(
-                "Pass `test_data` (or `representative_data`) to compare the "
-                "exports with the Keras model on.")
+    if x_test is not None:
+        return x_test, y_test, "test data"
+    if representative is not None:
         logging.warning(
             "No `test_data`: comparing the exports with the Keras model on "
             "the representative (training) inputs, which are not held out. "
-            "Pass `test_data` for a held-out comparison and accuracy.")
-        x_test = representative
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    expected = _in_batches(
-        lambda x: np.asarray(model.predict_on_batch(x), "float32"), x_test)
-    example = x_test[:1]
-    report = {"keras": {
-        "latency_ms": _median_ms(model.predict_on_batch, example,
-                                 latency_repeats),
-        "params": model.count_params(),
-    }}
-    if y_test is not None:
-        report["keras"]["accuracy"] = float(
-            np.mean(predicted_classes(expected).reshape(-1)
-                    == y_test.reshape(-1)))
+            "Pass `test_data` for a held-out comparison and accuracy."
+        )
+        return representative, None, "representative inputs (not held out)"
+    try:
+        shape = tuple(model.inputs[0].shape[1:])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        raise ValueError(
+            f"The model `{model.name}` has no symbolic input, so random "
+            "inputs of its shape cannot be made. Pass `test_data` to compare "
+            "the exports on."
+        ) from None
+    rng = np.random.default_rng(0)
+    return (
+        rng.standard_normal((RANDOM_INPUTS, *shape)).astype("float32"),
+        None,
+        f"{RANDOM_INPUTS} random normal inputs (seed 0)",
+    )
 
+
+def _accuracy(logits, labels):
+    if labels is None:
+        return {}
+    predicted = predicted_classes(logits).reshape(-1)
+    return {
+        "accuracy": float(np.mean(predicted == class_ids(labels, logits).reshape(-1)))
+    }
+
+
+def _write_formats(tf, model, directory, formats, representative):
+    """Writes every format; returns `{format: (path, run)}` to compare."""
     saved_model_dir = directory / "saved_model"
     model.export(str(saved_model_dir), format="tf_saved_model", verbose=False)
     runners = {}
     if "saved_model" in formats:
         loaded = tf.saved_model.load(str(saved_model_dir))
-        runners["saved_model"] = (saved_model_dir,
-                                  lambda x: loaded.serve(x).numpy())
-    names = {"tflite": "student.tflite",
-             "tflite_dynamic": "student_dynamic.tflite",
-             "tflite_int8": "student_int8.tflite"}
+        runners["saved_model"] = (saved_model_dir, lambda x: loaded.serve(x).numpy())
     for fmt in formats:
         if fmt == "saved_model":
             continue
         content = _convert(saved_model_dir, fmt, representative)
-        path = directory / names[fmt]
+        path = directory / TFLITE_FILES[fmt]
         path.write_bytes(content)
         runners[fmt] = (path, _TFLiteRunner(content))
-
-    failures = []
-    for fmt, (path, run) in runners.items():
-        got = _in_batches(run, x_test)
-        entry = {
-            "path": str(path),
-            "bytes": _size(path),
-            "max_abs_diff": float(np.max(np.abs(got - expected))),
-            "argmax_agreement_percent": 100.0 * float(np.mean(
-                predicted_classes(got) == predicted_classes(expected))),
-            "latency_ms": _median_ms(run, example, latency_repeats),
-        }
-        if y_test is not None:
-            entry["accuracy"] = float(
-                np.mean(predicted_classes(got).reshape(-1)
-                        == y_test.reshape(-1)))
-        report[fmt] = entry
-        if fmt in FLOAT_FORMATS and entry["max_abs_diff"] > tolerance:
-            failures.append(f"{fmt}: {entry['max_abs_diff']:.3g}")
-    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if failures:
-        raise ValueError(
-            f"Float exports differ from the Keras model by more than "
-            f"tolerance={tolerance:g} ({'; '.join(failures)}); see "
-            f"{directory / 'report.json'}. The model may use an op the "
-            "converter approximates; check its custom layers.")
-    return report
+    return runners

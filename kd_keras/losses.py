@@ -4,7 +4,6 @@ so they run on every Keras backend."""
 import math
 import numbers
 
-import keras
 from keras import ops
 
 from kd_keras import _backend
@@ -12,9 +11,7 @@ from kd_keras import _backend
 
 def check_temperature(temperature):
     """Raises `ValueError` unless `temperature` is a number > 0."""
-    if isinstance(temperature, bool) or not isinstance(
-        temperature, numbers.Real
-    ):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise ValueError(
             "Expected `temperature` to be a number > 0, such as 4.0. "
             f"Received: temperature={temperature!r}"
@@ -148,15 +145,18 @@ def _weights_like(sample_weight, values):
             f"Expected `sample_weight` of shape {tuple(values.shape[:1])} "
             f"(one weight per example) or {tuple(values.shape)} (one per "
             f"position) for losses of shape {tuple(values.shape)}. Received: "
-            f"sample_weight of shape {tuple(sample_weight.shape)}.")
+            f"sample_weight of shape {tuple(sample_weight.shape)}."
+        )
     batch = ops.shape(values)[0]
     rows = ops.reshape(sample_weight, (batch, -1)) * ops.reshape(
-        ops.ones_like(values), (batch, -1))
+        ops.ones_like(values), (batch, -1)
+    )
     return ops.reshape(rows, ops.shape(values))
 
 
-def reduce_like_keras(values, sample_weight=None, mask=None,
-                      reduction="sum_over_batch_size"):
+def reduce_like_keras(
+    values, sample_weight=None, mask=None, reduction="sum_over_batch_size"
+):
     """Reduces per-position losses as a `keras.losses.Loss` does.
 
     The same weights, mask and reduction as Keras' own losses, so that a term
@@ -168,9 +168,13 @@ def reduce_like_keras(values, sample_weight=None, mask=None,
     values = _as_float32(values)
     if sample_weight is not None:
         sample_weight = _weights_like(sample_weight, values)
-    return reduce_weighted_values(values, sample_weight=sample_weight,
-                                  mask=mask, reduction=reduction,
-                                  dtype="float32")
+    return reduce_weighted_values(
+        values,
+        sample_weight=sample_weight,
+        mask=mask,
+        reduction=reduction,
+        dtype="float32",
+    )
 
 
 def check_same_shape(teacher_shape, student_shape, where=""):
@@ -178,7 +182,7 @@ def check_same_shape(teacher_shape, student_shape, where=""):
     teacher_shape, student_shape = tuple(teacher_shape), tuple(student_shape)
     if len(teacher_shape) != len(student_shape) or any(
         a is not None and b is not None and a != b
-        for a, b in zip(teacher_shape, student_shape)
+        for a, b in zip(teacher_shape, student_shape, strict=True)
     ):
         raise ValueError(
             f"Expected teacher and student logits of the same shape{where}. "
@@ -188,9 +192,7 @@ def check_same_shape(teacher_shape, student_shape, where=""):
         )
 
 
-def distillation_loss(
-    teacher_logits, student_logits, temperature, sample_weight=None
-):
+def distillation_loss(teacher_logits, student_logits, temperature, sample_weight=None):
     """Returns the distillation loss T²·KL(p ‖ q), averaged over the batch.
 
     `p = softmax(teacher_logits / T)` and `q = softmax(student_logits / T)`.
@@ -228,6 +230,7 @@ def distillation_loss(
     student_logits = ops.convert_to_tensor(student_logits)
     check_same_shape(teacher_logits.shape, student_logits.shape)
     return reduce_like_keras(
-        per_position_distillation_loss(teacher_logits, student_logits,
-                                       temperature),
-        sample_weight, mask)
+        per_position_distillation_loss(teacher_logits, student_logits, temperature),
+        sample_weight,
+        mask,
+    )

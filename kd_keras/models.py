@@ -12,10 +12,7 @@ _PLAIN_CNN = {
     4: ([16, 16, "P", 32, 32, "P"], []),
     6: ([16, 16, "P", 32, 32, "P", 64, 64, "P"], []),
     8: ([16, 16, "P", 32, 32, "P", 64, 64, "P", 128, 128, "P"], [64]),
-    10: (
-        [32, 32, "P", 64, 64, "P", 128, 128, "P", 256, 256, 256, 256, "P"],
-        [128],
-    ),
+    10: ([32, 32, "P", 64, 64, "P", 128, 128, "P", 256, 256, 256, 256, "P"], [128]),
 }
 PLAIN_CNN_DEPTHS = tuple(sorted(_PLAIN_CNN))
 
@@ -23,8 +20,7 @@ PLAIN_CNN_DEPTHS = tuple(sorted(_PLAIN_CNN))
 def _check_positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
-            f"Expected `{name}` to be a positive integer. "
-            f"Received: {name}={value!r}"
+            f"Expected `{name}` to be a positive integer. Received: {name}={value!r}"
         )
 
 
@@ -70,18 +66,14 @@ def mlp(
     _check_positive_int(num_classes, "num_classes")
     for rate, label in ((dropout, "dropout"), (input_dropout, "input_dropout")):
         if not 0.0 <= rate < 1.0:
-            raise ValueError(
-                f"Expected `{label}` in [0, 1). Received: {label}={rate}"
-            )
+            raise ValueError(f"Expected `{label}` in [0, 1). Received: {label}={rate}")
     constraint = keras.constraints.MaxNorm(max_norm) if max_norm else None
     stack = [keras.Input(shape=tuple(input_shape)), layers.Flatten()]
     if input_dropout:
         stack.append(layers.Dropout(input_dropout))
     for width in hidden:
         stack.append(
-            layers.Dense(
-                width, activation=activation, kernel_constraint=constraint
-            )
+            layers.Dense(width, activation=activation, kernel_constraint=constraint)
         )
         if dropout:
             stack.append(layers.Dropout(dropout))
@@ -97,17 +89,18 @@ def hinton_teacher(input_shape=MNIST_SHAPE, num_classes=10, name="teacher"):
     constraint (4.0) on each unit's incoming weights; train it on inputs
     jittered by up to 2 pixels (`kd_keras.data.jitter`).
     """
-    return mlp((1200, 1200), dropout=0.5, input_dropout=0.2, max_norm=4.0,
-               input_shape=input_shape, num_classes=num_classes, name=name)
+    return mlp(
+        (1200, 1200),
+        dropout=0.5,
+        input_dropout=0.2,
+        max_norm=4.0,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        name=name,
+    )
 
 
-def plain_cnn(
-    depth,
-    width=1.0,
-    input_shape=MNIST_SHAPE,
-    num_classes=10,
-    name=None,
-):
+def plain_cnn(depth, width=1.0, input_shape=MNIST_SHAPE, num_classes=10, name=None):
     """Returns a plain CNN of the teacher-assistant ladder, emitting logits.
 
     Mirzadeh et al. (2020) distil along a ladder of plain CNNs of depth 10,
@@ -162,4 +155,3 @@ def plain_cnn(
         stack.append(layers.Dense(max(1, round(units * width)), activation="relu"))
     stack.append(layers.Dense(num_classes, name="logits"))
     return keras.Sequential(stack, name=name or f"plain_cnn_{depth}")
-

@@ -1,8 +1,8 @@
 """Teachers: cached teacher logits and ensembles."""
 
-import numpy as np
 import keras
 from keras import ops
+import numpy as np
 
 from kd_keras import _backend
 from kd_keras import _checks
@@ -36,12 +36,14 @@ def _check_no_augmentation(dataset):
     random_ops = _datasets.augmentation_ops(dataset)
     if random_ops:
         raise ValueError(
-            "The dataset applies random ops "
-            f"({', '.join(random_ops)}), such as a random augmentation. Cached "
-            "logits would freeze one random draw per example for every epoch. "
-            "Cache the dataset before its augmentation, or let the Distiller "
-            "run the teacher on the fly on the augmented data. Pass "
-            "`allow_random=True` to cache one augmented pass anyway."
+            "The dataset applies random or opaque ops "
+            f"({', '.join(random_ops)}), such as a random augmentation, or "
+            "Python code that may be one (tf.numpy_function, tf.py_function, "
+            "from_generator). Cached logits would freeze one draw per example "
+            "for every epoch. Cache the dataset before its augmentation, or "
+            "let the Distiller run the teacher on the fly on the augmented "
+            "data. If its Python stages are deterministic, pass "
+            "`allow_random=True` to cache it anyway."
         )
 
 
@@ -64,8 +66,7 @@ def _one_pass(teacher, dataset, keep_data=True):
     x = y = sample_weight = None
     if keep_data:
         x, y, sample_weight = keras.tree.map_structure(
-            lambda *batches: (None if batches[0] is None
-                              else np.concatenate(batches)),
+            lambda *batches: None if batches[0] is None else np.concatenate(batches),
             *parts,
         )
     return x, y, sample_weight, np.concatenate(logits), len(logits[0])
@@ -77,8 +78,7 @@ def _tf_dataset(x, y, sample_weight, logits, batch_size, shuffle, seed):
 
     inputs = {INPUTS_KEY: x, TEACHER_LOGITS_KEY: logits}
     tensors = keras.tree.map_structure(
-        lambda a: None if a is None else tf.constant(a),
-        (inputs, y, sample_weight),
+        lambda a: None if a is None else tf.constant(a), (inputs, y, sample_weight)
     )
 
     def gather(indices):
@@ -98,13 +98,7 @@ def _tf_dataset(x, y, sample_weight, logits, batch_size, shuffle, seed):
 
 
 def cache_teacher_logits(
-    teacher,
-    dataset,
-    *,
-    batch_size=None,
-    shuffle=True,
-    seed=None,
-    allow_random=False,
+    teacher, dataset, *, batch_size=None, shuffle=True, seed=None, allow_random=False
 ):
     """Runs the teacher once and returns a dataset that carries its logits.
 
@@ -158,19 +152,17 @@ def cache_teacher_logits(
         _check_no_augmentation(dataset)
     if isinstance(dataset, ArrayBatches) and not dataset.shuffle:
         # In order: the arrays are served as they are, without a copy.
-        _, _, _, logits, first_batch_size = _one_pass(teacher, dataset,
-                                                      keep_data=False)
+        _, _, _, logits, first_batch_size = _one_pass(teacher, dataset, keep_data=False)
         x, y, sample_weight = dataset.x, dataset.y, dataset.sample_weight
     else:
-        x, y, sample_weight, logits, first_batch_size = _one_pass(
-            teacher, dataset)
+        x, y, sample_weight, logits, first_batch_size = _one_pass(teacher, dataset)
     batch_size = batch_size or first_batch_size
     if _backend.is_tf_dataset(dataset):
-        return _tf_dataset(x, y, sample_weight, logits, batch_size, shuffle,
-                           seed)
+        return _tf_dataset(x, y, sample_weight, logits, batch_size, shuffle, seed)
     inputs = {INPUTS_KEY: x, TEACHER_LOGITS_KEY: logits}
-    return ArrayBatches(inputs, y, sample_weight, batch_size=batch_size,
-                        shuffle=shuffle, seed=seed)
+    return ArrayBatches(
+        inputs, y, sample_weight, batch_size=batch_size, shuffle=shuffle, seed=seed
+    )
 
 
 def _element_inputs(dataset):
@@ -193,10 +185,12 @@ def without_teacher_logits(dataset):
     if not is_cached(dataset):
         raise ValueError(
             "Expected batches made by `cache_teacher_logits`. Received: "
-            f"{type(dataset).__name__}, which carries no teacher logits.")
+            f"{type(dataset).__name__}, which carries no teacher logits."
+        )
     if isinstance(dataset, ArrayBatches):
-        return dataset.with_arrays(dataset.x[INPUTS_KEY], dataset.y,
-                                   dataset.sample_weight)
+        return dataset.with_arrays(
+            dataset.x[INPUTS_KEY], dataset.y, dataset.sample_weight
+        )
     import tensorflow as tf
 
     def strip(inputs, *rest):
@@ -222,10 +216,10 @@ class EnsembleCombine(keras.layers.Layer):
         super().__init__(**kwargs)
         if mode not in ENSEMBLE_MODES:
             raise ValueError(
-                f"Expected `mode` in {ENSEMBLE_MODES}. Received: mode={mode!r}")
+                f"Expected `mode` in {ENSEMBLE_MODES}. Received: mode={mode!r}"
+            )
         self.mode = mode
-        self.member_weights = None if weights is None else [
-            float(w) for w in weights]
+        self.member_weights = None if weights is None else [float(w) for w in weights]
 
     def call(self, member_logits):
         stacked = ops.cast(ops.stack(member_logits, axis=0), "float32")
@@ -239,20 +233,20 @@ class EnsembleCombine(keras.layers.Layer):
         if stacked.shape[-1] == 1:
             # One logit: average the probabilities of both classes, and
             # return the logit of the averaged positive probability.
-            log_p = ops.logsumexp(log_weights + ops.log_sigmoid(stacked),
-                                  axis=0)
-            log_not_p = ops.logsumexp(log_weights + ops.log_sigmoid(-stacked),
-                                      axis=0)
+            log_p = ops.logsumexp(log_weights + ops.log_sigmoid(stacked), axis=0)
+            log_not_p = ops.logsumexp(log_weights + ops.log_sigmoid(-stacked), axis=0)
             return log_p - log_not_p
-        return ops.logsumexp(
-            log_weights + ops.log_softmax(stacked, axis=-1), axis=0)
+        return ops.logsumexp(log_weights + ops.log_softmax(stacked, axis=-1), axis=0)
 
     def compute_output_shape(self, input_shapes):
         return tuple(input_shapes[0])
 
     def get_config(self):
-        return {**super().get_config(), "mode": self.mode,
-                "weights": self.member_weights}
+        return {
+            **super().get_config(),
+            "mode": self.mode,
+            "weights": self.member_weights,
+        }
 
 
 def _ensemble_weights(weights, count):
@@ -262,8 +256,27 @@ def _ensemble_weights(weights, count):
     if len(weights) != count or min(weights) < 0 or sum(weights) <= 0:
         raise ValueError(
             f"Expected {count} non-negative `weights` with a positive sum, one "
-            f"per member. Received: weights={weights}")
+            f"per member. Received: weights={weights}"
+        )
     return [w / sum(weights) for w in weights]
+
+
+def _frozen_copy(model, index, unique):
+    """A frozen copy of a member, so that the caller's model stays as it
+    was (name, weights and `trainable`)."""
+    try:
+        copy = keras.models.clone_model(model)
+    except (TypeError, ValueError, NotImplementedError) as error:
+        raise ValueError(
+            "EnsembleTeacher copies its members, so that yours stay as they "
+            f"are, but member {index} `{model.name}` cannot be copied "
+            f"({error}). Build it as a Sequential or functional model, or "
+            "give it a `get_config`."
+        ) from error
+    copy.set_weights(model.get_weights())
+    copy.name = model.name if unique else f"{model.name}_member{index}"
+    copy.trainable = False
+    return copy
 
 
 def _input_shape(model):
@@ -291,8 +304,9 @@ class EnsembleTeacher(keras.Model):
         weights: optional weight per member (normalised to sum to 1);
             equal weights by default.
 
-    Members are frozen (`trainable = False`), and members that share a name
-    are renamed `<name>_member<i>`; both change the model objects you pass.
+    The ensemble holds frozen copies of the members (renamed
+    `<name>_member<i>` where names repeat); the models you pass stay as they
+    were.
 
     Example:
 
@@ -313,21 +327,28 @@ class EnsembleTeacher(keras.Model):
         if len({s[1:] for s in shapes if s is not None}) > 1:
             raise ValueError(
                 "Every member must output logits of the same shape (the same "
-                "classes). Received: " + ", ".join(
-                    f"{m.name}: {s}" for m, s in zip(models, shapes)) + ".")
+                "classes). Received: "
+                + ", ".join(
+                    f"{m.name}: {s}" for m, s in zip(models, shapes, strict=True)
+                )
+                + "."
+            )
         input_shapes = [_input_shape(m) for m in models]
         if len({s for s in input_shapes if s is not None}) > 1:
             raise ValueError(
                 "Every member must take the same input shape. Received: "
-                + ", ".join(f"{m.name}: {s}"
-                            for m, s in zip(models, input_shapes)) + ".")
+                + ", ".join(
+                    f"{m.name}: {s}" for m, s in zip(models, input_shapes, strict=True)
+                )
+                + "."
+            )
         weights = _ensemble_weights(weights, len(models))
         names = [model.name for model in models]
-        for index, model in enumerate(models):
-            model.trainable = False
-            if names.count(model.name) > 1:
-                # A functional model needs distinct names for its parts.
-                model.name = f"{model.name}_member{index}"
+        models = [
+            # A functional model needs distinct names for its parts.
+            _frozen_copy(model, index, unique=names.count(model.name) == 1)
+            for index, model in enumerate(models)
+        ]
         try:
             first_input = models[0].inputs[0]
         except (AttributeError, IndexError, TypeError, ValueError):
@@ -336,10 +357,10 @@ class EnsembleTeacher(keras.Model):
                 "ensemble cannot know its input shape. Build members with "
                 "`keras.Input(shape=...)` (Sequential or functional models)."
             ) from None
-        inputs = keras.Input(shape=first_input.shape[1:],
-                             dtype=first_input.dtype)
+        inputs = keras.Input(shape=first_input.shape[1:], dtype=first_input.dtype)
         outputs = EnsembleCombine(mode, weights, name="ensemble")(
-            [model(inputs, training=False) for model in models])
+            [model(inputs, training=False) for model in models]
+        )
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.members = models
         self.mode = mode
@@ -349,8 +370,7 @@ class EnsembleTeacher(keras.Model):
     def get_config(self):
         return {
             "name": self.name,
-            "models": [keras.saving.serialize_keras_object(m)
-                       for m in self.members],
+            "models": [keras.saving.serialize_keras_object(m) for m in self.members],
             "mode": self.mode,
             "weights": self.member_weights,
         }
@@ -360,5 +380,6 @@ class EnsembleTeacher(keras.Model):
         config = dict(config)
         config["models"] = [
             keras.saving.deserialize_keras_object(m, custom_objects=custom_objects)
-            for m in config["models"]]
+            for m in config["models"]
+        ]
         return cls(**config)

@@ -1,12 +1,21 @@
-"""One-call training, distillation and evaluation, as the CLI runs them."""
+"""One-call training, distillation and evaluation.
 
+`train` fits a model on the labels and `distill` fits a student on a
+teacher, each resumable from a backup folder; `test_accuracy` and friends
+score a model on a batched dataset.
+"""
+
+import dataclasses
 import os
 import time
 
-import numpy as np
+from absl import logging
 import keras
+import numpy as np
 
 from kd_keras import _datasets
+from kd_keras import _fingerprints
+from kd_keras import _io
 from kd_keras.distiller import Distiller
 from kd_keras.teachers import cache_teacher_logits
 
@@ -16,15 +25,43 @@ def label_loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def _callbacks(callbacks, backup_dir):
-    callbacks = list(callbacks or ())
-    if backup_dir:
-        # Rerunning the same command after an interruption resumes from the
-        # last finished epoch.
-        callbacks.append(
-            keras.callbacks.BackupAndRestore(os.fspath(backup_dir))
+def new_optimizer(optimizer=None, learning_rate=1e-3):
+    """A new optimizer for one training: a copy of `optimizer` (an instance
+    or its config), or the one it names (e.g. "sgd", Adam when None) with
+    `learning_rate`.
+
+    An optimizer holds per-model state, so each training gets its own copy.
+    """
+    if optimizer is None or isinstance(optimizer, str):
+        return keras.optimizers.get(
+            {
+                "class_name": optimizer or "adam",
+                "config": {"learning_rate": learning_rate},
+            }
         )
-    return callbacks
+    if isinstance(optimizer, keras.optimizers.Optimizer):
+        optimizer = keras.optimizers.serialize(optimizer)
+    return keras.optimizers.get(optimizer)
+
+
+def optimizer_config(optimizer=None, learning_rate=1e-3):
+    """What an optimizer argument means, as JSON (for fingerprints), without
+    the name Keras numbers anew for every optimizer ("adam_1", ...)."""
+    config = keras.optimizers.serialize(new_optimizer(optimizer, learning_rate))
+    config["config"].pop("name", None)
+    return config
+
+
+def as_batches(data, batch_size=None, shuffle=True):
+    """Batches of `data`: a `tf.data.Dataset` or `PyDataset` as it is, or a
+    tuple of arrays `(x, y[, sample_weight])` in `ArrayBatches` of
+    `batch_size` (default 128), reshuffled every epoch if `shuffle`."""
+    from kd_keras.data import ArrayBatches
+
+    if isinstance(data, tuple):
+        return ArrayBatches(*data, batch_size=batch_size or 128, shuffle=shuffle)
+    _datasets.check_batches(data)
+    return data
 
 
 def train(
@@ -33,37 +70,108 @@ def train(
     validation_data=None,
     *,
     epochs=10,
+    optimizer=None,
     learning_rate=1e-3,
+    batch_size=None,
     callbacks=(),
     backup_dir=None,
     verbose=1,
 ):
-    """Trains a logits classifier on the labels with Adam.
+    """Trains a logits classifier on the labels.
 
     Args:
         model: a `keras.Model` emitting logits.
-        train_data: a batched dataset of `(x, y)`.
-        validation_data: optional batched dataset of `(x, y)`.
+        train_data: a batched `tf.data.Dataset` or `PyDataset` of `(x, y)`,
+            or arrays `(x, y)` (batched by `batch_size`).
+        validation_data: optional data of the same kinds.
         epochs: epochs to train.
-        learning_rate: Adam's learning rate.
+        optimizer: a Keras optimizer (copied) or its config, or the name of
+            one (Adam by default) to use with `learning_rate`.
+        learning_rate: the learning rate of an optimizer given by name.
+        batch_size: batch size for arrays.
         callbacks: extra Keras callbacks.
-        backup_dir: if set, a `keras.callbacks.BackupAndRestore` folder, so an
-            interrupted run resumes when called again.
+        backup_dir: if set, a `keras.callbacks.BackupAndRestore` folder, so
+            that an interrupted run resumes when called again with the same
+            model, data and settings (other settings start afresh).
         verbose: Keras verbosity.
 
     Returns:
         The `keras.callbacks.History`.
     """
+    train_data = as_batches(train_data, batch_size)
+    validation_data = _optional_batches(validation_data, batch_size)
     model.compile(
-        keras.optimizers.Adam(learning_rate), label_loss(), metrics=["accuracy"]
+        new_optimizer(optimizer, learning_rate), label_loss(), metrics=["accuracy"]
     )
+    run = {"train": _fingerprints.architecture(model)} if backup_dir else {}
+    return _fit(model, train_data, validation_data, run, _FitOptions.of(locals()))
+
+
+@dataclasses.dataclass
+class _FitOptions:
+    """The arguments of `train` and `distill` that their fit shares."""
+
+    epochs: int
+    optimizer: object
+    learning_rate: float
+    callbacks: tuple
+    backup_dir: object
+    verbose: int
+
+    @classmethod
+    def of(cls, arguments):
+        """The options among a function's arguments (its `locals()`)."""
+        return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls)})
+
+
+def _fit(model, train_data, validation_data, run, options):
+    """`model.fit`, resumable from `options.backup_dir` when the run
+    (`run`, the epochs, the optimizer and the data) is the one that left
+    it."""
+    callbacks = list(options.callbacks or ())
+    if options.backup_dir:
+        # Rerunning the same call after an interruption resumes from the
+        # last finished epoch; other settings start afresh.
+        optimizer = optimizer_config(options.optimizer, options.learning_rate)
+        _io.start_or_resume(
+            options.backup_dir,
+            {
+                **run,
+                "epochs": options.epochs,
+                "optimizer": optimizer,
+                "data": _datasets.fingerprint(train_data),
+            },
+        )
+        backup = keras.callbacks.BackupAndRestore(os.fspath(options.backup_dir))
+        callbacks.append(backup)
     return model.fit(
         train_data,
         validation_data=validation_data,
-        epochs=epochs,
-        callbacks=_callbacks(callbacks, backup_dir),
-        verbose=verbose,
+        epochs=options.epochs,
+        callbacks=callbacks,
+        shuffle=False,  # Batches come shuffled, or in the order given.
+        verbose=options.verbose,
     )
+
+
+def _optional_batches(data, batch_size):
+    """Validation data: batches in a fixed order."""
+    return None if data is None else as_batches(data, batch_size, shuffle=False)
+
+
+def should_cache(train_data):
+    """Whether `distill(cache="auto")` caches the teacher's logits: unless
+    the pipeline has random or opaque stages, whose outputs may change from
+    one epoch to the next. Logs why when it does not."""
+    random_ops = _datasets.augmentation_ops(train_data)
+    if random_ops:
+        logging.info(
+            "Not caching the teacher's logits: the data pipeline "
+            "has random or opaque stages (%s), so the teacher runs "
+            "at every step.",
+            ", ".join(random_ops),
+        )
+    return not random_ops
 
 
 def distill(
@@ -75,8 +183,11 @@ def distill(
     temperature=4.0,
     distillation_weight=0.9,
     epochs=10,
+    optimizer=None,
     learning_rate=1e-3,
+    batch_size=None,
     cache="auto",
+    seed=None,
     callbacks=(),
     backup_dir=None,
     verbose=1,
@@ -86,40 +197,59 @@ def distill(
     Args:
         teacher: the trained teacher, emitting logits.
         student: the student, emitting logits; trained in place.
-        train_data: the transfer set, a batched dataset of `(x, y)`.
-        validation_data: optional batched dataset of `(x, y)`.
+        train_data: the transfer set: a batched `tf.data.Dataset` or
+            `PyDataset` of `(x, y)`, or arrays `(x, y)`.
+        validation_data: optional data of the same kinds.
         temperature: the distillation temperature T.
         distillation_weight: the weight λ of the distillation term.
         epochs: epochs to train.
-        learning_rate: Adam's learning rate.
+        optimizer: a Keras optimizer (copied) or its config, or the name of
+            one (Adam by default) to use with `learning_rate`.
+        learning_rate: the learning rate of an optimizer given by name.
+        batch_size: batch size for arrays.
         cache: True to cache the teacher's logits once, False to run the
             teacher at every step, "auto" to cache unless the transfer set has
-            random augmentation.
-        callbacks: extra Keras callbacks (e.g. `StudentEarlyStop`).
-        backup_dir: if set, a `BackupAndRestore` folder for resuming.
+            random or opaque stages (see `should_cache`).
+        seed: seed of the cached logits' shuffle.
+        callbacks: extra Keras callbacks (e.g. `StudentEarlyStop`, which then
+            records its switch in `backup_dir` too).
+        backup_dir: if set, a `BackupAndRestore` folder, so that an
+            interrupted run resumes when called again with the same teacher,
+            student, data and settings (other settings start afresh).
         verbose: Keras verbosity.
 
     Returns:
         `(distiller, history)`; `distiller.student` is the trained student.
     """
+    train_data = as_batches(train_data, batch_size)
+    validation_data = _optional_batches(validation_data, batch_size)
     if cache == "auto":
-        cache = not _datasets.augmentation_ops(train_data)
+        cache = should_cache(train_data)
     distiller = Distiller(
         teacher,
         student,
         temperature=temperature,
         distillation_weight=distillation_weight,
     )
-    distiller.compile(keras.optimizers.Adam(learning_rate), metrics=["accuracy"])
+    distiller.compile(new_optimizer(optimizer, learning_rate), metrics=["accuracy"])
+    if backup_dir:
+        for callback in callbacks or ():
+            if hasattr(callback, "state_dir") and callback.state_dir is None:
+                callback.state_dir = backup_dir
     if cache:
-        train_data = cache_teacher_logits(teacher, train_data)
-    history = distiller.fit(
-        train_data,
-        validation_data=validation_data,
-        epochs=epochs,
-        callbacks=_callbacks(callbacks, backup_dir),
-        verbose=verbose,
-    )
+        train_data = cache_teacher_logits(teacher, train_data, seed=seed)
+    run = {}
+    if backup_dir:  # What else a resumed run must share.
+        run = {
+            "teacher": _fingerprints.weights(teacher),
+            "student": _fingerprints.architecture(student),
+            "temperature": temperature,
+            "distillation_weight": distillation_weight,
+            "cache": bool(cache),
+            "seed": seed,
+        }
+    options = _FitOptions.of(locals())
+    history = _fit(distiller, train_data, validation_data, run, options)
     return distiller, history
 
 
@@ -132,14 +262,32 @@ def predicted_classes(logits):
     return np.argmax(logits, axis=-1)
 
 
-def predictions(model, dataset):
-    """Returns `(predicted class ids, true labels)` over a batched dataset."""
-    predicted, labels = [], []
-    for x, y, _ in _datasets.numpy_batches(dataset):
+def class_ids(labels, logits):
+    """Labels as class ids: one-hot labels (the logits' shape, more than one
+    class) become their arg max."""
+    labels = np.asarray(labels)
+    if labels.shape == np.shape(logits) and labels.shape[-1] > 1:
+        return np.argmax(labels, axis=-1)
+    return labels
+
+
+def logits_and_labels(model, dataset):
+    """The model's logits over a batched dataset (or arrays `(x, y)`), and
+    its labels as class ids (one-hot labels become their arg max), in the
+    dataset's order."""
+    outputs, labels = [], []
+    for x, y, _ in _datasets.numpy_batches(as_batches(dataset, shuffle=False)):
         logits = np.asarray(model.predict_on_batch(x))
-        predicted.append(predicted_classes(logits).reshape(-1))
-        labels.append(y.reshape(-1))
-    return np.concatenate(predicted), np.concatenate(labels)
+        outputs.append(logits)
+        labels.append(class_ids(y, logits))
+    return np.concatenate(outputs), np.concatenate(labels)
+
+
+def predictions(model, dataset):
+    """Returns `(predicted class ids, true class ids)` over a batched
+    dataset, flattened; labels may be class ids or one-hot."""
+    logits, labels = logits_and_labels(model, dataset)
+    return predicted_classes(logits).reshape(-1), labels.reshape(-1)
 
 
 def test_errors(model, dataset):

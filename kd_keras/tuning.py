@@ -19,7 +19,8 @@ from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _datasets
 from kd_keras import _fingerprints
-from kd_keras import plots
+from kd_keras import _io
+from kd_keras import training
 from kd_keras.distiller import Distiller
 from kd_keras.teachers import cache_teacher_logits
 from kd_keras.teachers import is_cached
@@ -37,8 +38,9 @@ TUNERS = {
 PRECISIONS = (None, "mixed_float16", "mixed_bfloat16")
 
 
-def _check_ranges(temperatures, distillation_weights, assistant_sizes,
-                  assistant_builder):
+def _check_ranges(
+    temperatures, distillation_weights, assistant_sizes, assistant_builder
+):
     temperatures = tuple(temperatures)
     if not temperatures or any(
         isinstance(t, bool) or not isinstance(t, numbers.Real) or t <= 0
@@ -110,7 +112,9 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         distillation_weights: `(min, max, step)` of λ.
         assistant_epochs: epochs of the teacher → assistant step (default:
             the student's epochs).
-        learning_rate: Adam's learning rate.
+        optimizer: a Keras optimizer (copied for every model), its name or
+            config; Adam by default.
+        learning_rate: the default Adam's learning rate.
         metrics: metrics compiled on the student, e.g. `("accuracy",)`.
         mixed_precision: None, "mixed_float16" or "mixed_bfloat16": the
             policy under which students and assistants are built (the KD loss
@@ -139,6 +143,7 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         temperatures=PAPER_TEMPERATURES,
         distillation_weights=PAPER_WEIGHTS,
         assistant_epochs=None,
+        optimizer=None,
         learning_rate=1e-3,
         metrics=("accuracy",),
         mixed_precision=None,
@@ -157,14 +162,16 @@ class DistillationHyperModel(keras_tuner.HyperModel):
                 f"Expected `mixed_precision` in {PRECISIONS}. Received: "
                 f"{mixed_precision!r}"
             )
-        self.temperatures = _check_ranges(temperatures, distillation_weights,
-                                          assistant_sizes, assistant_builder)
+        self.temperatures = _check_ranges(
+            temperatures, distillation_weights, assistant_sizes, assistant_builder
+        )
         self.teacher = teacher
         self.student_builder = student_builder
         self.assistant_builder = assistant_builder
         self.sizes = {str(size): size for size in assistant_sizes}
         self.distillation_weights = tuple(distillation_weights)
         self.assistant_epochs = assistant_epochs
+        self.optimizer = optimizer
         self.learning_rate = learning_rate
         self.metrics = list(metrics)
         self.mixed_precision = mixed_precision
@@ -173,10 +180,14 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         self.teacher_passes = {}
 
     def _compiled(self, teacher, student, temperature, weight):
-        distiller = Distiller(teacher, student, temperature=temperature,
-                              distillation_weight=weight)
-        distiller.compile(keras.optimizers.Adam(self.learning_rate),
-                          metrics=self.metrics, jit_compile=self.jit_compile)
+        distiller = Distiller(
+            teacher, student, temperature=temperature, distillation_weight=weight
+        )
+        distiller.compile(
+            training.new_optimizer(self.optimizer, self.learning_rate),
+            metrics=self.metrics,
+            jit_compile=self.jit_compile,
+        )
         return distiller
 
     def build(self, hp):
@@ -196,19 +207,29 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         steps = round((high - low) / step)
         # keras-tuner's grid floors (max - min) / step, which float error
         # can push below the last step; a tiny margin keeps `max` on it.
-        value = hp.Float("distillation_weight", low,
-                         low + steps * step + step * 1e-6, step=step)
+        value = hp.Float(
+            "distillation_weight", low, low + steps * step + step * 1e-6, step=step
+        )
         return min(high, round(value, 6))
 
     def cache(self, dataset, label):
         """Caches the teacher's logits on `dataset` once, counting the pass."""
-        cached = cache_teacher_logits(self.teacher, dataset,
-                                      shuffle=label == "train")
+        cached = cache_teacher_logits(self.teacher, dataset, shuffle=label == "train")
         self.teacher_passes[label] = self.teacher_passes.get(label, 0) + 1
         return cached
 
-    def fit(self, hp, model, x=None, *args, validation_data=None,
-            epochs=1, initial_epoch=0, callbacks=None, **kwargs):
+    def fit(
+        self,
+        hp,
+        model,
+        x=None,
+        *args,
+        validation_data=None,
+        epochs=1,
+        initial_epoch=0,
+        callbacks=None,
+        **kwargs,
+    ):
         """Distils teacher → (assistant) → student; returns the student's
         History, whose validation metric is the trial's objective."""
         assistant = model.teacher if model.teacher is not self.teacher else None
@@ -218,10 +239,15 @@ class DistillationHyperModel(keras_tuner.HyperModel):
                 assistant.trainable = True
                 with _dtype_policy(self.mixed_precision):
                     step = self._compiled(
-                        self.teacher, assistant, hp.get("temperature"),
-                        self._weight(hp))
-                step.fit(x, validation_data=validation_data,
-                         epochs=self.assistant_epochs or epochs, verbose=0)
+                        self.teacher, assistant, hp.get("temperature"), self._weight(hp)
+                    )
+                step.fit(
+                    x,
+                    validation_data=validation_data,
+                    epochs=self.assistant_epochs or epochs,
+                    verbose=0,
+                    shuffle=False,
+                )
                 assistant.trainable = False
             if is_cached(x):
                 # Cached logits are the teacher's; the student now needs the
@@ -229,11 +255,17 @@ class DistillationHyperModel(keras_tuner.HyperModel):
                 x = cache_teacher_logits(assistant, without_teacher_logits(x))
             if validation_data is not None and is_cached(validation_data):
                 validation_data = cache_teacher_logits(
-                    assistant, without_teacher_logits(validation_data),
-                    shuffle=False)
-        return model.fit(x, *args, validation_data=validation_data,
-                         epochs=epochs, initial_epoch=initial_epoch,
-                         callbacks=callbacks, **kwargs)
+                    assistant, without_teacher_logits(validation_data), shuffle=False
+                )
+        return model.fit(
+            x,
+            *args,
+            validation_data=validation_data,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks,
+            **kwargs,
+        )
 
 
 STAMP = "kd_keras_sweep.json"
@@ -246,11 +278,14 @@ def _sweep_stamp(hypermodel, train_data, validation_data, **settings):
         "student": _fingerprints.architecture(hypermodel.student_builder()),
         "assistants": {
             name: _fingerprints.architecture(hypermodel.assistant_builder(size))
-            for name, size in hypermodel.sizes.items()},
+            for name, size in hypermodel.sizes.items()
+        },
         "temperatures": list(hypermodel.temperatures),
         "distillation_weights": list(hypermodel.distillation_weights),
         "assistant_epochs": hypermodel.assistant_epochs,
-        "learning_rate": hypermodel.learning_rate,
+        "optimizer": training.optimizer_config(
+            hypermodel.optimizer, hypermodel.learning_rate
+        ),
         "mixed_precision": hypermodel.mixed_precision,
         "training data": _datasets.fingerprint(train_data),
         "validation data": _datasets.fingerprint(validation_data),
@@ -259,13 +294,17 @@ def _sweep_stamp(hypermodel, train_data, validation_data, **settings):
     return json.loads(json.dumps(stamp))
 
 
-def _is_chief():
+def is_chief():
+    """True in the chief process of a distributed sweep (keras-tuner's
+    KERASTUNER_* environment variables)."""
     return "chief" in os.environ.get("KERASTUNER_TUNER_ID", "") and (
-        "KERASTUNER_ORACLE_IP" in os.environ)
+        "KERASTUNER_ORACLE_IP" in os.environ
+    )
 
 
-def _is_worker():
-    return "KERASTUNER_ORACLE_IP" in os.environ and not _is_chief()
+def is_worker():
+    """True in a worker process of a distributed sweep."""
+    return "KERASTUNER_ORACLE_IP" in os.environ and not is_chief()
 
 
 def tune(
@@ -326,16 +365,19 @@ def tune(
     Returns:
         `(tuner, best_hyperparameters)`; `best_hyperparameters` is a
         `keras_tuner.HyperParameters` (None on a worker, or if no trial
-        finished). The best hyperparameters, a table of trials and a PNG of
-        accuracy against temperature are written to `directory/project_name`.
+        finished). The best hyperparameters and a table of trials are
+        written to `directory/project_name` (`kd_keras.apps.plots.plot_sweep`
+        draws the trials).
     """
     if tuner not in TUNERS:
         raise ValueError(
-            f"Expected `tuner` in {sorted(TUNERS)}. Received: tuner={tuner!r}")
+            f"Expected `tuner` in {sorted(TUNERS)}. Received: tuner={tuner!r}"
+        )
     if not isinstance(hypermodel, DistillationHyperModel):
         raise ValueError(
             "Expected a `kd_keras.tuning.DistillationHyperModel`. Received: "
-            f"{type(hypermodel).__name__}")
+            f"{type(hypermodel).__name__}"
+        )
     direction = "min" if "loss" in objective else "max"
     arguments = dict(
         hypermodel=hypermodel,
@@ -344,7 +386,7 @@ def tune(
         project_name=project_name,
         # Only the chief (or a lone process) may wipe the shared project:
         # a worker doing so would delete the others' state.
-        overwrite=overwrite and not _is_worker(),
+        overwrite=overwrite and not is_worker(),
         seed=seed,
         **tuner_kwargs,
     )
@@ -352,11 +394,19 @@ def tune(
         arguments["max_epochs"] = epochs
     else:
         arguments["max_trials"] = max_trials
-    stamp = _sweep_stamp(hypermodel, train_data, validation_data,
-                         epochs=epochs, objective=objective, tuner=tuner)
+    train_data = training.as_batches(train_data)
+    validation_data = training.as_batches(validation_data, shuffle=False)
+    stamp = _sweep_stamp(
+        hypermodel,
+        train_data,
+        validation_data,
+        epochs=epochs,
+        objective=objective,
+        tuner=tuner,
+    )
     stamp_path = pathlib.Path(directory) / project_name / STAMP
-    if stamp_path.is_file() and not overwrite:
-        previous = json.loads(stamp_path.read_text())
+    previous = None if overwrite else _io.read_json(stamp_path)
+    if previous is not None:
         changed = sorted(k for k in stamp if previous.get(k) != stamp[k])
         if changed:
             raise ValueError(
@@ -366,20 +416,25 @@ def tune(
                 "project_name."
             )
     kt_tuner = TUNERS[tuner](**arguments)
-    stamp_path.parent.mkdir(parents=True, exist_ok=True)
     # Chief and workers all write it: atomically, so none reads half a file.
-    temporary = stamp_path.with_name(f"{STAMP}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(stamp, indent=2) + "\n")
-    os.replace(temporary, stamp_path)
-    if not _is_chief():
-        logging.info("Tuning with Keras on %s, on %s.",
-                     keras.backend.backend(),
-                     ", ".join(_backend.devices()) or "its default device")
+    _io.write_json(stamp_path, stamp)
+    if not is_chief():
+        logging.info(
+            "Tuning with Keras on %s, on %s.",
+            keras.backend.backend(),
+            ", ".join(_backend.devices()) or "its default device",
+        )
         train_data = hypermodel.cache(train_data, "train")
         validation_data = hypermodel.cache(validation_data, "validation")
-    kt_tuner.search(train_data, validation_data=validation_data, epochs=epochs,
-                    callbacks=list(callbacks), verbose=verbose)
-    if _is_worker():
+    kt_tuner.search(
+        train_data,
+        validation_data=validation_data,
+        epochs=epochs,
+        callbacks=list(callbacks),
+        verbose=verbose,
+        shuffle=False,
+    )  # Batches come shuffled, or in order.
+    if is_worker():
         return kt_tuner, None
     write_results(kt_tuner, objective)
     best = kt_tuner.get_best_hyperparameters(1)
@@ -389,33 +444,38 @@ def tune(
 def trials_table(kt_tuner):
     """One dict per trial: id, status, hyperparameters and score."""
     rows = []
-    for trial_id, trial in sorted(kt_tuner.oracle.trials.items(),
-                                  key=lambda item: int(item[0])):
+    for trial_id, trial in sorted(
+        kt_tuner.oracle.trials.items(), key=lambda item: int(item[0])
+    ):
         values = trial.hyperparameters.values
-        rows.append({
-            "trial": trial_id,
-            "status": trial.status,
-            "assistant_size": values.get("assistant_size"),
-            "temperature": values.get("temperature"),
-            "distillation_weight": round(values.get("distillation_weight", 0), 4),
-            "score": trial.score,
-        })
+        rows.append(
+            {
+                "trial": trial_id,
+                "status": trial.status,
+                "assistant_size": values.get("assistant_size"),
+                "temperature": values.get("temperature"),
+                "distillation_weight": round(values.get("distillation_weight", 0), 4),
+                "score": trial.score,
+            }
+        )
     return rows
 
 
 def write_results(kt_tuner, objective="val_accuracy"):
-    """Writes best_hyperparameters.json, trials.json and sweep.png.
-
-    They go to the tuner's project folder. Returns the folder.
-    """
+    """Writes best_hyperparameters.json and trials.json to the tuner's
+    project folder, and returns the folder."""
     folder = pathlib.Path(kt_tuner.project_dir)
     rows = trials_table(kt_tuner)
     scored = [row for row in rows if row["score"] is not None]
-    (folder / "trials.json").write_text(json.dumps(rows, indent=2) + "\n")
+    _io.write_json(folder / "trials.json", rows)
     if scored:
         best = kt_tuner.oracle.get_best_trials(1)[0]
-        (folder / "best_hyperparameters.json").write_text(json.dumps(
-            {"values": best.hyperparameters.values, objective: best.score,
-             "trial": best.trial_id}, indent=2) + "\n")
-        plots.plot_sweep(scored, objective, path=folder / "sweep.png")
+        _io.write_json(
+            folder / "best_hyperparameters.json",
+            {
+                "values": best.hyperparameters.values,
+                objective: best.score,
+                "trial": best.trial_id,
+            },
+        )
     return folder

@@ -3,8 +3,8 @@ import pathlib
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np
 import keras
+import numpy as np
 import pytest
 
 BACKEND = keras.backend.backend()
@@ -13,10 +13,11 @@ NUM_CLASSES = 4
 FEATURES = 8
 
 
-def tiny_mlp(units=16, seed=0, num_classes=NUM_CLASSES, activation=None,
-             name=None):
-    """A small logits classifier on FEATURES inputs, built and seeded."""
-    keras.utils.set_random_seed(seed)
+def tiny_mlp(units=16, seed=0, num_classes=NUM_CLASSES, activation=None, name=None):
+    """A small logits classifier on FEATURES inputs, built and seeded (not
+    seeded with seed=None)."""
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     return keras.Sequential(
         [
             keras.Input((FEATURES,)),
@@ -43,8 +44,9 @@ class CountingLayer(keras.layers.Layer):
         super().__init__(**kwargs)
         self._python_calls = 0
         if BACKEND == "tensorflow":
-            self.calls = self.add_weight(shape=(), initializer="zeros",
-                                         trainable=False, name="calls")
+            self.calls = self.add_weight(
+                shape=(), initializer="zeros", trainable=False, name="calls"
+            )
 
     def _count_one(self):
         self._python_calls += 1
@@ -79,6 +81,54 @@ def counting_teacher(seed=1):
     model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES)(hidden))
     model.count = counter.count
     return model
+
+
+class NumpyReference:
+    """The losses, computed in float64 NumPy, that tests hold kd_keras to."""
+
+    @staticmethod
+    def log_softmax(z):
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+    @classmethod
+    def per_position_kd(cls, t, s, temperature):
+        """T²·KL at every position of logits (..., classes); one logit is
+        binary."""
+        t, s = np.asarray(t, "float64"), np.asarray(s, "float64")
+        if t.shape[-1] == 1:
+            p = 1.0 / (1.0 + np.exp(-t[..., 0] / temperature))
+            q = 1.0 / (1.0 + np.exp(-s[..., 0] / temperature))
+            kl = p * np.log(p / q) + (1 - p) * np.log((1 - p) / (1 - q))
+            return temperature**2 * kl
+        log_p = cls.log_softmax(t / temperature)
+        log_q = cls.log_softmax(s / temperature)
+        return temperature**2 * (np.exp(log_p) * (log_p - log_q)).sum(-1)
+
+    @classmethod
+    def distillation_loss(cls, t, s, temperature):
+        return cls.per_position_kd(t, s, temperature).mean()
+
+    @classmethod
+    def token_cross_entropy(cls, logits, labels):
+        """Cross-entropy at every position of logits (..., classes)."""
+        log_q = cls.log_softmax(np.asarray(logits, "float64"))
+        return -np.take_along_axis(log_q, labels[..., None], axis=-1)[..., 0]
+
+    @classmethod
+    def cross_entropy(cls, logits, labels):
+        return cls.token_cross_entropy(logits, labels).mean()
+
+    @staticmethod
+    def binary_cross_entropy(logits, labels):
+        p = 1 / (1 + np.exp(-np.asarray(logits, "float64")[..., 0]))
+        return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
+
+
+@pytest.fixture
+def reference():
+    """`NumpyReference`, for tests that compare against NumPy."""
+    return NumpyReference
 
 
 @pytest.fixture
@@ -130,16 +180,15 @@ TENSORFLOW_ONLY = "tensorflow_only"
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", f"{ALL_BACKENDS}: holds on every Keras backend")
     config.addinivalue_line(
-        "markers", f"{ALL_BACKENDS}: holds on every Keras backend")
-    config.addinivalue_line(
-        "markers", f"{TENSORFLOW_ONLY}: runs on TensorFlow only (overrides "
-        f"{ALL_BACKENDS})")
+        "markers",
+        f"{TENSORFLOW_ONLY}: runs on TensorFlow only (overrides {ALL_BACKENDS})",
+    )
 
 
 def _on_every_backend(item):
-    return ALL_BACKENDS in item.keywords and (
-        TENSORFLOW_ONLY not in item.keywords)
+    return ALL_BACKENDS in item.keywords and (TENSORFLOW_ONLY not in item.keywords)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,15 +1,17 @@
 import json
 import logging
 
-import numpy as np
+from conftest import FEATURES
+from conftest import NUM_CLASSES
+from conftest import tiny_mlp
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
 from kd_keras import assistants
-from kd_keras import plots
 from kd_keras import training
-from conftest import FEATURES, NUM_CLASSES, tiny_mlp
+from kd_keras.apps import plots
 
 pytestmark = pytest.mark.all_backends
 
@@ -30,21 +32,20 @@ def teacher():
     x = rng.normal(size=(256, FEATURES)).astype("float32")
     y = (x[:, 0] > 0).astype("int32") + 2 * (x[:, 1] > 0).astype("int32")
     model = tiny_mlp(64, seed=0, name="teacher")
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, epochs=3, verbose=0)
     return model
 
 
 def chain(teacher, widths=(16, 8), seed=3):
-    return [teacher] + [tiny_mlp(w, seed=seed + i, name=f"mlp{w}")
-                        for i, w in enumerate(widths)]
+    return [teacher] + [
+        tiny_mlp(w, seed=seed + i, name=f"mlp{w}") for i, w in enumerate(widths)
+    ]
 
 
 def run_chain(models, splits, workdir, **settings):
     settings = {"temperature": 3.0, "epochs": 2, **settings}
-    return assistants.distill_chain(models, *splits, workdir=workdir,
-                                    **settings)
+    return assistants.distill_chain(models, *splits, workdir=workdir, **settings)
 
 
 def test_a_chain_of_tiny_models_trains_every_step(teacher, splits, tmp_path):
@@ -53,7 +54,9 @@ def test_a_chain_of_tiny_models_trains_every_step(teacher, splits, tmp_path):
     student, report = run_chain(models, splits, tmp_path)
     assert student is models[-1]
     assert [(r["step"], r["teacher"], r["student"]) for r in report] == [
-        (1, "teacher", "mlp16"), (2, "mlp16", "mlp8")]
+        (1, "teacher", "mlp16"),
+        (2, "mlp16", "mlp8"),
+    ]
     assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in report)
     assert not any(r["reused"] for r in report)
     assert not np.allclose(before[0], student.get_weights()[0])
@@ -67,19 +70,17 @@ def test_rerunning_a_chain_skips_its_finished_steps(teacher, splits, tmp_path):
     student, _ = run_chain(chain(teacher), splits, tmp_path)
     again, report = run_chain(chain(teacher, seed=50), splits, tmp_path)
     assert [r["reused"] for r in report] == [True, True]
-    for a, b in zip(student.get_weights(), again.get_weights()):
+    for a, b in zip(student.get_weights(), again.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_longer_chain_resumes_after_its_finished_prefix(teacher, splits,
-                                                          tmp_path):
+def test_a_longer_chain_resumes_after_its_finished_prefix(teacher, splits, tmp_path):
     run_chain(chain(teacher, widths=(16,)), splits, tmp_path)
     _, report = run_chain(chain(teacher, widths=(16, 8)), splits, tmp_path)
     assert [r["reused"] for r in report] == [True, False]
 
 
-def test_changed_settings_retrain_the_steps_they_affect(teacher, splits,
-                                                        tmp_path):
+def test_changed_settings_retrain_the_steps_they_affect(teacher, splits, tmp_path):
     run_chain(chain(teacher), splits, tmp_path)
     _, report = run_chain(chain(teacher), splits, tmp_path, temperature=5.0)
     assert [r["reused"] for r in report] == [False, False]
@@ -99,16 +100,13 @@ def test_a_functional_builder_resumes_too(teacher, splits, tmp_path):
     assert [r["reused"] for r in report] == [True]
 
 
-def test_a_reused_step_is_scored_on_the_new_validation_data(teacher, splits,
-                                                            tmp_path):
+def test_a_reused_step_is_scored_on_the_new_validation_data(teacher, splits, tmp_path):
     train, val = splits
     run_chain(chain(teacher, widths=(8,)), splits, tmp_path)
     smaller = val.take(1)
-    student, again = run_chain(chain(teacher, widths=(8,)), (train, smaller),
-                               tmp_path)
+    student, again = run_chain(chain(teacher, widths=(8,)), (train, smaller), tmp_path)
     assert again[0]["reused"]
-    assert again[0]["val_accuracy"] == training.test_accuracy(student,
-                                                              smaller)
+    assert again[0]["val_accuracy"] == training.test_accuracy(student, smaller)
 
 
 def test_changed_data_retrains(teacher, splits, tmp_path):
@@ -120,15 +118,34 @@ def test_changed_data_retrains(teacher, splits, tmp_path):
 
 
 def test_path_search_trains_each_shared_prefix_once(teacher, splits, tmp_path):
-    candidates = {"a": lambda: tiny_mlp(32, name="a"),
-                  "b": lambda: tiny_mlp(16, name="b")}
-    student = lambda: tiny_mlp(4, name="student")
-    result = assistants.search_paths(teacher, candidates, student, *splits,
-                                     temperature=3.0, epochs=1,
-                                     workdir=tmp_path)
-    assert sorted(row["path"] for row in result.table) == sorted([
-        "teacher → student", "teacher → a → student", "teacher → b → student",
-        "teacher → a → b → student"])
+    candidates = {
+        "a": lambda: tiny_mlp(32, name="a"),
+        "b": lambda: tiny_mlp(16, name="b"),
+    }
+
+    def student():
+        return tiny_mlp(4, name="student")
+
+    def search():
+        return assistants.search_paths(
+            teacher,
+            candidates,
+            student,
+            *splits,
+            temperature=3.0,
+            epochs=1,
+            workdir=tmp_path,
+        )
+
+    result = search()
+    assert sorted(row["path"] for row in result.table) == sorted(
+        [
+            "teacher → student",
+            "teacher → a → student",
+            "teacher → b → student",
+            "teacher → a → b → student",
+        ]
+    )
     # Prefixes a, b, a→b once each, plus one student per path.
     assert result.distinct_steps == 3 + 4
     assert result.trainings == 7
@@ -136,9 +153,7 @@ def test_path_search_trains_each_shared_prefix_once(teacher, splits, tmp_path):
     assert set(result.assistant_accuracies) == {("a",), ("b",), ("a", "b")}
     accuracies = [row["student_val_accuracy"] for row in result.table]
     assert accuracies == sorted(accuracies, reverse=True)
-    rerun = assistants.search_paths(teacher, candidates, student, *splits,
-                                    temperature=3.0, epochs=1,
-                                    workdir=tmp_path)
+    rerun = search()
     assert (rerun.trainings, rerun.reused) == (0, 7)
     assert rerun.table == result.table
     plots.plot_paths(result.table, path=tmp_path / "paths.png")
@@ -148,32 +163,40 @@ def test_path_search_trains_each_shared_prefix_once(teacher, splits, tmp_path):
 def test_suggest_assistant_picks_the_accuracy_nearest_the_mean():
     suggestion = assistants.suggest_assistant(
         {"8": 0.7275, "6": 0.7315, "4": 0.7351},
-        teacher_accuracy=0.80, student_accuracy=0.70)
+        teacher_accuracy=0.80,
+        student_accuracy=0.70,
+    )
     assert suggestion["target_accuracy"] == pytest.approx(0.75)
     assert suggestion["assistant"] == "4"
     middle = assistants.suggest_assistant(
         {"big": 0.79, "mid": 0.76, "small": 0.71},
-        teacher_accuracy=0.80, student_accuracy=0.70)
+        teacher_accuracy=0.80,
+        student_accuracy=0.70,
+    )
     assert middle["assistant"] == "mid"
 
 
-def test_suggest_assistant_estimates_accuracies_by_short_training(
-        teacher, splits):
+def test_suggest_assistant_estimates_accuracies_by_short_training(teacher, splits):
     train, val = splits
     suggestion = assistants.suggest_assistant(
         {"a": lambda: tiny_mlp(32), "b": lambda: tiny_mlp(2)},
-        teacher=teacher, student=lambda: tiny_mlp(1), train_data=train,
-        val_data=val, epochs=2)
+        teacher=teacher,
+        student=lambda: tiny_mlp(1),
+        train_data=train,
+        val_data=val,
+        epochs=2,
+    )
     accuracies = suggestion["accuracies"]
     assert set(accuracies) == {"a", "b"}
     assert all(0.0 <= a <= 1.0 for a in accuracies.values())
     target = suggestion["target_accuracy"]
     assert suggestion["assistant"] == min(
-        accuracies, key=lambda n: abs(accuracies[n] - target))
+        accuracies, key=lambda n: abs(accuracies[n] - target)
+    )
     with pytest.raises(ValueError, match="train_data"):
-        assistants.suggest_assistant({"a": lambda: tiny_mlp(8)},
-                                     teacher_accuracy=0.9,
-                                     student_accuracy=0.5)
+        assistants.suggest_assistant(
+            {"a": lambda: tiny_mlp(8)}, teacher_accuracy=0.9, student_accuracy=0.5
+        )
 
 
 def test_an_empty_or_single_model_chain_raises(teacher, splits, tmp_path):
@@ -182,11 +205,9 @@ def test_an_empty_or_single_model_chain_raises(teacher, splits, tmp_path):
             run_chain(models, splits, tmp_path)
 
 
-def test_a_student_larger_than_its_teacher_warns(teacher, splits, tmp_path,
-                                                 caplog):
+def test_a_student_larger_than_its_teacher_warns(teacher, splits, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        run_chain([teacher, tiny_mlp(128, name="huge")], splits, tmp_path,
-                  epochs=1)
+        run_chain([teacher, tiny_mlp(128, name="huge")], splits, tmp_path, epochs=1)
     assert "larger than its teacher" in caplog.text
 
 
@@ -213,4 +234,24 @@ def test_the_precision_policy_is_part_of_the_architecture():
         keras.config.set_dtype_policy("float32")
     assert _fingerprints.architecture(plain) != _fingerprints.architecture(mixed)
     assert _fingerprints.architecture(plain) == _fingerprints.architecture(
-        tiny_mlp(8, name="c"))
+        tiny_mlp(8, name="c")
+    )
+
+
+def test_a_rerun_in_the_same_session_with_new_models_reuses_the_steps(
+    teacher, splits, tmp_path
+):
+    # A notebook rerun: fresh models get new generated names, and the
+    # teacher was frozen by the first run.
+    run_chain(chain(teacher), splits, tmp_path)
+    _, report = run_chain(chain(teacher), splits, tmp_path)
+    assert [r["reused"] for r in report] == [True, True]
+
+
+def test_known_accuracies_may_be_numpy_numbers():
+    choice = assistants.suggest_assistant(
+        {"8": np.float32(0.78), "6": np.float64(0.76)},
+        teacher_accuracy=np.float32(0.80),
+        student_accuracy=0.70,
+    )
+    assert choice["assistant"] == "6"

@@ -42,7 +42,10 @@ MODELS_AND_DATA = textwrap.dedent("""
 """)
 
 # Everything above the Distiller, on arrays, without TensorFlow.
-WITHOUT_TENSORFLOW_RUN = WITHOUT_TENSORFLOW + MODELS_AND_DATA + textwrap.dedent("""
+WITHOUT_TENSORFLOW_RUN = (
+    WITHOUT_TENSORFLOW
+    + MODELS_AND_DATA
+    + textwrap.dedent("""
     from kd_keras import assistants, callbacks, data, export, tuning
 
     x, y = tiny_data(128)
@@ -80,18 +83,25 @@ WITHOUT_TENSORFLOW_RUN = WITHOUT_TENSORFLOW + MODELS_AND_DATA + textwrap.dedent(
         "export_error": export_error,
     }))
 """)
+)
 
 
 def run_python(code, backend, *args):
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-    done = subprocess.run([sys.executable, "-c", code, *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None,
-                    reason="JAX is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="JAX is not installed"
+)
 def test_everything_above_the_distiller_runs_on_jax_without_tensorflow():
     result = run_python(WITHOUT_TENSORFLOW_RUN, "jax")
     assert result["backend"] == "jax"
@@ -99,8 +109,7 @@ def test_everything_above_the_distiller_runs_on_jax_without_tensorflow():
     assert result["distillation_weight"] == pytest.approx([0.9, 0.0])
     assert result["chain_steps"] == 2
     assert result["trials"] == 2
-    assert result["best"] == ["assistant_size", "distillation_weight",
-                              "temperature"]
+    assert result["best"] == ["assistant_size", "distillation_weight", "temperature"]
     assert "needs TensorFlow" in result["export_error"]
     assert "pip install tensorflow" in result["export_error"]
 
@@ -145,11 +154,13 @@ TORCH_RUN = MODELS_AND_DATA + textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                    reason="PyTorch is not installed (it is optional)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="PyTorch is not installed (it is optional)",
+)
 def test_the_distiller_trains_saves_and_loads_on_pytorch(tmp_path):
-    import numpy as np
     import keras
+    import numpy as np
 
     student_path = tmp_path / "student.keras"
     result = run_python(TORCH_RUN, "torch", str(student_path))
@@ -163,4 +174,7 @@ def test_the_distiller_trains_saves_and_loads_on_pytorch(tmp_path):
     x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
     np.testing.assert_allclose(
         keras.saving.load_model(student_path).predict(x, verbose=0),
-        np.load(student_path.with_suffix(".npy")), rtol=1e-5, atol=1e-6)
+        np.load(student_path.with_suffix(".npy")),
+        rtol=1e-5,
+        atol=1e-6,
+    )

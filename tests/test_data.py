@@ -1,11 +1,11 @@
 import gzip
 
+from conftest import SHARED_MNIST
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from kd_keras import data
-from conftest import SHARED_MNIST
 
 # The label counts printed in the MNIST README.
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -18,8 +18,9 @@ def label_counts(dataset):
 
 
 def test_imported_mnist_loads_through_tfds_with_no_network(mnist_data_dir):
-    test = data.load("mnist", "test", data_dir=mnist_data_dir,
-                     batch_size=1000, download=False)
+    test = data.load(
+        "mnist", "test", data_dir=mnist_data_dir, batch_size=1000, download=False
+    )
     images, labels = data.to_arrays(test)
     assert images.shape == (10_000, 28, 28, 1)
     assert images.dtype == np.float32
@@ -27,21 +28,24 @@ def test_imported_mnist_loads_through_tfds_with_no_network(mnist_data_dir):
     assert np.bincount(labels).tolist() == TEST_COUNTS
 
 
-def test_imported_mnist_train_split_has_the_published_label_counts(
-        mnist_data_dir):
-    train = data.load("mnist", "train", data_dir=mnist_data_dir,
-                      batch_size=5000, download=False)
+def test_imported_mnist_train_split_has_the_published_label_counts(mnist_data_dir):
+    train = data.load(
+        "mnist", "train", data_dir=mnist_data_dir, batch_size=5000, download=False
+    )
     assert label_counts(train) == TRAIN_COUNTS
 
 
 def test_import_is_idempotent(mnist_data_dir):
     assert data.import_mnist(SHARED_MNIST, mnist_data_dir) == {
-        "train": 60_000, "test": 10_000}
+        "train": 60_000,
+        "test": 10_000,
+    }
 
 
 def test_tfds_split_slicing_works_on_imported_data(mnist_data_dir):
-    part = data.load("mnist", "train[:1%]", data_dir=mnist_data_dir,
-                     download=False, batch_size=100)
+    part = data.load(
+        "mnist", "train[:1%]", data_dir=mnist_data_dir, download=False, batch_size=100
+    )
     images, _ = data.to_arrays(part)
     assert len(images) == 600
 
@@ -55,7 +59,8 @@ def test_read_idx_matches_the_header_and_rejects_other_files(tmp_path):
     images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     path = tmp_path / "small-idx3-ubyte.gz"
     header = bytes([0, 0, 0x08, 3]) + b"".join(
-        d.to_bytes(4, "big") for d in images.shape)
+        d.to_bytes(4, "big") for d in images.shape
+    )
     with gzip.open(path, "wb") as f:
         f.write(header + images.tobytes())
     np.testing.assert_array_equal(data.read_idx(path), images)
@@ -97,7 +102,7 @@ def test_jitter_shifts_each_image_by_at_most_two_pixels():
     image = np.zeros((64, 28, 28, 1), "float32")
     image[:, 14, 14, 0] = 1.0
     dataset = tf.data.Dataset.from_tensors((image, np.zeros(64, "int32")))
-    (shifted, _), = data.jitter(dataset, max_shift=2, seed=1).as_numpy_iterator()
+    ((shifted, _),) = data.jitter(dataset, max_shift=2, seed=1).as_numpy_iterator()
     rows, cols = [], []
     for picture in shifted[..., 0]:
         assert picture.sum() == pytest.approx(1.0)
@@ -105,7 +110,7 @@ def test_jitter_shifts_each_image_by_at_most_two_pixels():
         rows.append(r - 14)
         cols.append(c - 14)
     assert max(map(abs, rows + cols)) <= 2
-    assert len(set(zip(rows, cols))) > 5
+    assert len(set(zip(rows, cols, strict=True))) > 5
 
 
 def test_filter_classes_drops_and_keeps_classes():
@@ -120,8 +125,7 @@ def test_filter_classes_drops_and_keeps_classes():
 
 def test_pipeline_filters_limits_and_batches():
     (x, y), _ = data.sample()
-    batches = data.pipeline((x, y), batch_size=100, drop_classes=[3],
-                            limit=1000)
+    batches = data.pipeline((x, y), batch_size=100, drop_classes=[3], limit=1000)
     images, labels = data.to_arrays(batches)
     assert len(labels) == 1000 and 3 not in labels
     assert images.shape[1:] == (28, 28, 1)

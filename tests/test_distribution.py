@@ -6,12 +6,12 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
+from conftest import tiny_mlp
 import keras
+import numpy as np
 import pytest
 
 import kd_keras
-from conftest import tiny_mlp
 
 # Logical devices must be set before TensorFlow starts, so this runs in a
 # process of its own.
@@ -55,14 +55,22 @@ MIRRORED = textwrap.dedent("""
 
 def test_mirrored_strategy_on_two_devices_matches_one_device():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    done = subprocess.run([sys.executable, "-c", MIRRORED], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", MIRRORED],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert results["mirrored"]["replicas"] == 2
-    np.testing.assert_allclose(results["mirrored"]["loss"],
-                               results["one"]["loss"], rtol=1e-4)
-    for a, b in zip(results["mirrored"]["weights"], results["one"]["weights"]):
+    np.testing.assert_allclose(
+        results["mirrored"]["loss"], results["one"]["loss"], rtol=1e-4
+    )
+    for a, b in zip(
+        results["mirrored"]["weights"], results["one"]["weights"], strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -75,7 +83,8 @@ def mixed_precision():
 
 @pytest.mark.all_backends
 def test_mixed_precision_training_keeps_the_loss_in_float32(
-        tiny_data, mixed_precision):
+    reference, tiny_data, mixed_precision
+):
     x, y = tiny_data
     teacher, student = tiny_mlp(32, seed=1), tiny_mlp(8, seed=2)
     assert student.layers[-1].compute_dtype == "float16"
@@ -87,6 +96,6 @@ def test_mixed_precision_training_keeps_the_loss_in_float32(
     t = teacher.predict(x, verbose=0).astype("float64")
     s = student.predict(x, verbose=0).astype("float64")
     logs = distiller.evaluate(x, y, batch_size=64, return_dict=True, verbose=0)
-    from test_losses import np_distillation_loss
     assert logs["distillation_loss"] == pytest.approx(
-        np_distillation_loss(t, s, 20.0), rel=1e-3)
+        reference.distillation_loss(t, s, 20.0), rel=1e-3
+    )

@@ -1,7 +1,10 @@
 import json
 
-import numpy as np
+from conftest import FEATURES
+from conftest import NUM_CLASSES
+from conftest import tiny_mlp
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -10,8 +13,6 @@ from kd_keras import data
 from kd_keras import export
 from kd_keras import models
 from kd_keras import training
-from conftest import FEATURES, NUM_CLASSES, tiny_mlp
-from test_losses import np_log_softmax
 
 pytestmark = pytest.mark.all_backends
 
@@ -26,16 +27,17 @@ def test_logits_mode_is_the_weighted_mean_of_member_logits(tiny_data):
     ensemble = kd_keras.EnsembleTeacher(parts, weights=[1, 2, 1])
     logits = np.stack([m.predict(x, verbose=0) for m in parts])
     expected = np.tensordot([0.25, 0.5, 0.25], logits, axes=1)
-    np.testing.assert_allclose(ensemble.predict(x, verbose=0), expected,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        ensemble.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-6
+    )
 
 
-def test_probs_mode_is_the_log_of_the_mean_probability(tiny_data):
+def test_probs_mode_is_the_log_of_the_mean_probability(reference, tiny_data):
     x, _ = tiny_data
     parts = members()
     ensemble = kd_keras.EnsembleTeacher(parts, mode="probs")
     logits = np.stack([m.predict(x, verbose=0) for m in parts]).astype("f8")
-    expected = np.log(np.exp(np_log_softmax(logits)).mean(axis=0))
+    expected = np.log(np.exp(reference.log_softmax(logits)).mean(axis=0))
     got = ensemble.predict(x, verbose=0)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.exp(got).sum(axis=-1), 1.0, rtol=1e-5)
@@ -50,26 +52,28 @@ def test_the_ensemble_is_frozen_and_teaches_a_distiller(tiny_data):
     distiller = kd_keras.Distiller(ensemble, tiny_mlp(4, seed=3))
     distiller.compile("adam")
     distiller.fit(x, y, epochs=1, verbose=0)
-    cached = kd_keras.cache_teacher_logits(ensemble, (x, y), batch_size=16,
-                                           shuffle=False)
+    cached = kd_keras.cache_teacher_logits(
+        ensemble, (x, y), batch_size=16, shuffle=False
+    )
     inputs, _ = cached[0]
-    np.testing.assert_allclose(inputs["teacher_logits"],
-                               ensemble.predict(x[:16], verbose=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        inputs["teacher_logits"], ensemble.predict(x[:16], verbose=0), rtol=1e-5
+    )
     distiller.fit(cached, epochs=1, verbose=0)
-    for old, new in zip(before, ensemble.get_weights()):
+    for old, new in zip(before, ensemble.get_weights(), strict=True):
         np.testing.assert_array_equal(old, new)
 
 
 def test_the_ensemble_round_trips_through_a_keras_file(tiny_data, tmp_path):
     x, _ = tiny_data
-    ensemble = kd_keras.EnsembleTeacher(members(2), mode="probs",
-                                        weights=[3, 1])
+    ensemble = kd_keras.EnsembleTeacher(members(2), mode="probs", weights=[3, 1])
     ensemble.save(tmp_path / "ensemble.keras")
     loaded = keras.saving.load_model(tmp_path / "ensemble.keras")
     assert isinstance(loaded, kd_keras.EnsembleTeacher)
     assert (loaded.mode, loaded.member_weights) == ("probs", [0.75, 0.25])
-    np.testing.assert_allclose(loaded.predict(x, verbose=0),
-                               ensemble.predict(x, verbose=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), ensemble.predict(x, verbose=0), rtol=1e-6
+    )
 
 
 def test_members_with_different_class_counts_raise():
@@ -78,8 +82,9 @@ def test_members_with_different_class_counts_raise():
 
 
 def test_members_with_different_inputs_raise():
-    wide = keras.Sequential([keras.Input((FEATURES + 1,)),
-                             keras.layers.Dense(NUM_CLASSES)])
+    wide = keras.Sequential(
+        [keras.Input((FEATURES + 1,)), keras.layers.Dense(NUM_CLASSES)]
+    )
     with pytest.raises(ValueError, match="same input shape"):
         kd_keras.EnsembleTeacher([tiny_mlp(), wide])
 
@@ -102,7 +107,8 @@ def test_bad_ensemble_arguments_raise():
 # (tests/test_backends.py checks that).
 exports = pytest.mark.skipif(
     keras.backend.backend() == "torch",
-    reason="export_student refuses PyTorch, with the fix")
+    reason="export_student refuses PyTorch, with the fix",
+)
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +129,9 @@ INT8_ACCURACY_DROP = 0.01
 @exports
 def test_every_format_reloads_and_matches_keras(trained_student, tmp_path):
     student, train, test = trained_student
-    report = export.export_student(student, tmp_path,
-                                   representative_data=train, test_data=test,
-                                   latency_repeats=5)
+    report = export.export_student(
+        student, tmp_path, representative_data=train, test_data=test, latency_repeats=5
+    )
     assert set(report) == {"keras", *export.FORMATS}
     for fmt in ("saved_model", "tflite"):
         assert report[fmt]["max_abs_diff"] <= 1e-4
@@ -135,7 +141,8 @@ def test_every_format_reloads_and_matches_keras(trained_student, tmp_path):
         assert report[fmt]["argmax_agreement_percent"] >= 98.0
     assert report["tflite_int8"]["bytes"] < report["tflite"]["bytes"] / 2
     assert report["keras"]["accuracy"] - report["tflite_int8"]["accuracy"] <= (
-        INT8_ACCURACY_DROP)
+        INT8_ACCURACY_DROP
+    )
     assert json.loads((tmp_path / "report.json").read_text()) == report
     served = tf.saved_model.load(str(tmp_path / "saved_model"))
     assert "serving_default" in served.signatures
@@ -145,22 +152,24 @@ def test_every_format_reloads_and_matches_keras(trained_student, tmp_path):
 def test_a_distiller_exports_its_student_only(trained_student, tmp_path):
     student, train, test = trained_student
     distiller = kd_keras.Distiller(models.mlp((64,)), student)
-    report = export.export_student(distiller, tmp_path, formats=("tflite",),
-                                   test_data=test, latency_repeats=2)
+    report = export.export_student(
+        distiller, tmp_path, formats=("tflite",), test_data=test, latency_repeats=2
+    )
     assert report["keras"]["params"] == student.count_params()
 
 
 @exports
-def test_a_float_export_that_differs_raises(trained_student, tmp_path,
-                                            monkeypatch):
+def test_a_float_export_that_differs_raises(trained_student, tmp_path, monkeypatch):
     student, _, test = trained_student
     original = export._TFLiteRunner.__call__
     # A converter that shifts every logit by 1e-3.
-    monkeypatch.setattr(export._TFLiteRunner, "__call__",
-                        lambda self, x: original(self, x) + 1e-3)
+    monkeypatch.setattr(
+        export._TFLiteRunner, "__call__", lambda self, x: original(self, x) + 1e-3
+    )
     with pytest.raises(ValueError, match="differ from the Keras model"):
-        export.export_student(student, tmp_path, formats=("tflite",),
-                              test_data=test, latency_repeats=1)
+        export.export_student(
+            student, tmp_path, formats=("tflite",), test_data=test, latency_repeats=1
+        )
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["tflite"]["max_abs_diff"] == pytest.approx(1e-3, rel=0.1)
 
@@ -173,6 +182,52 @@ def test_bad_export_inputs_raise_before_writing(trained_student, tmp_path):
     with pytest.raises(ValueError, match="representative_data"):
         export.export_student(student, tmp_path / "b", test_data=test)
     with pytest.raises(ValueError, match="formats"):
-        export.export_student(student, tmp_path / "c", formats=("onnx",),
-                              test_data=test)
+        export.export_student(
+            student, tmp_path / "c", formats=("onnx",), test_data=test
+        )
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_the_members_stay_as_they_were(tiny_data):
+    x, _ = tiny_data
+    parts = members(2)  # Both named "member".
+    before = [w.copy() for w in parts[0].get_weights()]
+    ensemble = kd_keras.EnsembleTeacher(parts)
+    kd_keras.Distiller(ensemble, tiny_mlp(4, seed=3))
+    assert [m.name for m in parts] == ["member", "member"]
+    assert all(m.trainable for m in parts)
+    parts[0].layers[-1].kernel.assign(parts[0].layers[-1].kernel * 0.0)
+    # The ensemble holds its own copies.
+    assert np.allclose(ensemble.members[0].get_weights()[0], before[0])
+
+
+@exports
+def test_float_formats_need_no_data(trained_student, tmp_path):
+    student, _, _ = trained_student
+    report = export.export_student(
+        student, tmp_path, formats=("tflite",), latency_repeats=1
+    )
+    assert report["keras"]["compared_on"].startswith("300 random")
+    assert report["tflite"]["max_abs_diff"] <= 1e-4
+
+
+@exports
+def test_export_accuracy_reads_one_hot_labels(trained_student, tmp_path):
+    student, _, test = trained_student
+    x, y = data.to_arrays(test)
+    one_hot = keras.utils.to_categorical(y, 10)
+    sparse = export.export_student(
+        student,
+        tmp_path / "a",
+        formats=("tflite",),
+        test_data=(x, y),
+        latency_repeats=1,
+    )
+    dense = export.export_student(
+        student,
+        tmp_path / "b",
+        formats=("tflite",),
+        test_data=(x, one_hot),
+        latency_repeats=1,
+    )
+    assert dense["tflite"]["accuracy"] == sparse["tflite"]["accuracy"] > 0.5

@@ -1,12 +1,12 @@
 """Logits of any rank (sequences) and single-logit (binary) outputs."""
 
-import numpy as np
+from conftest import FEATURES
+from conftest import tiny_mlp
 import keras
+import numpy as np
 import pytest
 
 import kd_keras
-from conftest import FEATURES, tiny_mlp
-from test_losses import np_log_softmax, np_per_position_kd
 
 pytestmark = pytest.mark.all_backends
 
@@ -18,8 +18,10 @@ def sequence_model(units, seed, classes=CLASSES, masking=False):
     layers = [keras.Input((TIME, FEATURES))]
     if masking:
         layers.append(keras.layers.Masking(0.0))
-    layers += [keras.layers.Dense(units, activation="relu"),
-               keras.layers.Dense(classes)]
+    layers += [
+        keras.layers.Dense(units, activation="relu"),
+        keras.layers.Dense(classes),
+    ]
     return keras.Sequential(layers)
 
 
@@ -30,16 +32,18 @@ def sequence_data(rows=12, seed=0):
     return x, y
 
 
-def np_token_cross_entropy(logits, labels):
-    """Cross-entropy at every position of logits (..., classes)."""
-    log_q = np_log_softmax(np.asarray(logits, "float64"))
-    return -np.take_along_axis(log_q, labels[..., None], axis=-1)[..., 0]
-
-
 def distiller_for(teacher, student, **kwargs):
     distiller = kd_keras.Distiller(teacher, student, **kwargs)
     distiller.compile("sgd")
     return distiller
+
+
+def evaluated(teacher, student, x, y, sample_weight=None, **settings):
+    """A Distiller's evaluation logs, and the teacher's and student's
+    logits."""
+    distiller = distiller_for(teacher, student, **settings)
+    logs = evaluate(distiller, x, y, sample_weight=sample_weight)
+    return logs, logits_of(teacher, x), logits_of(student, x)
 
 
 def logits_of(model, x):
@@ -47,8 +51,9 @@ def logits_of(model, x):
 
 
 def evaluate(distiller, x, y, **kwargs):
-    return distiller.evaluate(x, y, batch_size=len(x), return_dict=True,
-                              verbose=0, **kwargs)
+    return distiller.evaluate(
+        x, y, batch_size=len(x), return_dict=True, verbose=0, **kwargs
+    )
 
 
 def assert_logged_terms(logs, label, kd, weight=None, rel=1e-5):
@@ -57,56 +62,79 @@ def assert_logged_terms(logs, label, kd, weight=None, rel=1e-5):
     assert logs["distillation_loss"] == pytest.approx(kd, rel=rel)
     if weight is not None:
         assert logs["loss"] == pytest.approx(
-            (1 - weight) * label + weight * kd, rel=rel)
+            (1 - weight) * label + weight * kd, rel=rel
+        )
 
 
 # Sequences.
 
 
-def test_integer_sequence_labels_give_per_token_means_of_both_terms():
+def test_integer_sequence_labels_give_per_token_means_of_both_terms(reference):
     x, y = sequence_data()
-    distiller = distiller_for(sequence_model(16, 1), sequence_model(8, 2),
-                              temperature=2.0, distillation_weight=0.6)
-    logs = evaluate(distiller, x, y)
-    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
-    assert_logged_terms(logs, np_token_cross_entropy(s, y).mean(),
-                        np_per_position_kd(t, s, 2.0).mean(), weight=0.6)
+    logs, t, s = evaluated(
+        sequence_model(16, 1),
+        sequence_model(8, 2),
+        x,
+        y,
+        temperature=2.0,
+        distillation_weight=0.6,
+    )
+    assert_logged_terms(
+        logs,
+        reference.token_cross_entropy(s, y).mean(),
+        reference.per_position_kd(t, s, 2.0).mean(),
+        weight=0.6,
+    )
 
 
 def test_one_hot_sequence_labels_give_the_same_loss():
     x, y = sequence_data()
-    sparse = evaluate(distiller_for(sequence_model(16, 1),
-                                    sequence_model(8, 2)), x, y)
-    one_hot = evaluate(distiller_for(sequence_model(16, 1),
-                                     sequence_model(8, 2)),
-                       x, keras.utils.to_categorical(y, CLASSES))
+    sparse = evaluate(distiller_for(sequence_model(16, 1), sequence_model(8, 2)), x, y)
+    one_hot = evaluate(
+        distiller_for(sequence_model(16, 1), sequence_model(8, 2)),
+        x,
+        keras.utils.to_categorical(y, CLASSES),
+    )
     assert one_hot["loss"] == pytest.approx(sparse["loss"], rel=1e-5)
 
 
-def test_sample_weights_per_token_weigh_both_terms():
+def test_sample_weights_per_token_weigh_both_terms(reference):
     x, y = sequence_data()
     weights = np.ones((len(x), TIME), "float32")
     weights[:, 2:] = 0.0  # Padding.
-    distiller = distiller_for(sequence_model(16, 1), sequence_model(8, 2),
-                              temperature=3.0, distillation_weight=0.5)
-    logs = evaluate(distiller, x, y, sample_weight=weights)
-    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
+    logs, t, s = evaluated(
+        sequence_model(16, 1),
+        sequence_model(8, 2),
+        x,
+        y,
+        sample_weight=weights,
+        temperature=3.0,
+        distillation_weight=0.5,
+    )
     positions = weights.size
     assert_logged_terms(
-        logs, (np_token_cross_entropy(s, y) * weights).sum() / positions,
-        (np_per_position_kd(t, s, 3.0) * weights).sum() / positions)
+        logs,
+        (reference.token_cross_entropy(s, y) * weights).sum() / positions,
+        (reference.per_position_kd(t, s, 3.0) * weights).sum() / positions,
+    )
 
 
-def test_keras_masking_leaves_padded_tokens_out_of_both_terms():
+def test_keras_masking_leaves_padded_tokens_out_of_both_terms(reference):
     x, y = sequence_data()
     x[:, 3:] = 0.0  # The last step is padding, masked by `Masking`.
-    distiller = distiller_for(sequence_model(16, 1, masking=True),
-                              sequence_model(8, 2, masking=True),
-                              temperature=2.0, distillation_weight=0.5)
-    logs = evaluate(distiller, x, y)
-    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
-    assert_logged_terms(logs, np_token_cross_entropy(s, y)[:, :3].mean(),
-                        np_per_position_kd(t, s, 2.0)[:, :3].mean())
+    logs, t, s = evaluated(
+        sequence_model(16, 1, masking=True),
+        sequence_model(8, 2, masking=True),
+        x,
+        y,
+        temperature=2.0,
+        distillation_weight=0.5,
+    )
+    assert_logged_terms(
+        logs,
+        reference.token_cross_entropy(s, y)[:, :3].mean(),
+        reference.per_position_kd(t, s, 2.0)[:, :3].mean(),
+    )
 
 
 def test_sequence_distillation_trains_on_cached_logits():
@@ -147,28 +175,29 @@ def binary_data(rows=32):
     return x, (x[:, 0] > 0).astype("float32")
 
 
-def np_binary_cross_entropy(logits, labels):
-    p = 1 / (1 + np.exp(-logits[:, 0]))
-    return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
-
-
-def test_one_logit_distils_binary_soft_targets():
+def test_one_logit_distils_binary_soft_targets(reference):
     x, y = binary_data()
-    distiller = distiller_for(binary_model(16, 1), binary_model(8, 2),
-                              temperature=2.0, distillation_weight=0.9)
-    logs = evaluate(distiller, x, y)
-    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
-    kd = np_per_position_kd(t, s, 2.0).mean()
+    logs, t, s = evaluated(
+        binary_model(16, 1),
+        binary_model(8, 2),
+        x,
+        y,
+        temperature=2.0,
+        distillation_weight=0.9,
+    )
+    kd = reference.per_position_kd(t, s, 2.0).mean()
     assert kd > 0.01  # Not the constant 0 of a softmax over one logit.
-    assert_logged_terms(logs, np_binary_cross_entropy(s, y).mean(), kd,
-                        weight=0.9, rel=1e-4)
+    assert_logged_terms(
+        logs, reference.binary_cross_entropy(s, y).mean(), kd, weight=0.9, rel=1e-4
+    )
 
 
 def test_binary_student_moves_towards_the_teacher():
     x, y = binary_data(64)
     teacher, student = binary_model(16, 1), binary_model(8, 2)
-    distiller = kd_keras.Distiller(teacher, student, distillation_weight=1.0,
-                                   temperature=1.0)
+    distiller = kd_keras.Distiller(
+        teacher, student, distillation_weight=1.0, temperature=1.0
+    )
     distiller.compile(keras.optimizers.Adam(0.01))
     before = evaluate(distiller, x, y)["distillation_loss"]
     distiller.fit(x, y, batch_size=16, epochs=5, verbose=0)
@@ -182,55 +211,73 @@ def test_binary_labels_outside_zero_one_raise():
         distiller.fit(x, y + 1.0, verbose=0)
 
 
-def test_binary_sequences_weigh_and_mask_tokens_not_examples():
+def test_binary_sequences_weigh_and_mask_tokens_not_examples(reference):
     # As many sequences as steps, so that mixing the axes cannot pass.
     x, y = sequence_data(rows=TIME)
     y = (y % 2).astype("float32")
     x[:, 3:] = 0.0  # Masked by `Masking`.
     weights = np.ones((TIME, TIME), "float32")
     weights[:, 0] = 0.5
-    distiller = distiller_for(sequence_model(16, 1, classes=1, masking=True),
-                              sequence_model(8, 2, classes=1, masking=True),
-                              temperature=2.0, distillation_weight=0.5)
-    logs = evaluate(distiller, x, y, sample_weight=weights)
-    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
+    logs, t, s = evaluated(
+        sequence_model(16, 1, classes=1, masking=True),
+        sequence_model(8, 2, classes=1, masking=True),
+        x,
+        y,
+        sample_weight=weights,
+        temperature=2.0,
+        distillation_weight=0.5,
+    )
     p = 1 / (1 + np.exp(-s[..., 0]))
     label = -(y * np.log(p) + (1 - y) * np.log(1 - p))
-    kd = np_per_position_kd(t, s, 2.0)
+    kd = reference.per_position_kd(t, s, 2.0)
     valid = (weights * (np.arange(TIME) < 3))[..., :]
     # Keras' "sum_over_batch_size" with a mask: over the unmasked tokens.
     count = 3 * TIME
-    assert_logged_terms(logs, (label * valid).sum() / count,
-                        (kd * valid).sum() / count, weight=0.5)
+    assert_logged_terms(
+        logs, (label * valid).sum() / count, (kd * valid).sum() / count, weight=0.5
+    )
 
 
-def test_a_label_loss_that_ignores_a_class_leaves_those_tokens_out_of_both():
+def test_a_label_loss_that_ignores_a_class_leaves_those_tokens_out_of_both(reference):
     x, y = sequence_data()
     y[:, -1] = -1  # Padding, ignored by the label loss.
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True,
-                                                      ignore_class=-1)
-    distiller = kd_keras.Distiller(sequence_model(16, 1), sequence_model(8, 2),
-                                   temperature=2.0, distillation_weight=0.5,
-                                   student_loss=loss)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1)
+    distiller = kd_keras.Distiller(
+        sequence_model(16, 1),
+        sequence_model(8, 2),
+        temperature=2.0,
+        distillation_weight=0.5,
+        student_loss=loss,
+    )
     distiller.compile("sgd")
     logs = evaluate(distiller, x, y)
     t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
     assert_logged_terms(
-        logs, np_token_cross_entropy(s[:, :-1], y[:, :-1]).mean(),
-        np_per_position_kd(t, s, 2.0)[:, :-1].mean(), weight=0.5)
+        logs,
+        reference.token_cross_entropy(s[:, :-1], y[:, :-1]).mean(),
+        reference.per_position_kd(t, s, 2.0)[:, :-1].mean(),
+        weight=0.5,
+    )
 
 
-def test_one_weight_per_sequence_weighs_all_its_tokens():
+def test_one_weight_per_sequence_weighs_all_its_tokens(reference):
     x, y = sequence_data(rows=TIME)  # As many sequences as steps.
     weights = np.array([1.0, 0.0, 2.0, 0.5], "float32")
-    distiller = distiller_for(sequence_model(16, 1), sequence_model(8, 2),
-                              temperature=3.0, distillation_weight=0.5)
-    logs = evaluate(distiller, x, y, sample_weight=weights)
-    t, s = logits_of(distiller.teacher, x), logits_of(distiller.student, x)
+    logs, t, s = evaluated(
+        sequence_model(16, 1),
+        sequence_model(8, 2),
+        x,
+        y,
+        sample_weight=weights,
+        temperature=3.0,
+        distillation_weight=0.5,
+    )
     per_token = weights[:, None] * np.ones((TIME, TIME))
     assert_logged_terms(
-        logs, (np_token_cross_entropy(s, y) * per_token).sum() / per_token.size,
-        (np_per_position_kd(t, s, 3.0) * per_token).sum() / per_token.size)
+        logs,
+        (reference.token_cross_entropy(s, y) * per_token).sum() / per_token.size,
+        (reference.per_position_kd(t, s, 3.0) * per_token).sum() / per_token.size,
+    )
 
 
 def test_accuracy_of_a_binary_student_reads_its_logits():
@@ -243,18 +290,24 @@ def test_accuracy_of_a_binary_student_reads_its_logits():
     assert logs["accuracy"] == pytest.approx(expected)
     batches = kd_keras.data.ArrayBatches(x, y.astype("int32"), batch_size=8)
     assert kd_keras.training.test_accuracy(distiller.student, batches) == (
-        pytest.approx(expected))
+        pytest.approx(expected)
+    )
 
 
-def test_one_weight_per_sequence_with_masking():
+def test_one_weight_per_sequence_with_masking(reference):
     x, y = sequence_data(rows=TIME)
     x[:, 3:] = 0.0
     weights = np.array([1.0, 0.0, 2.0, 0.5], "float32")
     loss = keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction="mean_with_sample_weight")
+        from_logits=True, reduction="mean_with_sample_weight"
+    )
     distiller = kd_keras.Distiller(
-        sequence_model(16, 1, masking=True), sequence_model(8, 2, masking=True),
-        temperature=2.0, distillation_weight=0.5, student_loss=loss)
+        sequence_model(16, 1, masking=True),
+        sequence_model(8, 2, masking=True),
+        temperature=2.0,
+        distillation_weight=0.5,
+        student_loss=loss,
+    )
     distiller.compile("sgd")
     for shape in ((TIME,), (TIME, 1)):
         logs = evaluate(distiller, x, y, sample_weight=weights.reshape(shape))
@@ -262,9 +315,10 @@ def test_one_weight_per_sequence_with_masking():
         per_token = weights[:, None] * (np.arange(TIME) < 3)
         # A weighted mean over the unmasked tokens.
         assert_logged_terms(
-            logs, (np_token_cross_entropy(s, y) * per_token).sum()
-            / per_token.sum(),
-            (np_per_position_kd(t, s, 2.0) * per_token).sum() / per_token.sum())
+            logs,
+            (reference.token_cross_entropy(s, y) * per_token).sum() / per_token.sum(),
+            (reference.per_position_kd(t, s, 2.0) * per_token).sum() / per_token.sum(),
+        )
 
 
 def test_sample_weights_that_fit_no_position_raise():

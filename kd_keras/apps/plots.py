@@ -6,9 +6,9 @@ writes it as a PNG. Figures are made without pyplot, so no display is needed.
 
 import pathlib
 
-import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+import numpy as np
 
 
 def _finish(figure, path):
@@ -24,8 +24,7 @@ def _history_dict(history):
     return history.history if hasattr(history, "history") else dict(history)
 
 
-def plot_history(histories, metric="val_accuracy", path=None, title=None,
-                 marks=None):
+def plot_history(histories, metric="val_accuracy", path=None, title=None, marks=None):
     """Plots one metric per epoch for several runs.
 
     Args:
@@ -45,10 +44,9 @@ def plot_history(histories, metric="val_accuracy", path=None, title=None,
         values = _history_dict(history).get(metric)
         if not values:
             continue
-        line, = axes.plot(range(1, len(values) + 1), values, label=name)
+        (line,) = axes.plot(range(1, len(values) + 1), values, label=name)
         if marks and marks.get(name) is not None:
-            axes.axvline(marks[name], linestyle="--", color=line.get_color(),
-                         alpha=0.7)
+            axes.axvline(marks[name], linestyle="--", color=line.get_color(), alpha=0.7)
     axes.set_xlabel("epoch")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel(metric)
@@ -75,10 +73,14 @@ def plot_paths(table, metric="student_val_accuracy", path=None, title=None):
     figure = Figure(figsize=(7.0, 1.0 + 0.4 * len(rows)))
     axes = figure.add_subplot()
     values = [row[metric] for row in rows]
-    bars = axes.barh([row["path"] for row in rows], values,
-                     color=["C1" if row is rows[-1] else "C0" for row in rows])
-    axes.bar_label(bars, labels=[f"{v:.4f}" for v in values], fontsize="small",
-                   padding=2)
+    bars = axes.barh(
+        [row["path"] for row in rows],
+        values,
+        color=["C1" if row is rows[-1] else "C0" for row in rows],
+    )
+    axes.bar_label(
+        bars, labels=[f"{v:.4f}" for v in values], fontsize="small", padding=2
+    )
     low, high = min(values), max(values)
     margin = max(high - low, 1e-3)
     axes.set_xlim(low - margin, high + margin)
@@ -104,8 +106,7 @@ def plot_chain(report, path=None, title=None):
     names = [row["student"] for row in report]
     values = [row["val_accuracy"] for row in report]
     bars = axes.bar(names, values)
-    axes.bar_label(bars, labels=[f"{v:.4f}" for v in values],
-                   fontsize="small")
+    axes.bar_label(bars, labels=[f"{v:.4f}" for v in values], fontsize="small")
     axes.set_ylim(min(values) - 0.05, min(1.0, max(values) + 0.05))
     axes.set_ylabel("validation accuracy")
     axes.set_title(title or "Distillation chain, step by step")
@@ -113,8 +114,7 @@ def plot_chain(report, path=None, title=None):
     return _finish(figure, path)
 
 
-def plot_curve(xs, ys, xlabel, ylabel, path=None, title=None, errors=None,
-               xticks=None):
+def plot_curve(xs, ys, xlabel, ylabel, path=None, title=None, errors=None, xticks=None):
     """Draws one measured curve, with optional error bars.
 
     Args:
@@ -155,16 +155,22 @@ def plot_sweep(trials, objective="val_accuracy", path=None, title=None):
     """
     figure = Figure(figsize=(6.4, 4.0))
     axes = figure.add_subplot()
-    sizes = sorted({str(row["assistant_size"]) for row in trials},
-                   key=lambda s: (s != "none", s))
+    sizes = sorted(
+        {str(row["assistant_size"]) for row in trials}, key=lambda s: (s != "none", s)
+    )
     for index, size in enumerate(sizes):
-        rows = sorted((r for r in trials if str(r["assistant_size"]) == size),
-                      key=lambda r: r["temperature"])
-        axes.scatter([r["temperature"] for r in rows],
-                     [r["score"] for r in rows],
-                     s=[20 + 80 * r["distillation_weight"] for r in rows],
-                     color=f"C{index}", alpha=0.75,
-                     label=f"assistant {size}")
+        rows = sorted(
+            (r for r in trials if str(r["assistant_size"]) == size),
+            key=lambda r: r["temperature"],
+        )
+        axes.scatter(
+            [r["temperature"] for r in rows],
+            [r["score"] for r in rows],
+            s=[20 + 80 * r["distillation_weight"] for r in rows],
+            color=f"C{index}",
+            alpha=0.75,
+            label=f"assistant {size}",
+        )
     axes.set_xscale("log")
     temperatures = sorted({row["temperature"] for row in trials})
     axes.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
@@ -177,8 +183,9 @@ def plot_sweep(trials, objective="val_accuracy", path=None, title=None):
     return _finish(figure, path)
 
 
-def plot_temperature(logits, temperatures=(1, 2, 5, 10, 20), class_names=None,
-                     path=None, title=None):
+def plot_temperature(
+    logits, temperatures=(1, 2, 5, 10, 20), class_names=None, path=None, title=None
+):
     """Draws one output distribution softened at several temperatures.
 
     The seed deck's figure: as T grows, softmax(z/T) flattens and shows which
@@ -204,8 +211,12 @@ def plot_temperature(logits, temperatures=(1, 2, 5, 10, 20), class_names=None,
         scaled = logits / temperature
         probabilities = np.exp(scaled - scaled.max())
         probabilities /= probabilities.sum()
-        axes.bar(classes + (index - (count - 1) / 2) * width, probabilities,
-                 width=width, label=f"T = {temperature:g}")
+        axes.bar(
+            classes + (index - (count - 1) / 2) * width,
+            probabilities,
+            width=width,
+            label=f"T = {temperature:g}",
+        )
     axes.set_xticks(classes, class_names or [str(c) for c in classes])
     axes.set_xlabel("class")
     axes.set_ylabel("softmax(z / T)")

@@ -6,8 +6,8 @@ import keras
 
 from kd_keras import data
 from kd_keras import models
-from kd_keras import plots
 from kd_keras import training
+from kd_keras.apps import plots
 
 
 def run_demo(
@@ -49,50 +49,60 @@ def run_demo(
     (x_train, y_train), (x_test, y_test) = data.sample()
     load = dict(batch_size=batch_size, seed=seed)
     train = data.pipeline((x_train, y_train), shuffle=True, **load)
-    jittered = data.pipeline((x_train, y_train), shuffle=True, max_shift=2,
-                             **load)
+    jittered = data.pipeline((x_train, y_train), shuffle=True, max_shift=2, **load)
     test = data.pipeline((x_test, y_test), **load)
 
     rows, histories = [], {}
 
     def record(name, model, epochs_run, seconds):
         errors, examples = training.test_errors(model, test)
-        rows.append({
-            "model": name,
-            "params": model.count_params(),
-            "test_errors": errors,
-            "test_examples": examples,
-            "error_percent": 100.0 * errors / examples,
-            "epochs": epochs_run,
-            "seconds": seconds,
-        })
+        rows.append(
+            {
+                "model": name,
+                "params": model.count_params(),
+                "test_errors": errors,
+                "test_examples": examples,
+                "error_percent": 100.0 * errors / examples,
+                "epochs": epochs_run,
+                "seconds": seconds,
+            }
+        )
 
     teacher = models.hinton_teacher()
     with training.Stopwatch() as watch:
-        training.train(teacher, jittered, test, epochs=teacher_epochs,
-                       verbose=verbose)
-    record("teacher 2x1200 (dropout, jitter)", teacher, teacher_epochs,
-           watch.seconds)
+        training.train(teacher, jittered, test, epochs=teacher_epochs, verbose=verbose)
+    record("teacher 2x1200 (dropout, jitter)", teacher, teacher_epochs, watch.seconds)
 
     scratch = models.mlp((800, 800), name="scratch_student")
     with training.Stopwatch() as watch:
         histories["scratch 2x800"] = training.train(
-            scratch, train, test, epochs=epochs, verbose=verbose)
+            scratch, train, test, epochs=epochs, verbose=verbose
+        )
     record("student 2x800 from scratch", scratch, epochs, watch.seconds)
 
     student = models.mlp((800, 800), name="distilled_student")
     with training.Stopwatch() as watch:
         _, histories[f"distilled 2x800, T={temperature:g}"] = training.distill(
-            teacher, student, train, test, temperature=temperature,
-            distillation_weight=distillation_weight, epochs=epochs,
-            verbose=verbose)
-    record(f"student 2x800 distilled (T={temperature:g})", student, epochs,
-           watch.seconds)
+            teacher,
+            student,
+            train,
+            test,
+            temperature=temperature,
+            distillation_weight=distillation_weight,
+            epochs=epochs,
+            verbose=verbose,
+        )
+    record(
+        f"student 2x800 distilled (T={temperature:g})", student, epochs, watch.seconds
+    )
 
     teacher.save(workdir / "teacher.keras")
     scratch.save(workdir / "scratch_student.keras")
     student.save(workdir / "distilled_student.keras")
-    plots.plot_history(histories, "val_accuracy",
-                       path=workdir / "students_val_accuracy.png",
-                       title="Students on the sample's test digits")
+    plots.plot_history(
+        histories,
+        "val_accuracy",
+        path=workdir / "students_val_accuracy.png",
+        title="Students on the sample's test digits",
+    )
     return rows

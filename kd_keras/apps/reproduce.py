@@ -11,13 +11,13 @@ import pathlib
 import time
 
 from absl import logging
-import numpy as np
 import keras
+import numpy as np
 
 from kd_keras import data
 from kd_keras import models
-from kd_keras import plots
 from kd_keras import training
+from kd_keras.apps import plots
 from kd_keras.teachers import cache_teacher_logits
 
 # Test errors (of 10,000) reported by Hinton et al. (2015) on MNIST.
@@ -39,15 +39,17 @@ SEVEN_EIGHT = (7, 8)
 
 def _settings(quick):
     examples = 10_000 if quick else 55_000
-    settings = dict(train_split=f"train[:{examples}]",
-                    val_split="train[55000:]", test_split="test",
-                    small_split=f"train[:{int(0.03 * examples)}]",
-                    teacher_hidden=(1200, 1200), student_hidden=(800, 800))
+    settings = dict(
+        train_split=f"train[:{examples}]",
+        val_split="train[55000:]",
+        test_split="test",
+        small_split=f"train[:{int(0.03 * examples)}]",
+        teacher_hidden=(1200, 1200),
+        student_hidden=(800, 800),
+    )
     if quick:
-        return dict(settings, teacher_epochs=6, epochs=5, small_epochs=30,
-                    seeds=2)
-    return dict(settings, teacher_epochs=30, epochs=20, small_epochs=100,
-                seeds=3)
+        return dict(settings, teacher_epochs=6, epochs=5, small_epochs=30, seeds=2)
+    return dict(settings, teacher_epochs=30, epochs=20, small_epochs=100, seeds=3)
 
 
 def _cosine_decay(epochs, learning_rate=1e-3):
@@ -56,23 +58,20 @@ def _cosine_decay(epochs, learning_rate=1e-3):
     Per epoch, so that it needs no step count (filtered transfer sets have
     none); a constant rate leaves every run's last epoch on a noisy plateau.
     """
+
     def schedule(epoch, unused_rate):
-        return float(
-            learning_rate * 0.5 * (1.0 + np.cos(np.pi * epoch / epochs)))
+        return float(learning_rate * 0.5 * (1.0 + np.cos(np.pi * epoch / epochs)))
 
     return [keras.callbacks.LearningRateScheduler(schedule)]
 
 
 def _logits(model, dataset):
-    outputs, labels = [], []
-    for x, y in dataset:
-        outputs.append(np.asarray(model(x, training=False), "float64"))
-        labels.append(np.asarray(y))
-    return np.concatenate(outputs), np.concatenate(labels)
+    logits, labels = training.logits_and_labels(model, dataset)
+    return logits.astype("float64"), labels
 
 
 def _errors(logits, labels, only=None):
-    wrong = np.argmax(logits, -1) != labels
+    wrong = training.predicted_classes(logits) != labels
     if only is not None:
         wrong = wrong[labels == only]
     return int(wrong.sum())
@@ -80,6 +79,7 @@ def _errors(logits, labels, only=None):
 
 def _best_shift(val_logits, val_labels, classes, candidates):
     """The bias shift of `classes` that maximises validation accuracy."""
+
     def accuracy(shift):
         shifted = val_logits.copy()
         shifted[:, list(classes)] += shift
@@ -110,40 +110,60 @@ class _Run:
     def _distil(self, transfer, temperature, epochs=None):
         student = self._student()
         epochs = epochs or self.settings["epochs"]
-        training.distill(self.teacher, student, transfer, self.val,
-                         temperature=temperature, distillation_weight=0.9,
-                         epochs=epochs, cache=False,
-                         callbacks=_cosine_decay(epochs), verbose=self.verbose)
+        training.distill(
+            self.teacher,
+            student,
+            transfer,
+            self.val,
+            temperature=temperature,
+            distillation_weight=0.9,
+            epochs=epochs,
+            cache=False,
+            callbacks=_cosine_decay(epochs),
+            verbose=self.verbose,
+        )
         return student
 
     def run(self):
         settings, results = self.settings, {}
         keras.utils.set_random_seed(self.seed)
-        self.teacher = models.mlp(settings["teacher_hidden"], dropout=0.5,
-                                  input_dropout=0.2, max_norm=4.0,
-                                  name="teacher")
-        jittered = self.load(settings["train_split"], shuffle=True,
-                             max_shift=2)
-        training.train(self.teacher, jittered, self.val,
-                       epochs=settings["teacher_epochs"],
-                       callbacks=_cosine_decay(settings["teacher_epochs"]),
-                       verbose=self.verbose)
+        self.teacher = models.mlp(
+            settings["teacher_hidden"],
+            dropout=0.5,
+            input_dropout=0.2,
+            max_norm=4.0,
+            name="teacher",
+        )
+        jittered = self.load(settings["train_split"], shuffle=True, max_shift=2)
+        training.train(
+            self.teacher,
+            jittered,
+            self.val,
+            epochs=settings["teacher_epochs"],
+            callbacks=_cosine_decay(settings["teacher_epochs"]),
+            verbose=self.verbose,
+        )
         test_logits, test_labels = _logits(self.teacher, self.test)
         results["teacher"] = _errors(test_logits, test_labels)
         results["teacher_example_logits"] = test_logits[0].tolist()
 
         scratch = self._student()
-        training.train(scratch, self.train, self.val, epochs=settings["epochs"],
-                       callbacks=_cosine_decay(settings["epochs"]),
-                       verbose=self.verbose)
+        training.train(
+            scratch,
+            self.train,
+            self.val,
+            epochs=settings["epochs"],
+            callbacks=_cosine_decay(settings["epochs"]),
+            verbose=self.verbose,
+        )
         results["scratch"] = _errors(*_logits(scratch, self.test))
 
-        transfer = cache_teacher_logits(self.teacher, self.train,
-                                        seed=self.seed)
+        transfer = cache_teacher_logits(self.teacher, self.train, seed=self.seed)
         for temperature in TEMPERATURES:
             student = self._distil(transfer, temperature)
             results[f"distilled_T{temperature:g}"] = _errors(
-                *_logits(student, self.test))
+                *_logits(student, self.test)
+            )
 
         results.update(self._omit_three())
         results.update(self._only_seven_eight())
@@ -156,8 +176,11 @@ class _Run:
         grid = sign * np.arange(0.0, 20.01, 0.25)
         chosen = _best_shift(val_logits, val_labels, classes, grid)
         rows = {}
-        for name, shift in ((key, 0.0), (f"{key}_bias_val", chosen),
-                            (f"{key}_bias_paper", sign * paper_shift)):
+        for name, shift in (
+            (key, 0.0),
+            (f"{key}_bias_val", chosen),
+            (f"{key}_bias_paper", sign * paper_shift),
+        ):
             shifted = _shifted(test_logits, classes, shift)
             rows[name] = _errors(shifted, test_labels)
             if classes == (THREE,):
@@ -167,31 +190,42 @@ class _Run:
 
     def _omit_three(self):
         transfer = cache_teacher_logits(
-            self.teacher, self.load(self.settings["train_split"],
-                                    drop_classes=[THREE]), seed=self.seed)
+            self.teacher,
+            self.load(self.settings["train_split"], drop_classes=[THREE]),
+            seed=self.seed,
+        )
         student = self._distil(transfer, 20.0)
         return self._bias_rows(student, (THREE,), +1.0, PAPER_BIAS_3, "omit3")
 
     def _only_seven_eight(self):
         transfer = cache_teacher_logits(
-            self.teacher, self.load(self.settings["train_split"],
-                                    keep_classes=list(SEVEN_EIGHT)),
-            seed=self.seed)
+            self.teacher,
+            self.load(self.settings["train_split"], keep_classes=list(SEVEN_EIGHT)),
+            seed=self.seed,
+        )
         student = self._distil(transfer, 20.0)
-        return self._bias_rows(student, SEVEN_EIGHT, -1.0, PAPER_BIAS_78,
-                               "only78")
+        return self._bias_rows(student, SEVEN_EIGHT, -1.0, PAPER_BIAS_78, "only78")
 
     def _three_percent(self):
         """Soft targets as a regulariser: 3% of the labels."""
         small = self.load(self.settings["small_split"], shuffle=True)
         epochs = self.settings["small_epochs"]
         scratch = self._student()
-        training.train(scratch, small, self.val, epochs=epochs,
-                       callbacks=_cosine_decay(epochs), verbose=self.verbose)
-        soft = self._distil(cache_teacher_logits(self.teacher, small,
-                                                 seed=self.seed), 20.0, epochs)
-        return {"small_scratch": _errors(*_logits(scratch, self.test)),
-                "small_soft": _errors(*_logits(soft, self.test))}
+        training.train(
+            scratch,
+            small,
+            self.val,
+            epochs=epochs,
+            callbacks=_cosine_decay(epochs),
+            verbose=self.verbose,
+        )
+        soft = self._distil(
+            cache_teacher_logits(self.teacher, small, seed=self.seed), 20.0, epochs
+        )
+        return {
+            "small_scratch": _errors(*_logits(scratch, self.test)),
+            "small_soft": _errors(*_logits(soft, self.test)),
+        }
 
 
 def _cell(values, percent_of=None):
@@ -209,6 +243,7 @@ def _shape(hidden):
 
 def _report(runs, settings, test_counts, minutes):
     """The markdown table, side by side with the paper."""
+
     def column(key):
         return [run[key] for run in runs]
 
@@ -222,67 +257,114 @@ def _report(runs, settings, test_counts, minutes):
     teacher_shape = _shape(settings["teacher_hidden"])
     student_shape = _shape(settings["student_hidden"])
     rows = [
-        (f"teacher {teacher_shape}, dropout, max-norm, 2-px jitter",
-         PAPER["teacher"], _cell(column("teacher")), seeds("teacher")),
-        (f"student {student_shape} from scratch", PAPER["scratch"],
-         _cell(column("scratch")), seeds("scratch")),
+        (
+            f"teacher {teacher_shape}, dropout, max-norm, 2-px jitter",
+            PAPER["teacher"],
+            _cell(column("teacher")),
+            seeds("teacher"),
+        ),
+        (
+            f"student {student_shape} from scratch",
+            PAPER["scratch"],
+            _cell(column("scratch")),
+            seeds("scratch"),
+        ),
     ]
     for temperature in TEMPERATURES:
         key = f"distilled_T{temperature:g}"
-        rows.append((f"student {student_shape} distilled, T = {temperature:g}",
-                     PAPER["distilled_T20"] if temperature == 20 else "",
-                     _cell(column(key)), seeds(key)))
+        rows.append(
+            (
+                f"student {student_shape} distilled, T = {temperature:g}",
+                PAPER["distilled_T20"] if temperature == 20 else "",
+                _cell(column(key)),
+                seeds(key),
+            )
+        )
     for key, label, paper in (
-            ("omit3", "distilled without any 3 in the transfer set",
-             PAPER["omit3"]),
-            ("omit3_bias_paper", f"… bias of 3 raised by {PAPER_BIAS_3:g}",
-             PAPER["omit3_bias_paper"]),
-            ("omit3_bias_val",
-             f"… bias of 3 raised by a shift chosen on validation ({shift3})",
-             "")):
-        rows.append((label, paper,
-                     f"{_cell(column(key))} ({_cell(column(key + '_on3'))} "
-                     f"on 3s)", f"{seeds(key)} ({seeds(key + '_on3')} on 3s)"))
+        ("omit3", "distilled without any 3 in the transfer set", PAPER["omit3"]),
+        (
+            "omit3_bias_paper",
+            f"… bias of 3 raised by {PAPER_BIAS_3:g}",
+            PAPER["omit3_bias_paper"],
+        ),
+        (
+            "omit3_bias_val",
+            f"… bias of 3 raised by a shift chosen on validation ({shift3})",
+            "",
+        ),
+    ):
+        rows.append(
+            (
+                label,
+                paper,
+                f"{_cell(column(key))} ({_cell(column(key + '_on3'))} on 3s)",
+                f"{seeds(key)} ({seeds(key + '_on3')} on 3s)",
+            )
+        )
     for key, label, paper in (
-            ("only78", "distilled on a transfer set of 7s and 8s only",
-             PAPER["only78"]),
-            ("only78_bias_paper",
-             f"… biases of 7 and 8 lowered by {PAPER_BIAS_78:g}",
-             PAPER["only78_bias_paper"]),
-            ("only78_bias_val",
-             f"… biases of 7 and 8 lowered by a shift chosen on validation "
-             f"({shift78})", "")):
-        rows.append((label, paper, _cell(column(key), only78_total),
-                     seeds(key)))
+        ("only78", "distilled on a transfer set of 7s and 8s only", PAPER["only78"]),
+        (
+            "only78_bias_paper",
+            f"… biases of 7 and 8 lowered by {PAPER_BIAS_78:g}",
+            PAPER["only78_bias_paper"],
+        ),
+        (
+            "only78_bias_val",
+            f"… biases of 7 and 8 lowered by a shift chosen on validation ({shift78})",
+            "",
+        ),
+    ):
+        rows.append((label, paper, _cell(column(key), only78_total), seeds(key)))
     rows += [
-        ("3% of the labels, from scratch", "",
-         _cell(column("small_scratch")), seeds("small_scratch")),
-        ("3% of the labels, with the teacher's soft targets", "",
-         _cell(column("small_soft")), seeds("small_soft")),
+        (
+            "3% of the labels, from scratch",
+            "",
+            _cell(column("small_scratch")),
+            seeds("small_scratch"),
+        ),
+        (
+            "3% of the labels, with the teacher's soft targets",
+            "",
+            _cell(column("small_soft")),
+            seeds("small_soft"),
+        ),
     ]
-    lines = ["| experiment | paper | kd_keras (mean ± std) | per seed |",
-             "|---|---|---|---|"]
+    lines = [
+        "| experiment | paper | kd_keras (mean ± std) | per seed |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
 
     teacher = np.mean(column("teacher"))
     scratch = np.mean(column("scratch"))
     distilled = np.mean(column("distilled_T20"))
-    gap = (scratch - distilled) / (scratch - teacher) if scratch != teacher \
+    gap = (
+        (scratch - distilled) / (scratch - teacher)
+        if scratch != teacher
         else float("nan")
+    )
     recovered = 1.0 - np.mean(column("omit3_bias_val_on3")) / threes
     targets = [
-        ("the distilled student closes ≥ 80% of the scratch–teacher gap",
-         f"{100 * gap:.0f}%", gap >= 0.8),
-        ("the bias fix (chosen on validation) recovers ≥ 90% of the test 3s",
-         f"{100 * recovered:.1f}% of {threes}", recovered >= 0.9),
-        (f"the distilled {student_shape} student (T = 20) has ≤ "
-         f"{74 * tests / 10_000:g} errors"
-         + (" (74 of 10,000)" if tests != 10_000 else ""),
-         f"{distilled:.1f}", distilled <= 74 * tests / 10_000),
+        (
+            "the distilled student closes ≥ 80% of the scratch–teacher gap",
+            f"{100 * gap:.0f}%",
+            gap >= 0.8,
+        ),
+        (
+            "the bias fix (chosen on validation) recovers ≥ 90% of the test 3s",
+            f"{100 * recovered:.1f}% of {threes}",
+            recovered >= 0.9,
+        ),
+        (
+            f"the distilled {student_shape} student (T = 20) has ≤ "
+            f"{74 * tests / 10_000:g} errors"
+            + (" (74 of 10,000)" if tests != 10_000 else ""),
+            f"{distilled:.1f}",
+            distilled <= 74 * tests / 10_000,
+        ),
     ]
     lines += ["", "| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |"
-              for t, m, ok in targets]
+    lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in targets]
     heading = (
         f"Hinton et al. (2015) on MNIST, reproduced with kd_keras "
         f"({settings['train_split']}, validation {settings['val_split']}, "
@@ -294,15 +376,25 @@ def _report(runs, settings, test_counts, minutes):
         f"by a half cosine per epoch; {len(runs)} seeds; "
         f"{minutes:.0f} min on this machine). Test errors unless marked %; "
         "the 7s-and-8s rows give the error rate on all test digits; the "
-        "paper's column is of 10,000 test digits.")
+        "paper's column is of 10,000 test digits."
+    )
     return heading + "\n\n" + "\n".join(lines) + "\n", {
-        "gap_closed": gap, "threes_recovered": recovered,
+        "gap_closed": gap,
+        "threes_recovered": recovered,
         "distilled_errors": distilled,
-        "targets_met": {t: bool(ok) for t, _, ok in targets}}
+        "targets_met": {t: bool(ok) for t, _, ok in targets},
+    }
 
 
-def hinton_mnist(data_dir=None, output_dir="hinton_mnist", quick=False,
-                 seeds=None, name=None, settings=None, verbose=0):
+def hinton_mnist(
+    data_dir=None,
+    output_dir="hinton_mnist",
+    quick=False,
+    seeds=None,
+    name=None,
+    settings=None,
+    verbose=0,
+):
     """Reruns Hinton et al.'s MNIST experiments and writes the results.
 
     For each seed: the 784-1200-1200-10 teacher (dropout, max-norm, inputs
@@ -345,11 +437,22 @@ def hinton_mnist(data_dir=None, output_dir="hinton_mnist", quick=False,
     output_dir.mkdir(parents=True, exist_ok=True)
 
     def load(split, shuffle=False, **kwargs):
-        return data.load("mnist", split, data_dir=data_dir, batch_size=128,
-                         shuffle=shuffle, seed=0, **kwargs)
+        return data.load(
+            "mnist",
+            split,
+            data_dir=data_dir,
+            batch_size=128,
+            shuffle=shuffle,
+            seed=0,
+            **kwargs,
+        )
 
-    splits = (load(settings["train_split"], shuffle=True),
-              load(settings["val_split"]), load(settings["test_split"]), load)
+    splits = (
+        load(settings["train_split"], shuffle=True),
+        load(settings["val_split"]),
+        load(settings["test_split"]),
+        load,
+    )
     test_labels = data.to_arrays(splits[2])[1]
     test_counts = {c: int(np.sum(test_labels == c)) for c in range(10)}
     # Each finished seed is kept, so an interrupted run resumes after it.
@@ -361,33 +464,44 @@ def hinton_mnist(data_dir=None, output_dir="hinton_mnist", quick=False,
         saved = {"settings": same, "runs": [], "minutes": 0.0}
     runs = saved["runs"]
     for seed in range(len(runs), settings["seeds"]):
-        logging.info("hinton_mnist: seed %d of %d.", seed + 1,
-                     settings["seeds"])
+        logging.info("hinton_mnist: seed %d of %d.", seed + 1, settings["seeds"])
         start = time.perf_counter()
         runs.append(_Run(seed, settings, splits, verbose).run())
         saved["minutes"] += (time.perf_counter() - start) / 60
         progress.write_text(json.dumps(saved, default=float) + "\n")
-    runs = runs[:settings["seeds"]]
+    runs = runs[: settings["seeds"]]
     minutes = saved["minutes"]
     table, summary = _report(runs, settings, test_counts, minutes)
     (output_dir / f"{name}.md").write_text(table)
     plots.plot_temperature(
-        runs[0]["teacher_example_logits"], temperatures=(1, 2, 5, 10, 20),
+        runs[0]["teacher_example_logits"],
+        temperatures=(1, 2, 5, 10, 20),
         path=output_dir / f"{name}_temperature.png",
-        title="The teacher's output on the first test digit")
-    errors = np.array([[run[f"distilled_T{t:g}"] for t in TEMPERATURES]
-                       for run in runs], dtype="float64")
+        title="The teacher's output on the first test digit",
+    )
+    errors = np.array(
+        [[run[f"distilled_T{t:g}"] for t in TEMPERATURES] for run in runs],
+        dtype="float64",
+    )
     plots.plot_curve(
-        np.log2(TEMPERATURES), errors.mean(0), "temperature",
+        np.log2(TEMPERATURES),
+        errors.mean(0),
+        "temperature",
         f"test errors (of {sum(test_counts.values()):,})",
         errors=errors.std(0, ddof=1) if len(runs) > 1 else None,
         xticks=[f"{t:g}" for t in TEMPERATURES],
         path=output_dir / f"{name}_errors_by_temperature.png",
-        title=f"Distilled {_shape(settings['student_hidden'])} student by "
-              "temperature")
-    result = {"settings": settings, "runs": runs, "minutes": minutes,
-              "paper": PAPER, **summary}
+        title=f"Distilled {_shape(settings['student_hidden'])} student by temperature",
+    )
+    result = {
+        "settings": settings,
+        "runs": runs,
+        "minutes": minutes,
+        "paper": PAPER,
+        **summary,
+    }
     (output_dir / f"{name}.json").write_text(
-        json.dumps(result, indent=2, default=float) + "\n")
+        json.dumps(result, indent=2, default=float) + "\n"
+    )
     result["table"] = table
     return result

@@ -1,0 +1,313 @@
+"""`kd-keras`: a thin command line over the library.
+
+    kd-keras COMMAND [--flag=value ...]
+    kd-keras COMMAND --help
+
+Each command is a few public library calls; the command prints what they
+return. Subcommands are absl's `argparse_flags` parsers; each flag is
+defined once, in a group that the commands using it share, and a command's
+own defaults are set on its parser.
+"""
+
+import argparse
+import os
+import sys
+
+# The command line prints its own results; TensorFlow's start-up notices
+# would bury them. Set before TensorFlow loads; a user's own setting wins.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import logging  # noqa: E402
+from absl.flags import argparse_flags  # noqa: E402
+
+from kd_keras.apps import commands  # noqa: E402
+
+
+class _Parser(argparse_flags.ArgumentParser):
+    """An argparse parser whose errors point at the command's help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}\nSee `{self.prog} --help`.\n")
+
+
+def _ints(text):
+    return tuple(int(part) for part in text.split(",") if part)
+
+
+def _floats(text):
+    return tuple(float(part) for part in text.split(",") if part)
+
+
+def _names(text):
+    return tuple(part for part in text.split(",") if part)
+
+
+def _flag(name, help, **options):
+    """One flag: its name, help and `add_argument` options."""
+    return name, dict(help=help, **options)
+
+
+# Flag groups: every flag is defined once, here. A command's parser adds the
+# groups it uses anew, so that its own defaults (`set_defaults`) never leak
+# into another's, as they would through argparse's shared parent parsers.
+DATA = (
+    _flag("--dataset", "tfds name, or 'mnist_sample' (shipped).", default="mnist"),
+    _flag("--train_split", "Split to train on.", default="train"),
+    _flag("--val_split", "Split to validate on; the test split if unset."),
+    _flag("--test_split", "Split to test on.", default="test"),
+    _flag("--batch_size", "Batch size.", type=int, default=128),
+)
+DATA_DIR = (_flag("--data_dir", "tensorflow-datasets folder (see `data`)."),)
+SEED = (_flag("--seed", "Seed of weights, shuffles and jitter.", type=int, default=0),)
+FAMILY = (
+    _flag("--family", "Model family.", choices=("mlp", "plain_cnn"), default="mlp"),
+    _flag("--width", "plain_cnn: width multiplier.", type=float, default=1.0),
+)
+SHAPE = (
+    _flag(
+        "--hidden",
+        "mlp: hidden widths, e.g. 1200,1200.",
+        type=_ints,
+        default=(800, 800),
+    ),
+    _flag("--dropout", "mlp: dropout after hidden layers.", type=float, default=0.0),
+    _flag("--input_dropout", "mlp: dropout on the inputs.", type=float, default=0.0),
+    _flag("--max_norm", "mlp: max-norm of each unit's incoming weights.", type=float),
+    _flag("--depth", "plain_cnn: depth (2, 4, 6, 8 or 10).", type=int, default=2),
+)
+EPOCHS = (_flag("--epochs", "Epochs (of each model or step).", type=int, default=10),)
+TEACHER_EPOCHS = (
+    _flag("--teacher_epochs", "Epochs of a teacher trained here.", type=int),
+)
+OPTIMIZER = (
+    _flag("--optimizer", "Keras optimizer name, e.g. adam or sgd.", default="adam"),
+    _flag("--learning_rate", "Its learning rate.", type=float, default=1e-3),
+)
+VERBOSE = (_flag("--verbose", "Keras verbosity: 0, 1 or 2.", type=int, default=1),)
+LOGDIR = (_flag("--logdir", "TensorBoard logs here (loss terms, T, λ)."),)
+OUTPUT = (
+    _flag("--output", "Where to write the trained .keras model.", required=True),
+    _flag("--jitter", "Shift training images by up to N pixels.", type=int, default=0),
+)
+OUTPUT_DIR = (_flag("--output_dir", "Folder to write to."),)
+WORKDIR = (
+    _flag(
+        "--workdir",
+        "Folder of the work; a rerun continues it.",
+        default="kd_keras_runs",
+    ),
+)
+KD = (
+    _flag("--temperature", "Distillation temperature T > 0.", type=float, default=4.0),
+    _flag("--distillation_weight", "Weight λ in [0, 1].", type=float, default=0.9),
+)
+TEACHER = (_flag("--teacher", "The trained teacher (.keras)."),)
+SIZES = (
+    _flag("--teacher_size", "Size of the teacher.", default="10"),
+    _flag("--student_size", "Size of the student.", default="2"),
+)
+MODEL_FILE = (_flag("--model", "The .keras model.", required=True),)
+SNAPSHOTS = (
+    _flag(
+        "--snapshot_epochs",
+        "Also save after these epochs, e.g. 5,10.",
+        type=_ints,
+        default=(),
+    ),
+    _flag("--snapshot_every", "Also save every N epochs.", type=int),
+)
+DISTILL = (
+    _flag(
+        "--cache_teacher",
+        "Cache the teacher's logits.",
+        choices=("auto", "yes", "no"),
+        default="auto",
+    ),
+    _flag("--teacher_snapshot", "Distil from this epoch's teacher snapshot.", type=int),
+    _flag("--student_early_stop_epoch", "Labels only from this epoch.", type=int),
+    _flag("--student_early_stop_monitor", "Labels only once this metric plateaus."),
+    _flag(
+        "--student_early_stop_patience", "Epochs of that plateau.", type=int, default=2
+    ),
+)
+CHAIN = (
+    _flag(
+        "--sizes", "Sizes, teacher to student.", type=_names, default=("10", "4", "2")
+    ),
+)
+PATHS = (
+    _flag(
+        "--candidates",
+        "Assistants, largest first.",
+        type=_names,
+        default=("8", "6", "4"),
+    ),
+)
+TUNE = (
+    _flag(
+        "--assistant_sizes",
+        "Assistants to choose from.",
+        type=_names,
+        default=("8", "6", "4"),
+    ),
+    _flag(
+        "--temperatures",
+        "Temperatures to choose from.",
+        type=_floats,
+        default=(1, 2, 5, 10, 15, 20),
+    ),
+    _flag(
+        "--distillation_weights",
+        "min,max,step of λ.",
+        type=_floats,
+        default=(0.05, 1.0, 0.05),
+    ),
+    _flag(
+        "--tuner",
+        "keras-tuner tuner.",
+        choices=("bayesian", "random", "hyperband"),
+        default="bayesian",
+    ),
+    _flag("--max_trials", "Trials of the sweep.", type=int, default=12),
+    _flag("--project_name", "The sweep's name in --workdir.", default="sweep"),
+    _flag("--overwrite", "Start afresh instead of resuming.", action="store_true"),
+    _flag(
+        "--mixed_precision",
+        "Students' dtype policy.",
+        choices=("mixed_float16", "mixed_bfloat16"),
+    ),
+    _flag(
+        "--jit_compile",
+        "XLA compilation.",
+        choices=("auto", "true", "false"),
+        default="auto",
+    ),
+)
+EXPORT = (
+    _flag(
+        "--formats",
+        "Formats; tflite_int8 needs --dataset.",
+        type=_names,
+        default=("saved_model", "tflite", "tflite_dynamic"),
+    ),
+    _flag(
+        "--representative_split", "Split that calibrates int8.", default="train[:1000]"
+    ),
+    _flag(
+        "--tolerance",
+        "Largest logit difference of float formats.",
+        type=float,
+        default=1e-4,
+    ),
+)
+EXPERIMENTS = ("hinton-mnist",)
+REPRODUCE = (
+    _flag("experiment", "The experiment to rerun.", choices=EXPERIMENTS),
+    _flag("--quick", "A run of about 10 minutes instead of 90.", action="store_true"),
+    _flag("--seeds", "Seeds (default: 3, or 2 quick).", type=int),
+)
+IDX = (_flag("--idx_dir", "Folder of the four MNIST IDX files.", required=True),)
+TRAINING = (DATA, DATA_DIR, SEED, FAMILY, EPOCHS, OPTIMIZER, VERBOSE, LOGDIR)
+# Commands that choose by validation accuracy hold it out of the training
+# split, and climb the ladder of plain CNNs of the assistants' paper.
+LADDER = (*TRAINING, KD, TEACHER, TEACHER_EPOCHS, WORKDIR)
+LADDER_DEFAULTS = dict(
+    train_split="train[:90%]",
+    val_split="train[90%:]",
+    family="plain_cnn",
+    width=0.25,
+    epochs=5,
+    verbose=0,
+)
+
+
+def _parser():
+    parser = _Parser(
+        prog="kd-keras",
+        description="Knowledge distillation for Keras. "
+        "`kd-keras COMMAND --help` lists a command's flags.",
+    )
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_Parser
+    )
+    for function, groups, defaults in (
+        (
+            commands.demo,
+            (WORKDIR, EPOCHS, TEACHER_EPOCHS, KD, SEED, VERBOSE),
+            dict(
+                workdir="kd_keras_demo",
+                epochs=20,
+                teacher_epochs=30,
+                temperature=8.0,
+                verbose=2,
+            ),
+        ),
+        (commands.train, (*TRAINING, SHAPE, OUTPUT, SNAPSHOTS), {}),
+        (commands.distill, (*TRAINING, SHAPE, OUTPUT, KD, TEACHER, DISTILL), {}),
+        (commands.chain, (*LADDER, CHAIN), LADDER_DEFAULTS),
+        (commands.paths, (*LADDER, SIZES, PATHS), LADDER_DEFAULTS),
+        (
+            commands.tune,
+            (*TRAINING, TEACHER, TEACHER_EPOCHS, WORKDIR, SIZES, TUNE),
+            LADDER_DEFAULTS,
+        ),
+        (
+            commands.export,
+            (DATA, DATA_DIR, MODEL_FILE, OUTPUT_DIR, EXPORT),
+            dict(dataset=None, test_split=None),
+        ),
+        (commands.evaluate, (DATA, DATA_DIR, MODEL_FILE), {}),
+        (
+            commands.reproduce,
+            (DATA_DIR, OUTPUT_DIR, VERBOSE, REPRODUCE),
+            dict(output_dir="hinton_mnist", verbose=0),
+        ),
+        (commands.data, (DATA_DIR, IDX), dict(data_dir="~/tensorflow_datasets")),
+    ):
+        # The docstring's first line is the summary; "%" is argparse's.
+        doc = function.__doc__.replace("%", "%%")
+        sub = subparsers.add_parser(
+            function.__name__,
+            help=doc.strip().splitlines()[0],
+            description=" ".join(doc.split()),
+            inherited_absl_flags=None,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        for group in groups:
+            for flag, options in group:
+                sub.add_argument(flag, **options)
+        sub.set_defaults(run=function, **defaults)
+    return parser
+
+
+# Entry point.
+
+
+def run(argv=None):
+    """Runs `kd-keras`; returns the process exit status."""
+    argv = list(sys.argv if argv is None else argv)
+    parser = _parser()
+    if len(argv) < 2:
+        parser.print_help()
+        return 0
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit as exit_:  # --help, or a usage error.
+        return exit_.code or 0
+    logging.set_verbosity(logging.WARNING)
+    if hasattr(args, "seed"):
+        import keras
+
+        # The command line's runs are reproducible; the library never sets
+        # the global seed itself.
+        keras.utils.set_random_seed(args.seed)
+    try:
+        args.run(args)
+    except ValueError as error:
+        print(f"kd-keras {args.command}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

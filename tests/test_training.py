@@ -1,0 +1,167 @@
+"""One-call training and scoring: arrays, optimizers, one-hot labels, resume
+safety, and what library calls must leave alone."""
+
+import logging
+import warnings
+
+from conftest import NUM_CLASSES
+from conftest import tiny_mlp
+import keras
+import numpy as np
+import pytest
+
+import kd_keras
+from kd_keras import assistants
+from kd_keras import training
+
+pytestmark = pytest.mark.all_backends
+
+
+def test_scores_read_one_hot_labels_as_class_ids(tiny_data):
+    x, y = tiny_data
+    model = tiny_mlp(seed=1)
+    one_hot = keras.utils.to_categorical(y, NUM_CLASSES)
+    accuracy = training.test_accuracy(model, (x, y))
+    assert training.test_accuracy(model, (x, one_hot)) == accuracy
+    predicted = np.argmax(model.predict(x, verbose=0), -1)
+    assert accuracy == pytest.approx(np.mean(predicted == y))
+
+
+def test_train_and_distill_accept_arrays(tiny_data):
+    x, y = tiny_data
+    teacher, student = tiny_mlp(32, seed=1), tiny_mlp(8, seed=2)
+    history = training.train(
+        teacher, (x, y), (x, y), epochs=1, batch_size=16, verbose=0
+    )
+    assert len(history.history["loss"]) == 1
+    before = student.get_weights()[0].copy()
+    _, history = training.distill(
+        teacher, student, (x, y), (x, y), epochs=1, batch_size=16, verbose=0
+    )
+    assert "val_distillation_loss" in history.history
+    assert not np.allclose(before, student.get_weights()[0])
+
+
+def test_train_uses_a_copy_of_the_optimizer_it_is_given(tiny_data):
+    x, y = tiny_data
+    model = tiny_mlp(seed=1)
+    before = [w.copy() for w in model.get_weights()]
+    frozen = keras.optimizers.SGD(learning_rate=0.0)
+    training.train(model, (x, y), epochs=1, optimizer=frozen, verbose=0)
+    assert isinstance(model.optimizer, keras.optimizers.SGD)
+    assert model.optimizer is not frozen
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    training.train(
+        model, (x, y), epochs=1, optimizer="sgd", learning_rate=0.5, verbose=0
+    )
+    assert float(model.optimizer.learning_rate.numpy()) == 0.5
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Stops the run after `epoch` epochs, as a killed process would."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise KeyboardInterrupt
+
+
+def epochs_run(backup_dir, tiny_data, learning_rate, callbacks=()):
+    model = tiny_mlp(seed=1)
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: seen.append(epoch)
+    )
+    training.train(
+        model,
+        tiny_data,
+        epochs=3,
+        learning_rate=learning_rate,
+        callbacks=[record, *callbacks],
+        backup_dir=backup_dir,
+        verbose=0,
+    )
+    return seen
+
+
+def test_a_backup_resumes_only_the_run_that_made_it(tiny_data, tmp_path):
+    backup = tmp_path / "backup"
+    with pytest.raises(KeyboardInterrupt):
+        epochs_run(backup, tiny_data, 1e-3, [Interrupt(2)])
+    # Interrupted after epoch 2, backed up after epoch 1: resumed there.
+    assert epochs_run(backup, tiny_data, 1e-3) == [1, 2]
+    with pytest.raises(KeyboardInterrupt):
+        epochs_run(backup, tiny_data, 1e-3, [Interrupt(2)])
+    assert epochs_run(backup, tiny_data, 1e-2) == [0, 1, 2]  # Other settings.
+
+
+def test_library_calls_never_set_the_global_seed(tiny_data, tmp_path, monkeypatch):
+    x, y = tiny_data
+    teacher = tiny_mlp(32, seed=1)
+    monkeypatch.setattr(
+        keras.utils,
+        "set_random_seed",
+        lambda seed: pytest.fail("a library call set the global seed"),
+    )
+
+    def new(units):
+        return lambda: tiny_mlp(units, seed=None)
+
+    training.distill(teacher, new(8)(), (x, y), epochs=1, verbose=0)
+    assistants.distill_chain(
+        [teacher, new(16)(), new(8)()],
+        (x, y),
+        (x, y),
+        epochs=1,
+        workdir=tmp_path / "chain",
+    )
+    assistants.search_paths(
+        teacher,
+        {"16": new(16)},
+        new(8),
+        (x, y),
+        (x, y),
+        epochs=1,
+        workdir=tmp_path / "paths",
+    )
+    assistants.suggest_assistant(
+        {"16": new(16)},
+        teacher=teacher,
+        student=new(8),
+        train_data=(x, y),
+        val_data=(x, y),
+    )
+
+
+def test_fits_on_datasets_do_not_warn_that_shuffle_is_ignored(tiny_data):
+    import tensorflow as tf
+
+    x, y = tiny_data
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    with pytest.warns() as caught:
+        training.train(tiny_mlp(seed=1), dataset, epochs=1, verbose=0)
+        training.distill(
+            tiny_mlp(32, seed=1), tiny_mlp(8), dataset, epochs=1, verbose=0
+        )
+        warnings.warn("checked", UserWarning, stacklevel=2)  # One at least.
+    assert not [w for w in caught if "shuffle" in str(w.message)]
+
+
+def test_auto_caching_skips_opaque_stages_and_says_why(tiny_data, caplog):
+    import tensorflow as tf
+
+    x, y = tiny_data
+    opaque = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .batch(16)
+        .map(lambda a, b: (tf.numpy_function(lambda v: v, [a], tf.float32), b))
+    )
+    with caplog.at_level(logging.INFO):
+        assert training.should_cache(opaque) is False
+    assert "PyFunc" in caplog.text
+    with pytest.raises(ValueError, match="allow_random=True"):
+        kd_keras.cache_teacher_logits(tiny_mlp(seed=1), opaque)
