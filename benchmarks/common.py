@@ -161,6 +161,15 @@ def settings(flag_values, quick, full):
     return chosen
 
 
+def distillation_flags(flag_values):
+    """The plain-CNN benchmarks' width, temperature and weight, as JSON."""
+    return {
+        "width": flag_values.width,
+        "temperature": flag_values.temperature,
+        "distillation_weight": flag_values.distillation_weight,
+    }
+
+
 def distill(flag_values, teacher, student, splits, epochs):
     """Distils with the benchmark's `--temperature` and
     `--distillation_weight`, validating on the splits' validation data."""

@@ -173,12 +173,7 @@ def main(argv):
         heading,
         markdown,
         {
-            "settings": {
-                **settings,
-                "width": FLAGS.width,
-                "temperature": FLAGS.temperature,
-                "distillation_weight": FLAGS.distillation_weight,
-            },
+            "settings": {**settings, **common.distillation_flags(FLAGS)},
             "summary": summary,
             "paths": every_path,
             "runs": runs,

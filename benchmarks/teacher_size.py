@@ -115,12 +115,7 @@ def main(argv):
         heading,
         markdown,
         {
-            "settings": {
-                **settings,
-                "width": FLAGS.width,
-                "temperature": FLAGS.temperature,
-                "distillation_weight": FLAGS.distillation_weight,
-            },
+            "settings": {**settings, **common.distillation_flags(FLAGS)},
             "table": table,
             "runs": [{str(k): v for k, v in run.items()} for run in runs],
             "minutes": timer.seconds / 60,

@@ -1,51 +1,51 @@
 """kd_keras: knowledge distillation for Keras 3, on TensorFlow, JAX and PyTorch.
 
-Every name loads on first use, so `import kd_keras` loads neither Keras nor
-anything else, and costs nothing beside `import keras`. The library's
-modules are `losses`, `distiller`, `teachers`, `callbacks`, `metrics`,
-`assistants`, `store`, `tuning`, `export`, `models`, `data` and `training`;
-the applications (command line, demo, paper reproductions, plots) live in
-`kd_keras.apps`.
+Importing kd_keras imports Keras and the modules whose classes Keras must
+know to load saved models (the Distiller, teacher ensembles, logit
+metrics); it has no side effects. The other modules (callbacks, assistants,
+store, tuning, export, data, models, training) load the first time they are
+used; keras-tuner only with `tuning`. The applications (command line, demo,
+paper reproductions, plots) live in `kd_keras.apps`.
 """
 
-import importlib
+import importlib as _importlib
+
+# Registered with Keras on import, so that `keras.saving.load_model` finds
+# them after `import kd_keras`.
+from kd_keras.distiller import Distiller
+from kd_keras.losses import distillation_loss
+from kd_keras.losses import softmax_with_temperature
+from kd_keras.teachers import EnsembleTeacher
+from kd_keras.teachers import cache_teacher_logits
 
 __version__ = "0.1.0"
+__all__ = [
+    "Distiller",
+    "EnsembleTeacher",
+    "cache_teacher_logits",
+    "distillation_loss",
+    "softmax_with_temperature",
+]
 
-# Public names of the package, and the module each lives in.
-_NAMES = {
-    "Distiller": "distiller",
-    "EnsembleTeacher": "teachers",
-    "cache_teacher_logits": "teachers",
-    "distillation_loss": "losses",
-    "softmax_with_temperature": "losses",
-}
-_SUBMODULES = (
+_LAZY_SUBMODULES = (
     "apps",
     "assistants",
     "callbacks",
     "data",
-    "distiller",
     "export",
-    "losses",
-    "metrics",
     "models",
     "store",
-    "teachers",
     "training",
     "tuning",
 )
-__all__ = sorted(_NAMES)
 
 
 def __getattr__(name):
-    if name in _NAMES:
-        module = importlib.import_module(f"kd_keras.{_NAMES[name]}")
-        return getattr(module, name)
-    if name in _SUBMODULES:
-        return importlib.import_module(f"kd_keras.{name}")
+    if name in _LAZY_SUBMODULES:
+        return _importlib.import_module(f"kd_keras.{name}")
     raise AttributeError(f"module 'kd_keras' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_NAMES) | set(_SUBMODULES))
+    public = [n for n in globals() if not n.startswith("_")]
+    return sorted({*public, *_LAZY_SUBMODULES})

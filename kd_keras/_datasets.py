@@ -15,16 +15,11 @@ import numpy as np
 
 from kd_keras import _backend
 
-# Ops whose output differs from one run to the next, and opaque ops that run
-# Python (`tf.numpy_function`, `tf.py_function`, `from_generator`), whose
-# output may.
-_RANDOM_OP_MARKERS = (
-    "Random",
-    "RngReadAndSkip",
-    "RngSkip",
-    "PyFunc",
-    "GeneratorDataset",
-)
+# Ops whose output differs from one run to the next.
+_RANDOM_OP_MARKERS = ("Random", "RngReadAndSkip", "RngSkip")
+# Opaque ops that run Python (`tf.numpy_function`, `tf.py_function`,
+# `from_generator`), whose output may.
+_OPAQUE_OP_MARKERS = ("PyFunc", "GeneratorDataset")
 
 
 def _stages(dataset):
@@ -55,6 +50,19 @@ def _function_nodes(stage):
             yield from library_function.node_def
 
 
+def _ops(dataset, markers):
+    if not _backend.is_tf_dataset(dataset):
+        return []
+    return sorted(
+        {
+            node.op
+            for stage in _stages(dataset)
+            for node in _function_nodes(stage)
+            if any(marker in node.op for marker in markers)
+        }
+    )
+
+
 def augmentation_ops(dataset):
     """Names the random and opaque ops of a `tf.data` pipeline's functions.
 
@@ -64,16 +72,7 @@ def augmentation_ops(dataset):
     examples and is not counted. Other data (a `PyDataset`) cannot be
     inspected and yield none.
     """
-    if not _backend.is_tf_dataset(dataset):
-        return []
-    return sorted(
-        {
-            node.op
-            for stage in _stages(dataset)
-            for node in _function_nodes(stage)
-            if any(marker in node.op for marker in _RANDOM_OP_MARKERS)
-        }
-    )
+    return _ops(dataset, _RANDOM_OP_MARKERS + _OPAQUE_OP_MARKERS)
 
 
 def has_cache(dataset):
@@ -159,19 +158,45 @@ def _spec(data):
     )
 
 
+def _sources(dataset):
+    """The pipeline's source datasets (those with no input)."""
+    for stage in _stages(dataset):
+        try:
+            inputs = stage._inputs()
+        except (AttributeError, NotImplementedError):
+            inputs = []
+        if not inputs:
+            yield stage
+
+
+def _source_content(source):
+    """`(count, sum of element hashes)` of a source dataset, in any order."""
+    count, total = 0, 0
+    for batch in source.batch(4096).as_numpy_iterator():
+        leaves = keras.tree.flatten(batch)
+        count += len(leaves[0])
+        total = (total + sum(_row_hashes(leaves))) % (1 << 64)
+    return count, total
+
+
 def fingerprint(dataset):
-    """Identifies a dataset's content, whatever order it yields it in.
+    """Identifies a dataset's content and batching, whatever order it yields
+    it in.
 
     One full pass hashes every example (its inputs, label and weight
     together) and adds the hashes up, so a reshuffled dataset keeps its
     fingerprint while any changed value, or a label paired with another
-    input, changes it. With random augmentation the inputs differ on every
-    pass, so they are left out of the hashes, and what the pipeline computes
-    (its ops and constants, such as the largest shift) is hashed instead.
+    input, changes it; the size of the first batch is part of it too. With
+    random augmentation the inputs differ on every pass, so they are left
+    out of that pass's hashes; the content of the pipeline's sources and
+    what the pipeline computes (its ops and constants, such as the largest
+    shift) are hashed instead.
     """
-    augmented = bool(augmentation_ops(dataset))
-    count, total = 0, 0
+    augmented = bool(_ops(dataset, _RANDOM_OP_MARKERS))
+    count, total, batch_size = 0, 0, None
     for x, y, sample_weight in numpy_batches(dataset):
+        if batch_size is None:
+            batch_size = len(keras.tree.flatten(x)[0])
         leaves = [
             leaf
             for leaf in keras.tree.flatten((x, y, sample_weight))
@@ -183,7 +208,8 @@ def fingerprint(dataset):
             continue
         count += len(leaves[0])
         total = (total + sum(_row_hashes(leaves))) % (1 << 64)
-    summary = [_spec(dataset), count, total]
+    summary = [_spec(dataset), count, total, batch_size]
     if augmented:
-        summary.append(_pipeline_digest(dataset))
+        sources = [_source_content(source) for source in _sources(dataset)]
+        summary += [_pipeline_digest(dataset), sorted(sources)]
     return hashlib.sha256(repr(summary).encode()).hexdigest()[:16]

@@ -4,11 +4,20 @@ lets an interrupted run resume only if its settings are unchanged."""
 import json
 import os
 import pathlib
-import shutil
 
 from absl import logging
 
 STAMP = "kd_keras_run.json"
+# What a backup folder may hold: Keras' BackupAndRestore files, the
+# early-stop state, and the stamp.
+BACKUP_FILES = (
+    "latest.weights.h5",
+    "latest.weights.h5.bkp",
+    "training_metadata.json",
+    "training_metadata.json.bkp",
+    "student_early_stop.json",
+    STAMP,
+)
 
 
 def write_json(path, payload):
@@ -32,12 +41,28 @@ def start_or_resume(folder, stamp):
     """Prepares `folder` for a run described by `stamp` (a JSON-able dict).
 
     A folder left by an interrupted run with the same stamp is kept, so the
-    run resumes from it; one left by a run with other settings (or with no
-    stamp) is emptied, so that it does not restore work it did not do.
+    run resumes from it; the backup of a run with other settings (or with no
+    stamp) is deleted, so that it does not restore work it did not do. A
+    folder holding other files is refused rather than emptied.
     """
     folder = pathlib.Path(folder)
     stamp = json.loads(json.dumps(stamp, default=str))
     if folder.exists() and read_json(folder / STAMP) != stamp:
-        logging.info("%s holds a run with other settings: starting afresh.", folder)
-        shutil.rmtree(folder)
+        ours = [
+            p
+            for p in folder.iterdir()
+            if p.name in BACKUP_FILES or p.name.endswith(".tmp")
+        ]
+        others = sorted(p.name for p in folder.iterdir() if p not in ours)
+        if others:
+            raise ValueError(
+                f"The backup folder {folder} holds other files "
+                f"({', '.join(others[:5])}), which a new run would delete. "
+                "Pass an empty or new `backup_dir`."
+            )
+        logging.warning(
+            "%s holds the backup of a run with other settings: starting afresh.", folder
+        )
+        for path in ours:
+            path.unlink()
     write_json(folder / STAMP, stamp)

@@ -126,27 +126,39 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
         self._weight_before = state.get(
             "weight_before", _backend.concrete_scalar(self.model.distillation_weight)
         )
+        self.wait = state.get("wait", self.wait)
+        self.best = state.get("best", self.best)
+
+    def _save_state(self):
+        if self._state_path() is None:
+            return
+        state = {
+            "switch_epoch": self.switch_epoch,
+            "weight_before": self._weight_before,
+        }
+        if self._watch:
+            state.update(
+                wait=int(self.wait),
+                best=None if self.best is None else float(self.best),
+            )
+        _io.write_json(self._state_path(), state)
 
     def _switch(self, epoch):
         self.model.distillation_weight = 0.0
         self.switch_epoch = epoch
-        if self._state_path() is not None:
-            _io.write_json(
-                self._state_path(),
-                {"switch_epoch": epoch, "weight_before": self._weight_before},
-            )
+        self._save_state()
         logging.info(
             "StudentEarlyStop: the student trains on the labels only from epoch %d.",
             epoch + 1,
         )
 
     def on_epoch_begin(self, epoch, logs=None):
-        if (
-            self.switch_epoch is None
-            and self.epoch is not None
-            and (epoch >= self.epoch)
-        ):
-            self._switch(epoch)
+        if self.switch_epoch is None:
+            if self.epoch is not None and epoch >= self.epoch:
+                self._switch(epoch)
+        elif epoch >= self.switch_epoch:
+            # Resumed from a backup saved before the switch.
+            self.model.distillation_weight = 0.0
 
     def on_epoch_end(self, epoch, logs=None):
         # Read from the variable: a resumed run may have restored λ = 0.
@@ -162,6 +174,8 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
             self.model.stop_training = False
             self.stopped_epoch = 0
             self._switch(epoch + 1)
+        else:
+            self._save_state()  # The plateau's progress, for a resume.
 
     def on_train_end(self, logs=None):
         # The switch lasts for this `fit` only; a later `fit` distils again.

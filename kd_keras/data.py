@@ -563,7 +563,11 @@ class ArrayBatches(keras.utils.PyDataset):
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self._rng = np.random.default_rng(seed)
+        # Unseeded, it draws from NumPy's global generator, which
+        # `keras.utils.set_random_seed` seeds.
+        self._rng = np.random.default_rng(
+            seed if seed is not None else np.random.randint(2**31)
+        )
         self._order = self._rng.permutation(self.count) if shuffle else None
 
     def __len__(self):

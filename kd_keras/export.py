@@ -299,13 +299,16 @@ def _comparison_data(model, test_data, representative):
         )
         return representative, None, "representative inputs (not held out)"
     try:
-        shape = tuple(model.inputs[0].shape[1:])
+        model_input = model.inputs[0]
     except (AttributeError, IndexError, TypeError, ValueError):
+        model_input = None
+    shape = None if model_input is None else tuple(model_input.shape[1:])
+    if shape is None or None in shape or "float" not in str(model_input.dtype):
         raise ValueError(
-            f"The model `{model.name}` has no symbolic input, so random "
-            "inputs of its shape cannot be made. Pass `test_data` to compare "
-            "the exports on."
-        ) from None
+            f"The model `{model.name}` takes inputs of shape {shape} and dtype "
+            f"{getattr(model_input, 'dtype', None)}, for which random float "
+            "inputs cannot be made. Pass `test_data` to compare the exports on."
+        )
     rng = np.random.default_rng(0)
     return (
         rng.standard_normal((RANDOM_INPUTS, *shape)).astype("float32"),

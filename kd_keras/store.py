@@ -2,6 +2,7 @@
 instead (teacher-assistant chains, path searches, command-line teachers)."""
 
 import dataclasses
+import numbers
 import pathlib
 
 from absl import logging
@@ -41,11 +42,12 @@ class Settings:
         losses.check_distillation_weight(self.distillation_weight)
         if (
             isinstance(self.epochs, bool)
-            or not isinstance(self.epochs, int)
-            or (self.epochs < 1)
+            or not isinstance(self.epochs, numbers.Integral)
+            or self.epochs < 1
         ):
             raise ValueError(
-                f"Expected `epochs` >= 1. Received: epochs={self.epochs!r}"
+                f"Expected `epochs` to be an integer >= 1. Received: "
+                f"epochs={self.epochs!r}"
             )
 
     def training_arguments(self):
@@ -65,10 +67,16 @@ class Settings:
             "seed": self.seed,
         }
 
-    def as_json(self):
-        values = dataclasses.asdict(self)
+    def as_json(self, kind="distill"):
+        """What a training of `kind` ("train" or "distill") depends on, as
+        JSON: a training on the labels ignores the distillation settings."""
+        values = (
+            self.distillation_arguments()
+            if kind == "distill"
+            else (self.training_arguments())
+        )
         values["optimizer"] = training.optimizer_config(
-            self.optimizer, self.learning_rate
+            values.pop("optimizer"), values.pop("learning_rate")
         )
         return values
 
@@ -101,13 +109,13 @@ class ModelStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.trained = 0
         self.reused = 0
-        self._data_fingerprints = {}
+        self._last_data = (None, None)
 
     def _data_fingerprint(self, data):
-        key = id(data)
-        if key not in self._data_fingerprints:
-            self._data_fingerprints[key] = (data, _datasets.fingerprint(data))
-        return self._data_fingerprints[key][1]
+        # One pass over the data per dataset: a chain's steps share theirs.
+        if self._last_data[0] is not data:
+            self._last_data = (data, _datasets.fingerprint(data))
+        return self._last_data[1]
 
     def manifest(self):
         """`{fingerprint: entry}` of the trained models in the folder."""
@@ -159,7 +167,7 @@ class ModelStore:
             kind,
             *identity,
             _fingerprints.architecture(model),
-            settings.as_json(),
+            settings.as_json(kind),
             self._data_fingerprint(train_data),
         )
         entry = self._load(fingerprint, model, validation_data)

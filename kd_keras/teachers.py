@@ -150,10 +150,14 @@ def cache_teacher_logits(
     dataset = _as_batches(dataset, batch_size)
     if not allow_random:
         _check_no_augmentation(dataset)
-    if isinstance(dataset, ArrayBatches) and not dataset.shuffle:
-        # In order: the arrays are served as they are, without a copy.
-        _, _, _, logits, first_batch_size = _one_pass(teacher, dataset, keep_data=False)
+    if isinstance(dataset, ArrayBatches):
+        # The arrays are served as they are, without a copy: the teacher
+        # runs over them in order.
         x, y, sample_weight = dataset.x, dataset.y, dataset.sample_weight
+        in_order = dataset.with_arrays(x, y, sample_weight, shuffle=False)
+        _, _, _, logits, first_batch_size = _one_pass(
+            teacher, in_order, keep_data=False
+        )
     else:
         x, y, sample_weight, logits, first_batch_size = _one_pass(teacher, dataset)
     batch_size = batch_size or first_batch_size

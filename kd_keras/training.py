@@ -13,6 +13,7 @@ from absl import logging
 import keras
 import numpy as np
 
+from kd_keras import _backend
 from kd_keras import _datasets
 from kd_keras import _fingerprints
 from kd_keras import _io
@@ -103,7 +104,12 @@ def train(
     model.compile(
         new_optimizer(optimizer, learning_rate), label_loss(), metrics=["accuracy"]
     )
-    run = {"train": _fingerprints.architecture(model)} if backup_dir else {}
+    run = {}
+    if backup_dir:  # What else a resumed run must share.
+        run = {
+            "train": _fingerprints.weights(model),  # Initial weights.
+            "data": _datasets.fingerprint(train_data),
+        }
     return _fit(model, train_data, validation_data, run, _FitOptions.of(locals()))
 
 
@@ -126,22 +132,14 @@ class _FitOptions:
 
 def _fit(model, train_data, validation_data, run, options):
     """`model.fit`, resumable from `options.backup_dir` when the run
-    (`run`, the epochs, the optimizer and the data) is the one that left
-    it."""
+    (`run`, the epochs and the optimizer) is the one that left it."""
     callbacks = list(options.callbacks or ())
     if options.backup_dir:
         # Rerunning the same call after an interruption resumes from the
         # last finished epoch; other settings start afresh.
         optimizer = optimizer_config(options.optimizer, options.learning_rate)
-        _io.start_or_resume(
-            options.backup_dir,
-            {
-                **run,
-                "epochs": options.epochs,
-                "optimizer": optimizer,
-                "data": _datasets.fingerprint(train_data),
-            },
-        )
+        stamp = {**run, "epochs": options.epochs, "optimizer": optimizer}
+        _io.start_or_resume(options.backup_dir, stamp)
         backup = keras.callbacks.BackupAndRestore(os.fspath(options.backup_dir))
         callbacks.append(backup)
     return model.fit(
@@ -149,7 +147,9 @@ def _fit(model, train_data, validation_data, run, options):
         validation_data=validation_data,
         epochs=options.epochs,
         callbacks=callbacks,
-        shuffle=False,  # Batches come shuffled, or in the order given.
+        # Keras would only warn that it cannot shuffle a tf.data pipeline;
+        # it does shuffle the batch order of a PyDataset.
+        shuffle=not _backend.is_tf_dataset(train_data),
         verbose=options.verbose,
     )
 
@@ -232,24 +232,33 @@ def distill(
         distillation_weight=distillation_weight,
     )
     distiller.compile(new_optimizer(optimizer, learning_rate), metrics=["accuracy"])
-    if backup_dir:
-        for callback in callbacks or ():
-            if hasattr(callback, "state_dir") and callback.state_dir is None:
-                callback.state_dir = backup_dir
-    if cache:
-        train_data = cache_teacher_logits(teacher, train_data, seed=seed)
     run = {}
     if backup_dir:  # What else a resumed run must share.
         run = {
             "teacher": _fingerprints.weights(teacher),
-            "student": _fingerprints.architecture(student),
+            "student": _fingerprints.weights(student),  # Initial weights.
             "temperature": temperature,
             "distillation_weight": distillation_weight,
             "cache": bool(cache),
             "seed": seed,
+            "data": _datasets.fingerprint(train_data),  # Before the logits.
         }
-    options = _FitOptions.of(locals())
-    history = _fit(distiller, train_data, validation_data, run, options)
+    if cache:
+        train_data = cache_teacher_logits(teacher, train_data, seed=seed)
+    # A StudentEarlyStop records its switch beside the backup, for this call.
+    recorders = [
+        callback
+        for callback in callbacks or ()
+        if getattr(callback, "state_dir", "") is None and backup_dir
+    ]
+    for callback in recorders:
+        callback.state_dir = backup_dir
+    try:
+        options = _FitOptions.of(locals())
+        history = _fit(distiller, train_data, validation_data, run, options)
+    finally:
+        for callback in recorders:
+            callback.state_dir = None
     return distiller, history
 
 

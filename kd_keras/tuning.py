@@ -188,6 +188,10 @@ class DistillationHyperModel(keras_tuner.HyperModel):
             metrics=self.metrics,
             jit_compile=self.jit_compile,
         )
+        # Built now, so that keras-tuner's reload of a checkpoint (best
+        # models, hyperband's later rounds) restores the optimizer's state
+        # instead of skipping it with a warning.
+        distiller.optimizer.build(distiller.trainable_variables)
         return distiller
 
     def build(self, hp):
@@ -369,31 +373,7 @@ def tune(
         written to `directory/project_name` (`kd_keras.apps.plots.plot_sweep`
         draws the trials).
     """
-    if tuner not in TUNERS:
-        raise ValueError(
-            f"Expected `tuner` in {sorted(TUNERS)}. Received: tuner={tuner!r}"
-        )
-    if not isinstance(hypermodel, DistillationHyperModel):
-        raise ValueError(
-            "Expected a `kd_keras.tuning.DistillationHyperModel`. Received: "
-            f"{type(hypermodel).__name__}"
-        )
-    direction = "min" if "loss" in objective else "max"
-    arguments = dict(
-        hypermodel=hypermodel,
-        objective=keras_tuner.Objective(objective, direction),
-        directory=os.fspath(directory),
-        project_name=project_name,
-        # Only the chief (or a lone process) may wipe the shared project:
-        # a worker doing so would delete the others' state.
-        overwrite=overwrite and not is_worker(),
-        seed=seed,
-        **tuner_kwargs,
-    )
-    if tuner == "hyperband":
-        arguments["max_epochs"] = epochs
-    else:
-        arguments["max_trials"] = max_trials
+    _check_tune_arguments(hypermodel, tuner)
     train_data = training.as_batches(train_data)
     validation_data = training.as_batches(validation_data, shuffle=False)
     stamp = _sweep_stamp(
@@ -405,19 +385,42 @@ def tune(
         tuner=tuner,
     )
     stamp_path = pathlib.Path(directory) / project_name / STAMP
-    previous = None if overwrite else _io.read_json(stamp_path)
-    if previous is not None:
-        changed = sorted(k for k in stamp if previous.get(k) != stamp[k])
-        if changed:
-            raise ValueError(
-                f"The sweep in {stamp_path.parent} ran with another "
-                f"{', '.join(changed)}, so its trials would not compare with "
-                "new ones. Pass overwrite=True to start it afresh, or a new "
-                "project_name."
-            )
-    kt_tuner = TUNERS[tuner](**arguments)
+    if not overwrite:
+        _check_same_sweep(stamp_path, stamp)
+    limit = (
+        {"max_epochs": epochs} if tuner == "hyperband" else {"max_trials": max_trials}
+    )
+    kt_tuner = TUNERS[tuner](
+        hypermodel=hypermodel,
+        objective=keras_tuner.Objective(
+            objective, "min" if "loss" in objective else "max"
+        ),
+        directory=os.fspath(directory),
+        project_name=project_name,
+        # Only the chief (or a lone process) may wipe the shared project:
+        # a worker doing so would delete the others' state.
+        overwrite=overwrite and not is_worker(),
+        seed=seed,
+        **limit,
+        **tuner_kwargs,
+    )
     # Chief and workers all write it: atomically, so none reads half a file.
     _io.write_json(stamp_path, stamp)
+    _search(
+        kt_tuner, hypermodel, train_data, validation_data, epochs, callbacks, verbose
+    )
+    if is_worker():
+        return kt_tuner, None
+    write_results(kt_tuner, objective)
+    best = kt_tuner.get_best_hyperparameters(1)
+    return kt_tuner, (best[0] if best else None)
+
+
+def _search(
+    kt_tuner, hypermodel, train_data, validation_data, epochs, callbacks, verbose
+):
+    """Runs the trials, on the teacher's logits cached once (the chief only
+    serves the oracle and caches nothing)."""
     if not is_chief():
         logging.info(
             "Tuning with Keras on %s, on %s.",
@@ -434,11 +437,33 @@ def tune(
         verbose=verbose,
         shuffle=False,
     )  # Batches come shuffled, or in order.
-    if is_worker():
-        return kt_tuner, None
-    write_results(kt_tuner, objective)
-    best = kt_tuner.get_best_hyperparameters(1)
-    return kt_tuner, (best[0] if best else None)
+
+
+def _check_tune_arguments(hypermodel, tuner):
+    if tuner not in TUNERS:
+        raise ValueError(
+            f"Expected `tuner` in {sorted(TUNERS)}. Received: tuner={tuner!r}"
+        )
+    if not isinstance(hypermodel, DistillationHyperModel):
+        raise ValueError(
+            "Expected a `kd_keras.tuning.DistillationHyperModel`. Received: "
+            f"{type(hypermodel).__name__}"
+        )
+
+
+def _check_same_sweep(stamp_path, stamp):
+    """Refuses to resume a sweep that ran with something else, whose trials
+    would not compare."""
+    previous = _io.read_json(stamp_path)
+    if previous is not None:
+        changed = sorted(k for k in stamp if previous.get(k) != stamp[k])
+        if changed:
+            raise ValueError(
+                f"The sweep in {stamp_path.parent} ran with another "
+                f"{', '.join(changed)}, so its trials would not compare with "
+                "new ones. Pass overwrite=True to start it afresh, or a new "
+                "project_name."
+            )
 
 
 def trials_table(kt_tuner):

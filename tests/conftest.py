@@ -13,7 +13,7 @@ NUM_CLASSES = 4
 FEATURES = 8
 
 
-def tiny_mlp(units=16, seed=0, num_classes=NUM_CLASSES, activation=None, name=None):
+def _tiny_mlp(units=16, seed=0, num_classes=NUM_CLASSES, activation=None, name=None):
     """A small logits classifier on FEATURES inputs, built and seeded (not
     seeded with seed=None)."""
     if seed is not None:
@@ -28,7 +28,7 @@ def tiny_mlp(units=16, seed=0, num_classes=NUM_CLASSES, activation=None, name=No
     )
 
 
-def copy_of(model):
+def _copy_of(model):
     """A new model with the same architecture and weights."""
     clone = keras.models.clone_model(model)
     clone.set_weights(model.get_weights())
@@ -72,7 +72,7 @@ class CountingLayer(keras.layers.Layer):
         return self._python_calls
 
 
-def counting_teacher(seed=1):
+def _counting_teacher(seed=1):
     """A tiny teacher whose `count()` says how many batches it has run on."""
     keras.utils.set_random_seed(seed)
     counter = CountingLayer()
@@ -125,6 +125,47 @@ class NumpyReference:
         return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
 
 
+# Shared helpers, as fixtures: tests take them as arguments.
+
+
+@pytest.fixture(scope="session")
+def features():
+    """The input width of `tiny_mlp` and `tiny_data`."""
+    return FEATURES
+
+
+@pytest.fixture(scope="session")
+def num_classes():
+    """The class count of `tiny_mlp` and `tiny_data`."""
+    return NUM_CLASSES
+
+
+@pytest.fixture(scope="session")
+def tiny_mlp():
+    return _tiny_mlp
+
+
+@pytest.fixture(scope="session")
+def copy_of():
+    return _copy_of
+
+
+@pytest.fixture(scope="session")
+def counting_teacher():
+    return _counting_teacher
+
+
+@pytest.fixture(scope="session")
+def gradient():
+    return _gradient
+
+
+@pytest.fixture(scope="session")
+def shared_mnist():
+    """Where the real MNIST IDX files are; may be missing."""
+    return SHARED_MNIST
+
+
 @pytest.fixture
 def reference():
     """`NumpyReference`, for tests that compare against NumPy."""
@@ -151,7 +192,7 @@ def mnist_data_dir(tmp_path_factory):
     return data_dir
 
 
-def gradient(function, value):
+def _gradient(function, value):
     """d function(value) / d value, on the current backend."""
     value = np.asarray(value, "float32")
     if BACKEND == "tensorflow":

@@ -1,9 +1,6 @@
 import json
 import logging
 
-from conftest import FEATURES
-from conftest import NUM_CLASSES
-from conftest import tiny_mlp
 import keras
 import numpy as np
 import pytest
@@ -17,9 +14,9 @@ pytestmark = pytest.mark.all_backends
 
 
 @pytest.fixture
-def splits():
+def splits(features):
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(192, FEATURES)).astype("float32")
+    x = rng.normal(size=(192, features)).astype("float32")
     y = (x[:, 0] > 0).astype("int32") + 2 * (x[:, 1] > 0).astype("int32")
     train = tf.data.Dataset.from_tensor_slices((x[:128], y[:128])).batch(32)
     val = tf.data.Dataset.from_tensor_slices((x[128:], y[128:])).batch(32)
@@ -27,9 +24,9 @@ def splits():
 
 
 @pytest.fixture(scope="module")
-def teacher():
+def teacher(features, tiny_mlp):
     rng = np.random.default_rng(2)
-    x = rng.normal(size=(256, FEATURES)).astype("float32")
+    x = rng.normal(size=(256, features)).astype("float32")
     y = (x[:, 0] > 0).astype("int32") + 2 * (x[:, 1] > 0).astype("int32")
     model = tiny_mlp(64, seed=0, name="teacher")
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -37,10 +34,14 @@ def teacher():
     return model
 
 
-def chain(teacher, widths=(16, 8), seed=3):
-    return [teacher] + [
-        tiny_mlp(w, seed=seed + i, name=f"mlp{w}") for i, w in enumerate(widths)
-    ]
+@pytest.fixture(scope="session")
+def chain(tiny_mlp):
+    def chain(teacher, widths=(16, 8), seed=3):
+        return [teacher] + [
+            tiny_mlp(w, seed=seed + i, name=f"mlp{w}") for i, w in enumerate(widths)
+        ]
+
+    return chain
 
 
 def run_chain(models, splits, workdir, **settings):
@@ -48,7 +49,7 @@ def run_chain(models, splits, workdir, **settings):
     return assistants.distill_chain(models, *splits, workdir=workdir, **settings)
 
 
-def test_a_chain_of_tiny_models_trains_every_step(teacher, splits, tmp_path):
+def test_a_chain_of_tiny_models_trains_every_step(chain, teacher, splits, tmp_path):
     models = chain(teacher)
     before = [w.copy() for w in models[-1].get_weights()]
     student, report = run_chain(models, splits, tmp_path)
@@ -66,7 +67,7 @@ def test_a_chain_of_tiny_models_trains_every_step(teacher, splits, tmp_path):
         assert (tmp_path / entry["path"]).is_file()
 
 
-def test_rerunning_a_chain_skips_its_finished_steps(teacher, splits, tmp_path):
+def test_rerunning_a_chain_skips_its_finished_steps(chain, teacher, splits, tmp_path):
     student, _ = run_chain(chain(teacher), splits, tmp_path)
     again, report = run_chain(chain(teacher, seed=50), splits, tmp_path)
     assert [r["reused"] for r in report] == [True, True]
@@ -74,13 +75,17 @@ def test_rerunning_a_chain_skips_its_finished_steps(teacher, splits, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_a_longer_chain_resumes_after_its_finished_prefix(teacher, splits, tmp_path):
+def test_a_longer_chain_resumes_after_its_finished_prefix(
+    chain, teacher, splits, tmp_path
+):
     run_chain(chain(teacher, widths=(16,)), splits, tmp_path)
     _, report = run_chain(chain(teacher, widths=(16, 8)), splits, tmp_path)
     assert [r["reused"] for r in report] == [True, False]
 
 
-def test_changed_settings_retrain_the_steps_they_affect(teacher, splits, tmp_path):
+def test_changed_settings_retrain_the_steps_they_affect(
+    chain, teacher, splits, tmp_path
+):
     run_chain(chain(teacher), splits, tmp_path)
     _, report = run_chain(chain(teacher), splits, tmp_path, temperature=5.0)
     assert [r["reused"] for r in report] == [False, False]
@@ -88,19 +93,23 @@ def test_changed_settings_retrain_the_steps_they_affect(teacher, splits, tmp_pat
     assert [r["reused"] for r in report] == [True, False]
 
 
-def test_a_functional_builder_resumes_too(teacher, splits, tmp_path):
+def test_a_functional_builder_resumes_too(
+    features, num_classes, teacher, splits, tmp_path
+):
     def functional(width, seed):
         keras.utils.set_random_seed(seed)
-        inputs = keras.Input((FEATURES,))
+        inputs = keras.Input((features,))
         hidden = keras.layers.Dense(width, activation="relu")(inputs)
-        return keras.Model(inputs, keras.layers.Dense(NUM_CLASSES)(hidden))
+        return keras.Model(inputs, keras.layers.Dense(num_classes)(hidden))
 
     run_chain([teacher, functional(8, 1)], splits, tmp_path)
     _, report = run_chain([teacher, functional(8, 2)], splits, tmp_path)
     assert [r["reused"] for r in report] == [True]
 
 
-def test_a_reused_step_is_scored_on_the_new_validation_data(teacher, splits, tmp_path):
+def test_a_reused_step_is_scored_on_the_new_validation_data(
+    chain, teacher, splits, tmp_path
+):
     train, val = splits
     run_chain(chain(teacher, widths=(8,)), splits, tmp_path)
     smaller = val.take(1)
@@ -109,7 +118,7 @@ def test_a_reused_step_is_scored_on_the_new_validation_data(teacher, splits, tmp
     assert again[0]["val_accuracy"] == training.test_accuracy(student, smaller)
 
 
-def test_changed_data_retrains(teacher, splits, tmp_path):
+def test_changed_data_retrains(chain, teacher, splits, tmp_path):
     train, val = splits
     run_chain(chain(teacher, widths=(8,)), splits, tmp_path)
     fewer = train.take(2)
@@ -117,7 +126,9 @@ def test_changed_data_retrains(teacher, splits, tmp_path):
     assert [r["reused"] for r in report] == [False]
 
 
-def test_path_search_trains_each_shared_prefix_once(teacher, splits, tmp_path):
+def test_path_search_trains_each_shared_prefix_once(
+    tiny_mlp, teacher, splits, tmp_path
+):
     candidates = {
         "a": lambda: tiny_mlp(32, name="a"),
         "b": lambda: tiny_mlp(16, name="b"),
@@ -176,7 +187,9 @@ def test_suggest_assistant_picks_the_accuracy_nearest_the_mean():
     assert middle["assistant"] == "mid"
 
 
-def test_suggest_assistant_estimates_accuracies_by_short_training(teacher, splits):
+def test_suggest_assistant_estimates_accuracies_by_short_training(
+    tiny_mlp, teacher, splits
+):
     train, val = splits
     suggestion = assistants.suggest_assistant(
         {"a": lambda: tiny_mlp(32), "b": lambda: tiny_mlp(2)},
@@ -205,25 +218,29 @@ def test_an_empty_or_single_model_chain_raises(teacher, splits, tmp_path):
             run_chain(models, splits, tmp_path)
 
 
-def test_a_student_larger_than_its_teacher_warns(teacher, splits, tmp_path, caplog):
+def test_a_student_larger_than_its_teacher_warns(
+    tiny_mlp, teacher, splits, tmp_path, caplog
+):
     with caplog.at_level(logging.WARNING):
         run_chain([teacher, tiny_mlp(128, name="huge")], splits, tmp_path, epochs=1)
     assert "larger than its teacher" in caplog.text
 
 
-def test_mismatched_class_counts_raise(teacher, splits, tmp_path):
-    odd = tiny_mlp(8, num_classes=NUM_CLASSES + 1, name="odd")
+def test_mismatched_class_counts_raise(
+    num_classes, tiny_mlp, teacher, splits, tmp_path
+):
+    odd = tiny_mlp(8, num_classes=num_classes + 1, name="odd")
     with pytest.raises(ValueError, match="same number of classes"):
         run_chain([teacher, odd], splits, tmp_path)
 
 
-def test_bad_settings_raise_before_training(teacher, splits, tmp_path):
+def test_bad_settings_raise_before_training(chain, teacher, splits, tmp_path):
     with pytest.raises(ValueError, match="temperature"):
         run_chain(chain(teacher), splits, tmp_path, temperature=0.0)
     assert not (tmp_path / "manifest.json").exists()
 
 
-def test_the_precision_policy_is_part_of_the_architecture():
+def test_the_precision_policy_is_part_of_the_architecture(tiny_mlp):
     from kd_keras import _fingerprints
 
     plain = tiny_mlp(8, name="a")
@@ -239,7 +256,7 @@ def test_the_precision_policy_is_part_of_the_architecture():
 
 
 def test_a_rerun_in_the_same_session_with_new_models_reuses_the_steps(
-    teacher, splits, tmp_path
+    chain, teacher, splits, tmp_path
 ):
     # A notebook rerun: fresh models get new generated names, and the
     # teacher was frozen by the first run.

@@ -178,3 +178,40 @@ def test_the_distiller_trains_saves_and_loads_on_pytorch(tmp_path):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+# A fresh process: `import kd_keras` alone must make saved kd_keras models
+# loadable, and change nothing in the environment.
+LOAD_AFTER_IMPORT = textwrap.dedent("""
+    import json, os, sys
+    environment = dict(os.environ)
+    import keras
+    import kd_keras
+    models = [type(keras.saving.load_model(p)).__name__ for p in sys.argv[1:]]
+    print(json.dumps({
+        "models": models,
+        "environment_unchanged": dict(os.environ) == environment,
+        "keras_tuner_loaded": "keras_tuner" in sys.modules,
+        "apps_loaded": "kd_keras.apps" in sys.modules,
+    }))
+""")
+
+
+def test_import_kd_keras_registers_its_saved_classes(tiny_mlp, tmp_path):
+    import keras
+
+    import kd_keras
+
+    teacher = kd_keras.EnsembleTeacher([tiny_mlp(8, seed=1), tiny_mlp(8, seed=2)])
+    distiller = kd_keras.Distiller(teacher, tiny_mlp(4, seed=3))
+    distiller.compile("sgd", metrics=["accuracy"])
+    paths = [tmp_path / "ensemble.keras", tmp_path / "distiller.keras"]
+    teacher.save(paths[0])
+    distiller.save(paths[1])
+    result = run_python(LOAD_AFTER_IMPORT, keras.backend.backend(), *map(str, paths))
+    assert result == {
+        "models": ["EnsembleTeacher", "Distiller"],
+        "environment_unchanged": True,
+        "keras_tuner_loaded": False,
+        "apps_loaded": False,
+    }

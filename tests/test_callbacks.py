@@ -1,7 +1,5 @@
 import logging
 
-from conftest import counting_teacher
-from conftest import tiny_mlp
 import keras
 import numpy as np
 import pytest
@@ -14,18 +12,24 @@ from kd_keras.callbacks import TeacherSnapshots
 pytestmark = pytest.mark.all_backends
 
 
-def distiller_for(teacher=None, optimizer="sgd", **kwargs):
-    distiller = kd_keras.Distiller(
-        teacher or tiny_mlp(32, seed=1), tiny_mlp(8, seed=2), **kwargs
-    )
-    distiller.compile(optimizer, metrics=["accuracy"])
-    return distiller
+@pytest.fixture(scope="session")
+def distiller_for(tiny_mlp):
+    def distiller_for(teacher=None, optimizer="sgd", **kwargs):
+        distiller = kd_keras.Distiller(
+            teacher or tiny_mlp(32, seed=1), tiny_mlp(8, seed=2), **kwargs
+        )
+        distiller.compile(optimizer, metrics=["accuracy"])
+        return distiller
+
+    return distiller_for
 
 
 # StudentEarlyStop.
 
 
-def test_distillation_weight_becomes_zero_exactly_at_the_given_epoch(tiny_data):
+def test_distillation_weight_becomes_zero_exactly_at_the_given_epoch(
+    distiller_for, tiny_data
+):
     x, y = tiny_data
     stop = StudentEarlyStop(epoch=2)
     history = distiller_for().fit(
@@ -37,7 +41,9 @@ def test_distillation_weight_becomes_zero_exactly_at_the_given_epoch(tiny_data):
     assert stop.switch_epoch == 2
 
 
-def test_teacher_is_not_called_after_the_cutoff(tiny_data):
+def test_teacher_is_not_called_after_the_cutoff(
+    counting_teacher, distiller_for, tiny_data
+):
     x, y = tiny_data
     teacher = counting_teacher()
     distiller = distiller_for(teacher)
@@ -47,7 +53,9 @@ def test_teacher_is_not_called_after_the_cutoff(tiny_data):
     assert teacher.count() == 2 * (len(x) // 16)
 
 
-def test_a_plateau_of_the_monitored_metric_triggers_the_switch(tiny_data):
+def test_a_plateau_of_the_monitored_metric_triggers_the_switch(
+    distiller_for, tiny_data
+):
     x, y = tiny_data
     # With a zero learning rate val_loss never improves.
     distiller = distiller_for(optimizer=keras.optimizers.SGD(0.0))
@@ -60,7 +68,7 @@ def test_a_plateau_of_the_monitored_metric_triggers_the_switch(tiny_data):
     assert len(history.history["loss"]) == 5
 
 
-def test_an_improving_metric_does_not_trigger_the_switch(tiny_data):
+def test_an_improving_metric_does_not_trigger_the_switch(distiller_for, tiny_data):
     x, y = tiny_data
     distiller = distiller_for(optimizer=keras.optimizers.SGD(0.05))
     stop = StudentEarlyStop(monitor="loss", patience=1)
@@ -69,16 +77,18 @@ def test_an_improving_metric_does_not_trigger_the_switch(tiny_data):
     assert stop.switch_epoch is None
 
 
-def test_the_switch_is_logged(tiny_data, caplog):
+def test_the_switch_is_logged(distiller_for, tiny_data, caplog):
     x, y = tiny_data
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         distiller_for().fit(
             x, y, epochs=2, verbose=0, callbacks=[StudentEarlyStop(epoch=1)]
         )
     assert "labels only from epoch 2" in caplog.text
 
 
-def test_student_early_stop_works_on_cached_logits(tiny_data):
+def test_student_early_stop_works_on_cached_logits(
+    counting_teacher, distiller_for, tiny_data
+):
     x, y = tiny_data
     teacher = counting_teacher()
     cached = kd_keras.cache_teacher_logits(teacher, (x, y), batch_size=16)
@@ -98,7 +108,9 @@ def test_student_early_stop_needs_an_epoch_or_a_monitor():
         StudentEarlyStop(epoch=-1)
 
 
-def test_distiller_callbacks_on_another_model_raise_before_training(tiny_data):
+def test_distiller_callbacks_on_another_model_raise_before_training(
+    tiny_mlp, tiny_data
+):
     x, y = tiny_data
     model = tiny_mlp()
     model.compile("sgd", "mse")
@@ -119,7 +131,9 @@ def test_distiller_callbacks_on_another_model_raise_before_training(tiny_data):
 # TeacherSnapshots.
 
 
-def test_snapshots_and_manifest_are_written_at_the_chosen_epochs(tiny_data, tmp_path):
+def test_snapshots_and_manifest_are_written_at_the_chosen_epochs(
+    tiny_mlp, tiny_data, tmp_path
+):
     x, y = tiny_data
     model = tiny_mlp(seed=4)
     model.compile(
@@ -149,7 +163,7 @@ def test_snapshots_and_manifest_are_written_at_the_chosen_epochs(tiny_data, tmp_
 
 
 def test_every_saves_periodically_and_a_missing_epoch_names_the_others(
-    tiny_data, tmp_path
+    tiny_mlp, tiny_data, tmp_path
 ):
     x, y = tiny_data
     model = tiny_mlp()
@@ -172,7 +186,7 @@ def test_teacher_snapshots_rejects_bad_epochs(tmp_path):
 # ParameterSchedule.
 
 
-def test_a_temperature_schedule_is_applied_and_logged(tiny_data):
+def test_a_temperature_schedule_is_applied_and_logged(distiller_for, tiny_data):
     x, y = tiny_data
     history = distiller_for().fit(
         x,
@@ -184,7 +198,7 @@ def test_a_temperature_schedule_is_applied_and_logged(tiny_data):
     assert history.history["temperature"] == pytest.approx([1.0, 2.0, 3.0])
 
 
-def test_a_schedule_may_use_the_current_value(tiny_data):
+def test_a_schedule_may_use_the_current_value(distiller_for, tiny_data):
     x, y = tiny_data
     halve = ParameterSchedule(
         lambda epoch, weight: weight / 2, parameter="distillation_weight"
@@ -195,7 +209,9 @@ def test_a_schedule_may_use_the_current_value(tiny_data):
     assert history.history["distillation_weight"] == pytest.approx([0.4, 0.2, 0.1])
 
 
-def test_a_schedule_returning_a_bad_value_raises_at_that_epoch(tiny_data):
+def test_a_schedule_returning_a_bad_value_raises_at_that_epoch(
+    distiller_for, tiny_data
+):
     x, y = tiny_data
     distiller = distiller_for()
     epochs_run = []
@@ -215,7 +231,9 @@ def test_a_schedule_returning_a_bad_value_raises_at_that_epoch(tiny_data):
     assert epochs_run == [0, 1]
 
 
-def test_an_error_inside_a_two_argument_schedule_is_not_hidden(tiny_data):
+def test_an_error_inside_a_two_argument_schedule_is_not_hidden(
+    distiller_for, tiny_data
+):
     def broken(epoch, current):
         raise TypeError("broken schedule")
 
@@ -233,7 +251,7 @@ def test_parameter_schedule_rejects_unknown_parameters():
         ParameterSchedule(3.0)
 
 
-def test_the_distillation_weight_comes_back_after_fit(tiny_data):
+def test_the_distillation_weight_comes_back_after_fit(distiller_for, tiny_data):
     x, y = tiny_data
     distiller = distiller_for()
     distiller.fit(x, y, epochs=2, verbose=0, callbacks=[StudentEarlyStop(epoch=1)])
@@ -242,7 +260,7 @@ def test_the_distillation_weight_comes_back_after_fit(tiny_data):
     assert history.history["distillation_weight"] == [pytest.approx(0.9)]
 
 
-def test_a_new_run_drops_the_snapshots_of_an_earlier_run(tiny_data, tmp_path):
+def test_a_new_run_drops_the_snapshots_of_an_earlier_run(tiny_mlp, tiny_data, tmp_path):
     x, y = tiny_data
     for epochs, _wanted in ((4, [2, 4]), (2, [2])):
         model = tiny_mlp()
@@ -260,7 +278,9 @@ def test_a_new_run_drops_the_snapshots_of_an_earlier_run(tiny_data, tmp_path):
     assert not (tmp_path / "epoch_004.keras").exists()
 
 
-def test_a_change_between_two_batches_applies_from_the_next_step(tiny_data):
+def test_a_change_between_two_batches_applies_from_the_next_step(
+    counting_teacher, distiller_for, tiny_data
+):
     # On JAX the training state lives outside the variables during an
     # epoch; assigning them must bring it back, not be overwritten by it.
     x, y = tiny_data
@@ -288,7 +308,9 @@ def test_a_change_between_two_batches_applies_from_the_next_step(tiny_data):
     assert float(distiller.distillation_weight.numpy()) == 1.0
 
 
-def test_a_resumed_monitored_switch_keeps_its_epoch_and_weight(tiny_data, tmp_path):
+def test_a_resumed_monitored_switch_keeps_its_epoch_and_weight(
+    tiny_mlp, tiny_data, tmp_path
+):
     from kd_keras import training
 
     class Interrupt(keras.callbacks.Callback):

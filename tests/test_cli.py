@@ -1,3 +1,5 @@
+import shutil
+
 import keras
 import pytest
 
@@ -6,6 +8,22 @@ from kd_keras.apps import cli
 
 def run(*args):
     return cli.run(["kd-keras", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def model_trained_once(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "model.keras"
+    train = ["--dataset=mnist_sample", "--epochs=1", "--verbose=0", "--hidden=8"]
+    assert run("train", *train, f"--output={path}") == 0
+    return path
+
+
+@pytest.fixture
+def trained_model(model_trained_once, tmp_path):
+    """A tiny model trained by `kd-keras train`, as tmp_path/student.keras."""
+    path = tmp_path / "student.keras"
+    shutil.copy(model_trained_once, path)
+    return path
 
 
 COMMANDS = (
@@ -96,19 +114,10 @@ def test_train_distill_and_evaluate_on_the_sample(tmp_path, capsys):
     assert "test_errors" in capsys.readouterr().out
 
 
-def test_distill_reports_bad_values_without_a_traceback(tmp_path, capsys):
-    teacher = tmp_path / "teacher.keras"
-    assert (
-        run(
-            "train",
-            "--dataset=mnist_sample",
-            "--epochs=1",
-            "--verbose=0",
-            "--hidden=8",
-            f"--output={teacher}",
-        )
-        == 0
-    )
+def test_distill_reports_bad_values_without_a_traceback(
+    trained_model, tmp_path, capsys
+):
+    teacher = trained_model
     assert (
         run(
             "distill",
@@ -122,10 +131,8 @@ def test_distill_reports_bad_values_without_a_traceback(tmp_path, capsys):
     assert "temperature" in capsys.readouterr().err
 
 
-def test_data_command_imports_mnist(mnist_data_dir, capsys):
-    from conftest import SHARED_MNIST
-
-    assert run("data", f"--idx_dir={SHARED_MNIST}", f"--data_dir={mnist_data_dir}") == 0
+def test_data_command_imports_mnist(shared_mnist, mnist_data_dir, capsys):
+    assert run("data", f"--idx_dir={shared_mnist}", f"--data_dir={mnist_data_dir}") == 0
     out = capsys.readouterr().out
     assert "60000" in out and "10000" in out
 
@@ -234,20 +241,8 @@ def test_tune_prints_the_trials_and_the_best_settings(tmp_path, capsys):
     assert (tmp_path / "s" / "sweep.png").stat().st_size > 1000
 
 
-def test_export_prints_the_report_table(tmp_path, capsys):
-    model = tmp_path / "student.keras"
-    assert (
-        run(
-            "train",
-            "--dataset=mnist_sample",
-            "--epochs=1",
-            "--verbose=0",
-            "--hidden=16",
-            f"--output={model}",
-        )
-        == 0
-    )
-    capsys.readouterr()
+def test_export_prints_the_report_table(trained_model, tmp_path, capsys):
+    model = trained_model
     assert (
         run(
             "export",
@@ -265,22 +260,10 @@ def test_export_prints_the_report_table(tmp_path, capsys):
     assert (tmp_path / "student_export" / "student_int8.tflite").is_file()
 
 
-def test_export_needs_no_data_for_float_formats(tmp_path, capsys, monkeypatch):
+def test_export_needs_no_data_for_float_formats(trained_model, capsys, monkeypatch):
     from kd_keras import data
 
-    model = tmp_path / "student.keras"
-    assert (
-        run(
-            "train",
-            "--dataset=mnist_sample",
-            "--epochs=1",
-            "--verbose=0",
-            "--hidden=8",
-            f"--output={model}",
-        )
-        == 0
-    )
-    capsys.readouterr()
+    model = trained_model
     monkeypatch.setattr(
         data, "load", lambda *a, **k: pytest.fail("export loaded a dataset")
     )
@@ -344,3 +327,8 @@ def test_logdir_writes_tensorboard_logs_with_both_terms_t_and_lambda(tmp_path):
         "epoch_temperature",
         "epoch_distillation_weight",
     } <= tags
+
+
+def test_flags_without_a_command_ask_for_one(capsys):
+    assert run("--verbosity=0") == 2
+    assert "COMMAND" in capsys.readouterr().err

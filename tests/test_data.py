@@ -1,6 +1,5 @@
 import gzip
 
-from conftest import SHARED_MNIST
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -35,8 +34,8 @@ def test_imported_mnist_train_split_has_the_published_label_counts(mnist_data_di
     assert label_counts(train) == TRAIN_COUNTS
 
 
-def test_import_is_idempotent(mnist_data_dir):
-    assert data.import_mnist(SHARED_MNIST, mnist_data_dir) == {
+def test_import_is_idempotent(shared_mnist, mnist_data_dir):
+    assert data.import_mnist(shared_mnist, mnist_data_dir) == {
         "train": 60_000,
         "test": 10_000,
     }
@@ -80,14 +79,14 @@ def test_import_names_the_missing_files(tmp_path):
         data.import_mnist(tmp_path, tmp_path / "tfds")
 
 
-def test_sample_is_a_small_real_mnist_subset():
+def test_sample_is_a_small_real_mnist_subset(shared_mnist):
     (x_train, y_train), (x_test, y_test) = data.sample()
     assert x_train.shape == (8000, 28, 28) and x_train.dtype == np.uint8
     assert x_test.shape == (2000, 28, 28)
     assert set(np.unique(y_train)) == set(range(10))
     assert data.SAMPLE_PATH.stat().st_size <= 2 * 1024 * 1024
-    if SHARED_MNIST.is_dir():
-        full = data.read_idx(SHARED_MNIST / "t10k-images-idx3-ubyte.gz")
+    if shared_mnist.is_dir():
+        full = data.read_idx(shared_mnist / "t10k-images-idx3-ubyte.gz")
         np.testing.assert_array_equal(x_test, full[:2000])
 
 

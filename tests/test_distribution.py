@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import tiny_mlp
 import keras
 import numpy as np
 import pytest
@@ -83,7 +82,7 @@ def mixed_precision():
 
 @pytest.mark.all_backends
 def test_mixed_precision_training_keeps_the_loss_in_float32(
-    reference, tiny_data, mixed_precision
+    tiny_mlp, reference, tiny_data, mixed_precision
 ):
     x, y = tiny_data
     teacher, student = tiny_mlp(32, seed=1), tiny_mlp(8, seed=2)

@@ -1,8 +1,5 @@
 import json
 
-from conftest import FEATURES
-from conftest import NUM_CLASSES
-from conftest import tiny_mlp
 import keras
 import numpy as np
 import pytest
@@ -17,11 +14,15 @@ from kd_keras import training
 pytestmark = pytest.mark.all_backends
 
 
-def members(count=3):
-    return [tiny_mlp(8 + i, seed=10 + i, name="member") for i in range(count)]
+@pytest.fixture(scope="session")
+def members(tiny_mlp):
+    def members(count=3):
+        return [tiny_mlp(8 + i, seed=10 + i, name="member") for i in range(count)]
+
+    return members
 
 
-def test_logits_mode_is_the_weighted_mean_of_member_logits(tiny_data):
+def test_logits_mode_is_the_weighted_mean_of_member_logits(members, tiny_data):
     x, _ = tiny_data
     parts = members()
     ensemble = kd_keras.EnsembleTeacher(parts, weights=[1, 2, 1])
@@ -32,7 +33,7 @@ def test_logits_mode_is_the_weighted_mean_of_member_logits(tiny_data):
     )
 
 
-def test_probs_mode_is_the_log_of_the_mean_probability(reference, tiny_data):
+def test_probs_mode_is_the_log_of_the_mean_probability(members, reference, tiny_data):
     x, _ = tiny_data
     parts = members()
     ensemble = kd_keras.EnsembleTeacher(parts, mode="probs")
@@ -43,7 +44,7 @@ def test_probs_mode_is_the_log_of_the_mean_probability(reference, tiny_data):
     np.testing.assert_allclose(np.exp(got).sum(axis=-1), 1.0, rtol=1e-5)
 
 
-def test_the_ensemble_is_frozen_and_teaches_a_distiller(tiny_data):
+def test_the_ensemble_is_frozen_and_teaches_a_distiller(members, tiny_mlp, tiny_data):
     x, y = tiny_data
     parts = members()
     ensemble = kd_keras.EnsembleTeacher(parts)
@@ -64,7 +65,7 @@ def test_the_ensemble_is_frozen_and_teaches_a_distiller(tiny_data):
         np.testing.assert_array_equal(old, new)
 
 
-def test_the_ensemble_round_trips_through_a_keras_file(tiny_data, tmp_path):
+def test_the_ensemble_round_trips_through_a_keras_file(members, tiny_data, tmp_path):
     x, _ = tiny_data
     ensemble = kd_keras.EnsembleTeacher(members(2), mode="probs", weights=[3, 1])
     ensemble.save(tmp_path / "ensemble.keras")
@@ -76,20 +77,20 @@ def test_the_ensemble_round_trips_through_a_keras_file(tiny_data, tmp_path):
     )
 
 
-def test_members_with_different_class_counts_raise():
+def test_members_with_different_class_counts_raise(tiny_mlp):
     with pytest.raises(ValueError, match="same shape"):
         kd_keras.EnsembleTeacher([tiny_mlp(), tiny_mlp(num_classes=3)])
 
 
-def test_members_with_different_inputs_raise():
+def test_members_with_different_inputs_raise(features, num_classes, tiny_mlp):
     wide = keras.Sequential(
-        [keras.Input((FEATURES + 1,)), keras.layers.Dense(NUM_CLASSES)]
+        [keras.Input((features + 1,)), keras.layers.Dense(num_classes)]
     )
     with pytest.raises(ValueError, match="same input shape"):
         kd_keras.EnsembleTeacher([tiny_mlp(), wide])
 
 
-def test_bad_ensemble_arguments_raise():
+def test_bad_ensemble_arguments_raise(members, tiny_mlp):
     with pytest.raises(ValueError, match="at least one"):
         kd_keras.EnsembleTeacher([])
     with pytest.raises(ValueError, match="weights"):
@@ -188,7 +189,7 @@ def test_bad_export_inputs_raise_before_writing(trained_student, tmp_path):
     assert not any((tmp_path / d).exists() for d in "abc")
 
 
-def test_the_members_stay_as_they_were(tiny_data):
+def test_the_members_stay_as_they_were(members, tiny_mlp, tiny_data):
     x, _ = tiny_data
     parts = members(2)  # Both named "member".
     before = [w.copy() for w in parts[0].get_weights()]

@@ -1,4 +1,3 @@
-from conftest import gradient
 import keras
 import numpy as np
 import pytest
@@ -43,7 +42,9 @@ def test_distillation_loss_gives_true_kl_on_the_reference_example():
     assert float(got) == pytest.approx(0.4023, abs=1e-4)
 
 
-def test_distillation_loss_gradient_is_t_times_q_minus_p_over_batch(reference):
+def test_distillation_loss_gradient_is_t_times_q_minus_p_over_batch(
+    gradient, reference
+):
     temperature, t, s = 3.0, random_logits(3), random_logits(4)
     got = gradient(
         lambda student: kd_keras.distillation_loss(
@@ -57,7 +58,7 @@ def test_distillation_loss_gradient_is_t_times_q_minus_p_over_batch(reference):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
 
 
-def test_high_temperature_limit_is_logit_matching():
+def test_high_temperature_limit_is_logit_matching(gradient):
     # With zero-mean logits, T²·KL → mean over the batch of ‖s − t‖² / (2N),
     # and its gradient → (s − t) / (N · batch).
     temperature = 1000.0
@@ -174,7 +175,7 @@ def test_one_logit_is_a_binary_classifier(reference):
     np.testing.assert_allclose(probabilities, 1 / (1 + np.exp(-t / 2.0)), rtol=1e-5)
 
 
-def test_binary_gradient_is_t_times_q_minus_p_over_batch():
+def test_binary_gradient_is_t_times_q_minus_p_over_batch(gradient):
     temperature, t, s = (2.0, random_logits(19, (5, 1)), random_logits(20, (5, 1)))
     got = gradient(
         lambda student: kd_keras.distillation_loss(

@@ -1,7 +1,5 @@
 """Logits of any rank (sequences) and single-logit (binary) outputs."""
 
-from conftest import FEATURES
-from conftest import tiny_mlp
 import keras
 import numpy as np
 import pytest
@@ -11,11 +9,12 @@ import kd_keras
 pytestmark = pytest.mark.all_backends
 
 TIME, CLASSES = 4, 4  # As many steps as classes: shapes alone cannot tell.
+SEQUENCE_FEATURES = 8
 
 
 def sequence_model(units, seed, classes=CLASSES, masking=False):
     keras.utils.set_random_seed(seed)
-    layers = [keras.Input((TIME, FEATURES))]
+    layers = [keras.Input((TIME, SEQUENCE_FEATURES))]
     if masking:
         layers.append(keras.layers.Masking(0.0))
     layers += [
@@ -27,7 +26,7 @@ def sequence_model(units, seed, classes=CLASSES, masking=False):
 
 def sequence_data(rows=12, seed=0):
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(rows, TIME, FEATURES)).astype("float32")
+    x = rng.normal(size=(rows, TIME, SEQUENCE_FEATURES)).astype("float32")
     y = rng.integers(0, CLASSES, size=(rows, TIME)).astype("int32")
     return x, y
 
@@ -165,17 +164,25 @@ def test_sequence_labels_out_of_range_raise():
 # One logit: binary classifiers.
 
 
-def binary_model(units, seed):
-    return tiny_mlp(units, seed=seed, num_classes=1)
+@pytest.fixture(scope="session")
+def binary_model(tiny_mlp):
+    def binary_model(units, seed):
+        return tiny_mlp(units, seed=seed, num_classes=1)
+
+    return binary_model
 
 
-def binary_data(rows=32):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(rows, FEATURES)).astype("float32")
-    return x, (x[:, 0] > 0).astype("float32")
+@pytest.fixture(scope="session")
+def binary_data(features):
+    def binary_data(rows=32):
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(rows, features)).astype("float32")
+        return x, (x[:, 0] > 0).astype("float32")
+
+    return binary_data
 
 
-def test_one_logit_distils_binary_soft_targets(reference):
+def test_one_logit_distils_binary_soft_targets(binary_data, binary_model, reference):
     x, y = binary_data()
     logs, t, s = evaluated(
         binary_model(16, 1),
@@ -192,7 +199,7 @@ def test_one_logit_distils_binary_soft_targets(reference):
     )
 
 
-def test_binary_student_moves_towards_the_teacher():
+def test_binary_student_moves_towards_the_teacher(binary_data, binary_model):
     x, y = binary_data(64)
     teacher, student = binary_model(16, 1), binary_model(8, 2)
     distiller = kd_keras.Distiller(
@@ -204,7 +211,7 @@ def test_binary_student_moves_towards_the_teacher():
     assert evaluate(distiller, x, y)["distillation_loss"] < before / 2
 
 
-def test_binary_labels_outside_zero_one_raise():
+def test_binary_labels_outside_zero_one_raise(binary_data, binary_model):
     x, y = binary_data()
     distiller = distiller_for(binary_model(16, 1), binary_model(8, 2))
     with pytest.raises(ValueError, match="binary classifier"):
@@ -280,7 +287,7 @@ def test_one_weight_per_sequence_weighs_all_its_tokens(reference):
     )
 
 
-def test_accuracy_of_a_binary_student_reads_its_logits():
+def test_accuracy_of_a_binary_student_reads_its_logits(binary_data, binary_model):
     x, y = binary_data()
     distiller = kd_keras.Distiller(binary_model(16, 1), binary_model(8, 2))
     distiller.compile("sgd", metrics=["accuracy"])
@@ -338,7 +345,9 @@ class SubclassedBinary(keras.Model):
         return self.out(self.hidden(inputs))
 
 
-def test_accuracy_of_a_subclassed_binary_student_reads_its_logits():
+def test_accuracy_of_a_subclassed_binary_student_reads_its_logits(
+    binary_data, binary_model
+):
     x, y = binary_data()
     keras.utils.set_random_seed(2)
     student = SubclassedBinary(8)

@@ -1,6 +1,3 @@
-from conftest import copy_of
-from conftest import counting_teacher
-from conftest import tiny_mlp
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -15,7 +12,7 @@ def in_order(x, y, batch_size=16):
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
 
 
-def test_cached_training_matches_on_the_fly_training(tiny_data):
+def test_cached_training_matches_on_the_fly_training(copy_of, tiny_mlp, tiny_data):
     x, y = tiny_data
     teacher, student = tiny_mlp(32, seed=1), tiny_mlp(8, seed=2)
     twin = copy_of(student)
@@ -23,11 +20,12 @@ def test_cached_training_matches_on_the_fly_training(tiny_data):
     on_the_fly.compile("adam")
     cached = kd_keras.Distiller(teacher, twin, temperature=3.0)
     cached.compile("adam")
-    history = on_the_fly.fit(in_order(x, y), epochs=3, verbose=0)
+    history = on_the_fly.fit(in_order(x, y), epochs=3, verbose=0, shuffle=False)
     cached_history = cached.fit(
         kd_keras.cache_teacher_logits(teacher, in_order(x, y), shuffle=False),
         epochs=3,
         verbose=0,
+        shuffle=False,
     )
     np.testing.assert_allclose(
         cached_history.history["loss"], history.history["loss"], rtol=1e-5
@@ -36,7 +34,9 @@ def test_cached_training_matches_on_the_fly_training(tiny_data):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_training_on_cached_logits_does_not_run_the_teacher(tiny_data):
+def test_training_on_cached_logits_does_not_run_the_teacher(
+    counting_teacher, tiny_mlp, tiny_data
+):
     x, y = tiny_data
     teacher = counting_teacher()
     cached = kd_keras.cache_teacher_logits(teacher, in_order(x, y))
@@ -44,12 +44,12 @@ def test_training_on_cached_logits_does_not_run_the_teacher(tiny_data):
     assert after_caching == len(x) // 16
     distiller = kd_keras.Distiller(teacher, tiny_mlp(8, seed=2))
     distiller.compile("sgd")
-    distiller.fit(cached, validation_data=cached, epochs=2, verbose=0)
+    distiller.fit(cached, validation_data=cached, epochs=2, verbose=0, shuffle=False)
     distiller.evaluate(cached, verbose=0)
     assert teacher.count() == after_caching
 
 
-def test_cached_logits_belong_to_their_inputs_after_shuffling(tiny_data):
+def test_cached_logits_belong_to_their_inputs_after_shuffling(tiny_mlp, tiny_data):
     x, y = tiny_data
     teacher = tiny_mlp(32, seed=1)
     shuffled = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(64).batch(10)
@@ -67,7 +67,7 @@ def test_cached_logits_belong_to_their_inputs_after_shuffling(tiny_data):
     assert seen == 2 * len(x)
 
 
-def test_cache_keeps_batch_size_labels_and_sample_weights(tiny_data):
+def test_cache_keeps_batch_size_labels_and_sample_weights(tiny_mlp, tiny_data):
     x, y = tiny_data
     weights = np.linspace(0, 1, len(x)).astype("float32")
     dataset = tf.data.Dataset.from_tensor_slices((x, y, weights)).batch(16)
@@ -80,7 +80,7 @@ def test_cache_keeps_batch_size_labels_and_sample_weights(tiny_data):
     assert int(cached.cardinality()) == len(x) // 16
 
 
-def test_cache_accepts_arrays_with_a_batch_size(tiny_data):
+def test_cache_accepts_arrays_with_a_batch_size(tiny_mlp, tiny_data):
     x, y = tiny_data
     cached = kd_keras.cache_teacher_logits(tiny_mlp(seed=1), (x, y), batch_size=8)
     assert isinstance(cached, data.ArrayBatches)
@@ -89,7 +89,7 @@ def test_cache_accepts_arrays_with_a_batch_size(tiny_data):
         kd_keras.cache_teacher_logits(tiny_mlp(seed=1), (x, y))
 
 
-def test_cache_refuses_a_randomly_augmented_dataset(tiny_data):
+def test_cache_refuses_a_randomly_augmented_dataset(tiny_mlp, tiny_data):
     x, y = tiny_data
     noisy = in_order(x, y).map(lambda a, b: (a + tf.random.normal(tf.shape(a)), b))
     with pytest.raises(ValueError, match="random or opaque ops.*on the fly"):
@@ -106,7 +106,7 @@ def test_cache_refuses_jittered_images():
     assert int(cached.cardinality()) == 2
 
 
-def test_cache_refuses_a_teacher_that_outputs_probabilities(tiny_data):
+def test_cache_refuses_a_teacher_that_outputs_probabilities(tiny_mlp, tiny_data):
     with pytest.raises(ValueError, match="logits"):
         kd_keras.cache_teacher_logits(
             tiny_mlp(activation="softmax"), in_order(*tiny_data)
@@ -131,3 +131,33 @@ def test_the_data_fingerprint_follows_content_not_order():
     nudged = x.copy()
     nudged[3, 1] += 1e-6
     assert fingerprint(nudged, y) != same
+
+
+def test_fingerprints_of_opaque_and_augmented_pipelines_follow_the_inputs():
+    import tensorflow as tf
+
+    from kd_keras import _datasets
+
+    x = np.random.default_rng(0).normal(size=(16, 2)).astype("float32")
+    y = np.arange(16) % 4
+
+    def opaque(scale):
+        return (
+            tf.data.Dataset.from_tensor_slices((x * scale, y))
+            .batch(4)
+            .map(lambda a, b: (tf.numpy_function(lambda v: v, [a], tf.float32), b))
+        )
+
+    assert _datasets.fingerprint(opaque(1)) != _datasets.fingerprint(opaque(100))
+    (images, labels), _ = data.sample()
+
+    def jittered(rows):
+        return data.pipeline((images[rows], labels[rows]), batch_size=100, max_shift=2)
+
+    same = _datasets.fingerprint(jittered(slice(0, 300)))
+    assert _datasets.fingerprint(jittered(slice(0, 300))) == same
+    shifted = np.roll(np.arange(300), 1)  # Same labels, other images.
+    other = data.pipeline(
+        (images[:300][shifted], labels[:300]), batch_size=100, max_shift=2
+    )
+    assert _datasets.fingerprint(other) != same

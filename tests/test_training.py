@@ -4,8 +4,6 @@ safety, and what library calls must leave alone."""
 import logging
 import warnings
 
-from conftest import NUM_CLASSES
-from conftest import tiny_mlp
 import keras
 import numpy as np
 import pytest
@@ -17,17 +15,17 @@ from kd_keras import training
 pytestmark = pytest.mark.all_backends
 
 
-def test_scores_read_one_hot_labels_as_class_ids(tiny_data):
+def test_scores_read_one_hot_labels_as_class_ids(num_classes, tiny_mlp, tiny_data):
     x, y = tiny_data
     model = tiny_mlp(seed=1)
-    one_hot = keras.utils.to_categorical(y, NUM_CLASSES)
+    one_hot = keras.utils.to_categorical(y, num_classes)
     accuracy = training.test_accuracy(model, (x, y))
     assert training.test_accuracy(model, (x, one_hot)) == accuracy
     predicted = np.argmax(model.predict(x, verbose=0), -1)
     assert accuracy == pytest.approx(np.mean(predicted == y))
 
 
-def test_train_and_distill_accept_arrays(tiny_data):
+def test_train_and_distill_accept_arrays(tiny_mlp, tiny_data):
     x, y = tiny_data
     teacher, student = tiny_mlp(32, seed=1), tiny_mlp(8, seed=2)
     history = training.train(
@@ -42,7 +40,7 @@ def test_train_and_distill_accept_arrays(tiny_data):
     assert not np.allclose(before, student.get_weights()[0])
 
 
-def test_train_uses_a_copy_of_the_optimizer_it_is_given(tiny_data):
+def test_train_uses_a_copy_of_the_optimizer_it_is_given(tiny_mlp, tiny_data):
     x, y = tiny_data
     model = tiny_mlp(seed=1)
     before = [w.copy() for w in model.get_weights()]
@@ -70,25 +68,29 @@ class Interrupt(keras.callbacks.Callback):
             raise KeyboardInterrupt
 
 
-def epochs_run(backup_dir, tiny_data, learning_rate, callbacks=()):
-    model = tiny_mlp(seed=1)
-    seen = []
-    record = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda epoch, logs: seen.append(epoch)
-    )
-    training.train(
-        model,
-        tiny_data,
-        epochs=3,
-        learning_rate=learning_rate,
-        callbacks=[record, *callbacks],
-        backup_dir=backup_dir,
-        verbose=0,
-    )
-    return seen
+@pytest.fixture(scope="session")
+def epochs_run(tiny_mlp):
+    def epochs_run(backup_dir, tiny_data, learning_rate, callbacks=()):
+        model = tiny_mlp(seed=1)
+        seen = []
+        record = keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs: seen.append(epoch)
+        )
+        training.train(
+            model,
+            tiny_data,
+            epochs=3,
+            learning_rate=learning_rate,
+            callbacks=[record, *callbacks],
+            backup_dir=backup_dir,
+            verbose=0,
+        )
+        return seen
+
+    return epochs_run
 
 
-def test_a_backup_resumes_only_the_run_that_made_it(tiny_data, tmp_path):
+def test_a_backup_resumes_only_the_run_that_made_it(epochs_run, tiny_data, tmp_path):
     backup = tmp_path / "backup"
     with pytest.raises(KeyboardInterrupt):
         epochs_run(backup, tiny_data, 1e-3, [Interrupt(2)])
@@ -99,7 +101,9 @@ def test_a_backup_resumes_only_the_run_that_made_it(tiny_data, tmp_path):
     assert epochs_run(backup, tiny_data, 1e-2) == [0, 1, 2]  # Other settings.
 
 
-def test_library_calls_never_set_the_global_seed(tiny_data, tmp_path, monkeypatch):
+def test_library_calls_never_set_the_global_seed(
+    tiny_mlp, tiny_data, tmp_path, monkeypatch
+):
     x, y = tiny_data
     teacher = tiny_mlp(32, seed=1)
     monkeypatch.setattr(
@@ -137,7 +141,7 @@ def test_library_calls_never_set_the_global_seed(tiny_data, tmp_path, monkeypatc
     )
 
 
-def test_fits_on_datasets_do_not_warn_that_shuffle_is_ignored(tiny_data):
+def test_fits_on_datasets_do_not_warn_that_shuffle_is_ignored(tiny_mlp, tiny_data):
     import tensorflow as tf
 
     x, y = tiny_data
@@ -151,7 +155,7 @@ def test_fits_on_datasets_do_not_warn_that_shuffle_is_ignored(tiny_data):
     assert not [w for w in caught if "shuffle" in str(w.message)]
 
 
-def test_auto_caching_skips_opaque_stages_and_says_why(tiny_data, caplog):
+def test_auto_caching_skips_opaque_stages_and_says_why(tiny_mlp, tiny_data, caplog):
     import tensorflow as tf
 
     x, y = tiny_data
@@ -160,8 +164,59 @@ def test_auto_caching_skips_opaque_stages_and_says_why(tiny_data, caplog):
         .batch(16)
         .map(lambda a, b: (tf.numpy_function(lambda v: v, [a], tf.float32), b))
     )
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         assert training.should_cache(opaque) is False
     assert "PyFunc" in caplog.text
     with pytest.raises(ValueError, match="allow_random=True"):
         kd_keras.cache_teacher_logits(tiny_mlp(seed=1), opaque)
+
+
+def test_a_backup_folder_with_other_files_is_refused(epochs_run, tiny_data, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="holds other files"):
+        epochs_run(folder, tiny_data, 1e-3)
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_a_resumed_epoch_switch_stays_off(tiny_mlp, tiny_data, tmp_path):
+    from kd_keras.callbacks import StudentEarlyStop
+
+    def run(*extra):
+        stop = StudentEarlyStop(epoch=2)
+        distiller, history = training.distill(
+            tiny_mlp(32, seed=1),
+            tiny_mlp(8, seed=2),
+            tiny_data,
+            epochs=4,
+            callbacks=[stop, *extra],
+            backup_dir=tmp_path / "backup",
+            verbose=0,
+        )
+        return stop, distiller, history
+
+    # Killed during epoch 2, after the switch, before its backup.
+    with pytest.raises(KeyboardInterrupt):
+        run(Interrupt(3))
+    stop, distiller, history = run()
+    assert history.history["distillation_weight"] == [0.0, 0.0]
+    assert stop.switch_epoch == 2
+    assert float(distiller.distillation_weight.numpy()) == pytest.approx(0.9)
+
+
+def test_a_trained_teacher_is_shared_whatever_the_distillation_settings(
+    tiny_mlp, tiny_data, tmp_path
+):
+    from kd_keras import store
+
+    models = store.ModelStore(tmp_path)
+    first = store.Settings(epochs=1, temperature=2.0)
+    second = store.Settings(epochs=1, temperature=8.0)
+    models.train(tiny_mlp(seed=1), tiny_data, settings=first)
+    _, entry = models.train(tiny_mlp(seed=1), tiny_data, settings=second)
+    assert entry["reused"]
+    _, entry = models.train(
+        tiny_mlp(seed=1), tiny_data, settings=store.Settings(epochs=2)
+    )
+    assert not entry["reused"]

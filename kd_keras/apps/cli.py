@@ -10,17 +10,12 @@ own defaults are set on its parser.
 """
 
 import argparse
-import os
 import sys
 
-# The command line prints its own results; TensorFlow's start-up notices
-# would bury them. Set before TensorFlow loads; a user's own setting wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import logging
+from absl.flags import argparse_flags
 
-from absl import logging  # noqa: E402
-from absl.flags import argparse_flags  # noqa: E402
-
-from kd_keras.apps import commands  # noqa: E402
+from kd_keras.apps import commands
 
 
 class _Parser(argparse_flags.ArgumentParser):
@@ -50,13 +45,15 @@ def _flag(name, help, **options):
 # Flag groups: every flag is defined once, here. A command's parser adds the
 # groups it uses anew, so that its own defaults (`set_defaults`) never leak
 # into another's, as they would through argparse's shared parent parsers.
-DATA = (
+DATASET = (
     _flag("--dataset", "tfds name, or 'mnist_sample' (shipped).", default="mnist"),
-    _flag("--train_split", "Split to train on.", default="train"),
-    _flag("--val_split", "Split to validate on; the test split if unset."),
-    _flag("--test_split", "Split to test on.", default="test"),
     _flag("--batch_size", "Batch size.", type=int, default=128),
 )
+SPLITS = (
+    _flag("--train_split", "Split to train on.", default="train"),
+    _flag("--val_split", "Split to validate on; the test split if unset."),
+)
+TEST_SPLIT = (_flag("--test_split", "Split to test on.", default="test"),)
 DATA_DIR = (_flag("--data_dir", "tensorflow-datasets folder (see `data`)."),)
 SEED = (_flag("--seed", "Seed of weights, shuffles and jitter.", type=int, default=0),)
 FAMILY = (
@@ -154,7 +151,7 @@ TUNE = (
         "--temperatures",
         "Temperatures to choose from.",
         type=_floats,
-        default=(1, 2, 5, 10, 15, 20),
+        default=(1.0, 2.0, 5.0, 10.0, 15.0, 20.0),
     ),
     _flag(
         "--distillation_weights",
@@ -170,7 +167,12 @@ TUNE = (
     ),
     _flag("--max_trials", "Trials of the sweep.", type=int, default=12),
     _flag("--project_name", "The sweep's name in --workdir.", default="sweep"),
-    _flag("--overwrite", "Start afresh instead of resuming.", action="store_true"),
+    _flag(
+        "--overwrite",
+        "Start afresh instead of resuming.",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+    ),
     _flag(
         "--mixed_precision",
         "Students' dtype policy.",
@@ -203,11 +205,17 @@ EXPORT = (
 EXPERIMENTS = ("hinton-mnist",)
 REPRODUCE = (
     _flag("experiment", "The experiment to rerun.", choices=EXPERIMENTS),
-    _flag("--quick", "A run of about 10 minutes instead of 90.", action="store_true"),
+    _flag(
+        "--quick",
+        "A run of about 10 minutes instead of 90.",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+    ),
     _flag("--seeds", "Seeds (default: 3, or 2 quick).", type=int),
 )
 IDX = (_flag("--idx_dir", "Folder of the four MNIST IDX files.", required=True),)
-TRAINING = (DATA, DATA_DIR, SEED, FAMILY, EPOCHS, OPTIMIZER, VERBOSE, LOGDIR)
+FITTING = (DATASET, SPLITS, DATA_DIR, SEED, FAMILY, EPOCHS, OPTIMIZER, VERBOSE, LOGDIR)
+TRAINING = (*FITTING, TEST_SPLIT)
 # Commands that choose by validation accuracy hold it out of the training
 # split, and climb the ladder of plain CNNs of the assistants' paper.
 LADDER = (*TRAINING, KD, TEACHER, TEACHER_EPOCHS, WORKDIR)
@@ -228,7 +236,7 @@ def _parser():
         "`kd-keras COMMAND --help` lists a command's flags.",
     )
     subparsers = parser.add_subparsers(
-        dest="command", metavar="COMMAND", parser_class=_Parser
+        dest="command", metavar="COMMAND", parser_class=_Parser, required=True
     )
     for function, groups, defaults in (
         (
@@ -248,15 +256,15 @@ def _parser():
         (commands.paths, (*LADDER, SIZES, PATHS), LADDER_DEFAULTS),
         (
             commands.tune,
-            (*TRAINING, TEACHER, TEACHER_EPOCHS, WORKDIR, SIZES, TUNE),
+            (*FITTING, TEACHER, TEACHER_EPOCHS, WORKDIR, SIZES, TUNE),
             LADDER_DEFAULTS,
         ),
         (
             commands.export,
-            (DATA, DATA_DIR, MODEL_FILE, OUTPUT_DIR, EXPORT),
-            dict(dataset=None, test_split=None),
+            (DATASET, TEST_SPLIT, DATA_DIR, MODEL_FILE, OUTPUT_DIR, EXPORT),
+            dict(dataset=None),
         ),
-        (commands.evaluate, (DATA, DATA_DIR, MODEL_FILE), {}),
+        (commands.evaluate, (DATASET, TEST_SPLIT, DATA_DIR, MODEL_FILE), {}),
         (
             commands.reproduce,
             (DATA_DIR, OUTPUT_DIR, VERBOSE, REPRODUCE),

@@ -8,7 +8,8 @@ from kd_keras.apps.tables import text_table
 
 
 def _splits(args, max_shift=0):
-    """Returns (train, validation, test) batches."""
+    """Returns (train, validation, test) batches; test is None for commands
+    without --test_split, and validation defaults to test."""
     from kd_keras import data as data_lib
 
     load = dict(
@@ -20,11 +21,14 @@ def _splits(args, max_shift=0):
     train_data = data_lib.load(
         split=args.train_split, shuffle=True, max_shift=max_shift, **load
     )
-    test = data_lib.load(split=args.test_split, **load)
-    val = (
-        test if args.val_split is None else data_lib.load(split=args.val_split, **load)
-    )
-    return train_data, val, test
+    test = None
+    if getattr(args, "test_split", None) is not None:
+        test = data_lib.load(split=args.test_split, **load)
+    if args.val_split is None:
+        if test is None:
+            raise ValueError("Pass --val_split to validate on.")
+        return train_data, test, test
+    return train_data, data_lib.load(split=args.val_split, **load), test
 
 
 def _model(args, name, size=None):
@@ -341,7 +345,6 @@ def tune(args):
     the command resumes the sweep; keras-tuner's KERASTUNER_* variables make
     it a chief or a worker of a distributed sweep."""
     from kd_keras import tuning
-    from kd_keras.apps import plots
 
     if (tuning.is_chief() or tuning.is_worker()) and not args.teacher:
         raise ValueError(
@@ -351,19 +354,7 @@ def tune(args):
         )
     train_data, val, _ = _splits(args)
     teacher = _ladder_teacher(args, args.teacher_size, train_data, val)
-    sizes = [size for size in args.assistant_sizes if size]
-    hypermodel = tuning.DistillationHyperModel(
-        teacher,
-        lambda: _model(args, "student", args.student_size),
-        (lambda size: _model(args, f"assistant_{size}", size)) if sizes else None,
-        assistant_sizes=sizes,
-        temperatures=args.temperatures,
-        distillation_weights=args.distillation_weights,
-        optimizer=args.optimizer,
-        learning_rate=args.learning_rate,
-        mixed_precision=args.mixed_precision,
-        jit_compile={"auto": "auto", "true": True, "false": False}[args.jit_compile],
-    )
+    hypermodel = _hypermodel(args, teacher)
     tuner, best = tuning.tune(
         hypermodel,
         train_data,
@@ -387,24 +378,48 @@ def tune(args):
                 "the command to resume the sweep."
             )
         return
+    _print_sweep(tuner, best, hypermodel.teacher_passes)
+
+
+def _hypermodel(args, teacher):
+    from kd_keras import tuning
+
+    sizes = [size for size in args.assistant_sizes if size]
+    return tuning.DistillationHyperModel(
+        teacher,
+        lambda: _model(args, "student", args.student_size),
+        (lambda size: _model(args, f"assistant_{size}", size)) if sizes else None,
+        assistant_sizes=sizes,
+        temperatures=args.temperatures,
+        distillation_weights=args.distillation_weights,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        mixed_precision=args.mixed_precision,
+        jit_compile={"auto": "auto", "true": True, "false": False}[args.jit_compile],
+    )
+
+
+SWEEP_COLUMNS = (
+    "trial",
+    "status",
+    "assistant_size",
+    "temperature",
+    "distillation_weight",
+    "score",
+)
+
+
+def _print_sweep(tuner, best, teacher_passes):
+    """Prints the trials and the best settings; draws sweep.png."""
+    from kd_keras import tuning
+    from kd_keras.apps import plots
+
     trials = tuning.trials_table(tuner)
     png = pathlib.Path(tuner.project_dir) / "sweep.png"
     plots.plot_sweep([row for row in trials if row["score"] is not None], path=png)
-    print(
-        text_table(
-            trials,
-            [
-                "trial",
-                "status",
-                "assistant_size",
-                "temperature",
-                "distillation_weight",
-                "score",
-            ],
-        )
-    )
+    print(text_table(trials, SWEEP_COLUMNS))
     print(f"\nBest: {best.values}")
-    print(f"Teacher passes over the data: {hypermodel.teacher_passes}")
+    print(f"Teacher passes over the data: {teacher_passes}")
     print(
         f"Wrote best_hyperparameters.json, trials.json and {png.name} to "
         f"{tuner.project_dir}/"
@@ -432,7 +447,7 @@ def export(args):
     representative = test = None
     if args.dataset is not None and "tflite_int8" in args.formats:
         representative = data_lib.load(split=args.representative_split, **load)
-    if args.dataset is not None and args.test_split is not None:
+    if args.dataset is not None:
         test = data_lib.load(split=args.test_split, **load)
     model_path = pathlib.Path(args.model)
     output = args.output_dir or model_path.with_name(model_path.stem + "_export")

@@ -45,64 +45,72 @@ def run_demo(
     """
     keras.utils.set_random_seed(seed)
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)  # Fails before any training.
     (x_train, y_train), (x_test, y_test) = data.sample()
     load = dict(batch_size=batch_size, seed=seed)
     train = data.pipeline((x_train, y_train), shuffle=True, **load)
     jittered = data.pipeline((x_train, y_train), shuffle=True, max_shift=2, **load)
     test = data.pipeline((x_test, y_test), **load)
-
-    rows, histories = [], {}
-
-    def record(name, model, epochs_run, seconds):
-        errors, examples = training.test_errors(model, test)
-        rows.append(
-            {
-                "model": name,
-                "params": model.count_params(),
-                "test_errors": errors,
-                "test_examples": examples,
-                "error_percent": 100.0 * errors / examples,
-                "epochs": epochs_run,
-                "seconds": seconds,
-            }
-        )
+    fit = dict(verbose=verbose, epochs=epochs)
 
     teacher = models.hinton_teacher()
-    with training.Stopwatch() as watch:
-        training.train(teacher, jittered, test, epochs=teacher_epochs, verbose=verbose)
-    record("teacher 2x1200 (dropout, jitter)", teacher, teacher_epochs, watch.seconds)
-
-    scratch = models.mlp((800, 800), name="scratch_student")
-    with training.Stopwatch() as watch:
-        histories["scratch 2x800"] = training.train(
-            scratch, train, test, epochs=epochs, verbose=verbose
-        )
-    record("student 2x800 from scratch", scratch, epochs, watch.seconds)
-
-    student = models.mlp((800, 800), name="distilled_student")
-    with training.Stopwatch() as watch:
-        _, histories[f"distilled 2x800, T={temperature:g}"] = training.distill(
-            teacher,
-            student,
-            train,
-            test,
-            temperature=temperature,
-            distillation_weight=distillation_weight,
-            epochs=epochs,
-            verbose=verbose,
-        )
-    record(
-        f"student 2x800 distilled (T={temperature:g})", student, epochs, watch.seconds
+    seconds, _ = _timed(
+        training.train, teacher, jittered, test, **dict(fit, epochs=teacher_epochs)
     )
+    rows = [
+        _row("teacher 2x1200 (dropout, jitter)", teacher, test, teacher_epochs, seconds)
+    ]
+    histories = {}
+    scratch = models.mlp((800, 800), name="scratch_student")
+    seconds, histories["scratch 2x800"] = _timed(
+        training.train, scratch, train, test, **fit
+    )
+    rows.append(_row("student 2x800 from scratch", scratch, test, epochs, seconds))
+    student = models.mlp((800, 800), name="distilled_student")
+    seconds, (_, histories[f"distilled 2x800, T={temperature:g}"]) = _timed(
+        training.distill,
+        teacher,
+        student,
+        train,
+        test,
+        temperature=temperature,
+        distillation_weight=distillation_weight,
+        **fit,
+    )
+    name = f"student 2x800 distilled (T={temperature:g})"
+    rows.append(_row(name, student, test, epochs, seconds))
+    _save(workdir, [teacher, scratch, student], histories)
+    return rows
 
-    teacher.save(workdir / "teacher.keras")
-    scratch.save(workdir / "scratch_student.keras")
-    student.save(workdir / "distilled_student.keras")
+
+def _timed(function, *args, **kwargs):
+    """`(seconds, function(*args, **kwargs))`."""
+    with training.Stopwatch() as watch:
+        result = function(*args, **kwargs)
+    return watch.seconds, result
+
+
+def _row(name, model, test, epochs, seconds):
+    """One line of the demo's table: the model's test errors and cost."""
+    errors, examples = training.test_errors(model, test)
+    return {
+        "model": name,
+        "params": model.count_params(),
+        "test_errors": errors,
+        "test_examples": examples,
+        "error_percent": 100.0 * errors / examples,
+        "epochs": epochs,
+        "seconds": seconds,
+    }
+
+
+def _save(workdir, trained, histories):
+    """The models as `name.keras`, and the students' validation curves."""
+    for model in trained:
+        model.save(workdir / f"{model.name}.keras")
     plots.plot_history(
         histories,
         "val_accuracy",
         path=workdir / "students_val_accuracy.png",
         title="Students on the sample's test digits",
     )
-    return rows

@@ -18,6 +18,7 @@ from kd_keras import data
 from kd_keras import models
 from kd_keras import training
 from kd_keras.apps import plots
+from kd_keras.apps.tables import markdown_table
 from kd_keras.teachers import cache_teacher_logits
 
 # Test errors (of 10,000) reported by Hinton et al. (2015) on MNIST.
@@ -241,109 +242,115 @@ def _shape(hidden):
     return "×".join(map(str, hidden))
 
 
-def _report(runs, settings, test_counts, minutes):
-    """The markdown table, side by side with the paper."""
+COLUMNS = ("experiment", "paper", "kd_keras (mean ± std)", "per seed")
 
-    def column(key):
-        return [run[key] for run in runs]
 
-    def seeds(key):
-        return "/".join(str(run[key]) for run in runs)
+def _column(runs, key):
+    return [run[key] for run in runs]
 
-    threes = test_counts[THREE]
-    tests = only78_total = sum(test_counts.values())
-    shift3 = "/".join(f"{run['omit3_bias_val_shift']:+g}" for run in runs)
-    shift78 = "/".join(f"{run['only78_bias_val_shift']:+g}" for run in runs)
-    teacher_shape = _shape(settings["teacher_hidden"])
-    student_shape = _shape(settings["student_hidden"])
-    rows = [
-        (
-            f"teacher {teacher_shape}, dropout, max-norm, 2-px jitter",
-            PAPER["teacher"],
-            _cell(column("teacher")),
-            seeds("teacher"),
-        ),
-        (
-            f"student {student_shape} from scratch",
-            PAPER["scratch"],
-            _cell(column("scratch")),
-            seeds("scratch"),
-        ),
-    ]
-    for temperature in TEMPERATURES:
-        key = f"distilled_T{temperature:g}"
-        rows.append(
-            (
-                f"student {student_shape} distilled, T = {temperature:g}",
-                PAPER["distilled_T20"] if temperature == 20 else "",
-                _cell(column(key)),
-                seeds(key),
-            )
-        )
-    for key, label, paper in (
-        ("omit3", "distilled without any 3 in the transfer set", PAPER["omit3"]),
-        (
-            "omit3_bias_paper",
-            f"… bias of 3 raised by {PAPER_BIAS_3:g}",
-            PAPER["omit3_bias_paper"],
-        ),
-        (
-            "omit3_bias_val",
-            f"… bias of 3 raised by a shift chosen on validation ({shift3})",
-            "",
-        ),
-    ):
-        rows.append(
-            (
-                label,
-                paper,
-                f"{_cell(column(key))} ({_cell(column(key + '_on3'))} on 3s)",
-                f"{seeds(key)} ({seeds(key + '_on3')} on 3s)",
-            )
-        )
-    for key, label, paper in (
-        ("only78", "distilled on a transfer set of 7s and 8s only", PAPER["only78"]),
-        (
-            "only78_bias_paper",
-            f"… biases of 7 and 8 lowered by {PAPER_BIAS_78:g}",
-            PAPER["only78_bias_paper"],
-        ),
-        (
-            "only78_bias_val",
-            f"… biases of 7 and 8 lowered by a shift chosen on validation ({shift78})",
-            "",
-        ),
-    ):
-        rows.append((label, paper, _cell(column(key), only78_total), seeds(key)))
-    rows += [
-        (
-            "3% of the labels, from scratch",
-            "",
-            _cell(column("small_scratch")),
-            seeds("small_scratch"),
-        ),
-        (
-            "3% of the labels, with the teacher's soft targets",
-            "",
-            _cell(column("small_soft")),
-            seeds("small_soft"),
-        ),
-    ]
-    lines = [
-        "| experiment | paper | kd_keras (mean ± std) | per seed |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
 
-    teacher = np.mean(column("teacher"))
-    scratch = np.mean(column("scratch"))
-    distilled = np.mean(column("distilled_T20"))
-    gap = (
-        (scratch - distilled) / (scratch - teacher)
-        if scratch != teacher
-        else float("nan")
+def _row(runs, label, paper, key, percent_of=None):
+    """One experiment: its mean ± std over the seeds, and each seed's."""
+    experiment, paper_column, mean, per_seed = COLUMNS
+    return {
+        experiment: label,
+        paper_column: paper,
+        mean: _cell(_column(runs, key), percent_of),
+        per_seed: "/".join(str(value) for value in _column(runs, key)),
+    }
+
+
+def _with_errors_on_threes(runs, label, paper, key):
+    row, on_threes = _row(runs, label, paper, key), _row(runs, "", "", key + "_on3")
+    for column in COLUMNS[2:]:
+        row[column] += f" ({on_threes[column]} on 3s)"
+    return row
+
+
+def _shifts(runs, key):
+    return "/".join(f"{run[key]:+g}" for run in runs)
+
+
+def _experiment_rows(runs, settings, tests):
+    """The table's rows, in the paper's order."""
+    teacher, student = (
+        _shape(settings[k]) for k in ("teacher_hidden", "student_hidden")
     )
-    recovered = 1.0 - np.mean(column("omit3_bias_val_on3")) / threes
+    rows = [
+        _row(
+            runs,
+            f"teacher {teacher}, dropout, max-norm, 2-px jitter",
+            PAPER["teacher"],
+            "teacher",
+        ),
+        _row(runs, f"student {student} from scratch", PAPER["scratch"], "scratch"),
+    ]
+    rows += [
+        _row(
+            runs,
+            f"student {student} distilled, T = {temperature:g}",
+            PAPER["distilled_T20"] if temperature == 20 else "",
+            f"distilled_T{temperature:g}",
+        )
+        for temperature in TEMPERATURES
+    ]
+    shift3 = _shifts(runs, "omit3_bias_val_shift")
+    rows += [
+        _with_errors_on_threes(runs, label, paper, key)
+        for key, label, paper in (
+            ("omit3", "distilled without any 3 in the transfer set", PAPER["omit3"]),
+            (
+                "omit3_bias_paper",
+                f"… bias of 3 raised by {PAPER_BIAS_3:g}",
+                PAPER["omit3_bias_paper"],
+            ),
+            (
+                "omit3_bias_val",
+                f"… bias of 3 raised by a shift chosen on validation ({shift3})",
+                "",
+            ),
+        )
+    ]
+    shift78 = _shifts(runs, "only78_bias_val_shift")
+    rows += [
+        _row(runs, label, paper, key, percent_of=tests)
+        for key, label, paper in (
+            (
+                "only78",
+                "distilled on a transfer set of 7s and 8s only",
+                PAPER["only78"],
+            ),
+            (
+                "only78_bias_paper",
+                f"… biases of 7 and 8 lowered by {PAPER_BIAS_78:g}",
+                PAPER["only78_bias_paper"],
+            ),
+            (
+                "only78_bias_val",
+                f"… biases of 7 and 8 lowered by a shift chosen on validation "
+                f"({shift78})",
+                "",
+            ),
+        )
+    ]
+    return rows + [
+        _row(runs, "3% of the labels, from scratch", "", "small_scratch"),
+        _row(
+            runs, "3% of the labels, with the teacher's soft targets", "", "small_soft"
+        ),
+    ]
+
+
+def _targets(runs, settings, test_counts):
+    """The reproduction's targets, each measured and judged, and a summary."""
+    tests, threes = sum(test_counts.values()), test_counts[THREE]
+    teacher, scratch, distilled = (
+        np.mean(_column(runs, key)) for key in ("teacher", "scratch", "distilled_T20")
+    )
+    gap = (scratch - distilled) / (scratch - teacher) if scratch != teacher else np.nan
+    recovered = 1.0 - np.mean(_column(runs, "omit3_bias_val_on3")) / threes
+    most_errors = 74 * tests / 10_000
+    paper_count = " (74 of 10,000)" if tests != 10_000 else ""
     targets = [
         (
             "the distilled student closes ≥ 80% of the scratch–teacher gap",
@@ -356,19 +363,26 @@ def _report(runs, settings, test_counts, minutes):
             recovered >= 0.9,
         ),
         (
-            f"the distilled {student_shape} student (T = 20) has ≤ "
-            f"{74 * tests / 10_000:g} errors"
-            + (" (74 of 10,000)" if tests != 10_000 else ""),
+            f"the distilled {_shape(settings['student_hidden'])} student (T = 20) "
+            f"has ≤ {most_errors:g} errors{paper_count}",
             f"{distilled:.1f}",
-            distilled <= 74 * tests / 10_000,
+            distilled <= most_errors,
         ),
     ]
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in targets]
-    heading = (
+    summary = {
+        "gap_closed": gap,
+        "threes_recovered": recovered,
+        "distilled_errors": distilled,
+        "targets_met": {target: bool(met) for target, _, met in targets},
+    }
+    return targets, summary
+
+
+def _heading(runs, settings, tests, minutes):
+    return (
         f"Hinton et al. (2015) on MNIST, reproduced with kd_keras "
         f"({settings['train_split']}, validation {settings['val_split']}, "
-        f"test {settings['test_split']} ({sum(test_counts.values()):,} "
+        f"test {settings['test_split']} ({tests:,} "
         f"digits); teacher {_shape(settings['teacher_hidden'])} "
         f"{settings['teacher_epochs']} epochs, students "
         f"{_shape(settings['student_hidden'])} "
@@ -378,12 +392,24 @@ def _report(runs, settings, test_counts, minutes):
         "the 7s-and-8s rows give the error rate on all test digits; the "
         "paper's column is of 10,000 test digits."
     )
-    return heading + "\n\n" + "\n".join(lines) + "\n", {
-        "gap_closed": gap,
-        "threes_recovered": recovered,
-        "distilled_errors": distilled,
-        "targets_met": {t: bool(ok) for t, _, ok in targets},
-    }
+
+
+def _report(runs, settings, test_counts, minutes):
+    """The markdown tables, side by side with the paper, and a summary."""
+    tests = sum(test_counts.values())
+    targets, summary = _targets(runs, settings, test_counts)
+    judged = [
+        {"target": target, "measured": measured, "met": "yes" if met else "no"}
+        for target, measured, met in targets
+    ]
+    text = "\n\n".join(
+        [
+            _heading(runs, settings, tests, minutes),
+            markdown_table(_experiment_rows(runs, settings, tests), COLUMNS),
+            markdown_table(judged, ("target", "measured", "met")),
+        ]
+    )
+    return text + "\n", summary
 
 
 def hinton_mnist(
@@ -435,18 +461,7 @@ def hinton_mnist(
     name = name or ("hinton_mnist_quick" if quick else "hinton_mnist")
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-
-    def load(split, shuffle=False, **kwargs):
-        return data.load(
-            "mnist",
-            split,
-            data_dir=data_dir,
-            batch_size=128,
-            shuffle=shuffle,
-            seed=0,
-            **kwargs,
-        )
-
+    load = _mnist_loader(data_dir)
     splits = (
         load(settings["train_split"], shuffle=True),
         load(settings["val_split"]),
@@ -455,44 +470,11 @@ def hinton_mnist(
     )
     test_labels = data.to_arrays(splits[2])[1]
     test_counts = {c: int(np.sum(test_labels == c)) for c in range(10)}
-    # Each finished seed is kept, so an interrupted run resumes after it.
     progress = output_dir / f"{name}.seeds.json"
-    saved = json.loads(progress.read_text()) if progress.is_file() else {}
-    same = {k: v for k, v in settings.items() if k != "seeds"}
-    same["data_dir"] = None if data_dir is None else str(data_dir)
-    if saved.get("settings") != json.loads(json.dumps(same)):
-        saved = {"settings": same, "runs": [], "minutes": 0.0}
-    runs = saved["runs"]
-    for seed in range(len(runs), settings["seeds"]):
-        logging.info("hinton_mnist: seed %d of %d.", seed + 1, settings["seeds"])
-        start = time.perf_counter()
-        runs.append(_Run(seed, settings, splits, verbose).run())
-        saved["minutes"] += (time.perf_counter() - start) / 60
-        progress.write_text(json.dumps(saved, default=float) + "\n")
-    runs = runs[: settings["seeds"]]
-    minutes = saved["minutes"]
+    runs, minutes = _run_seeds(progress, settings, data_dir, splits, verbose)
     table, summary = _report(runs, settings, test_counts, minutes)
     (output_dir / f"{name}.md").write_text(table)
-    plots.plot_temperature(
-        runs[0]["teacher_example_logits"],
-        temperatures=(1, 2, 5, 10, 20),
-        path=output_dir / f"{name}_temperature.png",
-        title="The teacher's output on the first test digit",
-    )
-    errors = np.array(
-        [[run[f"distilled_T{t:g}"] for t in TEMPERATURES] for run in runs],
-        dtype="float64",
-    )
-    plots.plot_curve(
-        np.log2(TEMPERATURES),
-        errors.mean(0),
-        "temperature",
-        f"test errors (of {sum(test_counts.values()):,})",
-        errors=errors.std(0, ddof=1) if len(runs) > 1 else None,
-        xticks=[f"{t:g}" for t in TEMPERATURES],
-        path=output_dir / f"{name}_errors_by_temperature.png",
-        title=f"Distilled {_shape(settings['student_hidden'])} student by temperature",
-    )
+    _plot(runs, settings, sum(test_counts.values()), output_dir / name)
     result = {
         "settings": settings,
         "runs": runs,
@@ -505,3 +487,63 @@ def hinton_mnist(
     )
     result["table"] = table
     return result
+
+
+def _mnist_loader(data_dir):
+    """`load(split, shuffle=False, **kwargs)`: MNIST batches of 128."""
+
+    def load(split, shuffle=False, **kwargs):
+        return data.load(
+            "mnist",
+            split,
+            data_dir=data_dir,
+            batch_size=128,
+            shuffle=shuffle,
+            seed=0,
+            **kwargs,
+        )
+
+    return load
+
+
+def _run_seeds(progress, settings, data_dir, splits, verbose):
+    """Runs the seeds not yet in `progress` (a JSON file that keeps each
+    finished seed, so that an interrupted run resumes after it); returns
+    the runs and the minutes they took."""
+    saved = json.loads(progress.read_text()) if progress.is_file() else {}
+    same = {k: v for k, v in settings.items() if k != "seeds"}
+    same["data_dir"] = None if data_dir is None else str(data_dir)
+    if saved.get("settings") != json.loads(json.dumps(same)):
+        saved = {"settings": same, "runs": [], "minutes": 0.0}
+    runs = saved["runs"]
+    for seed in range(len(runs), settings["seeds"]):
+        logging.info("hinton_mnist: seed %d of %d.", seed + 1, settings["seeds"])
+        start = time.perf_counter()
+        runs.append(_Run(seed, settings, splits, verbose).run())
+        saved["minutes"] += (time.perf_counter() - start) / 60
+        progress.write_text(json.dumps(saved, default=float) + "\n")
+    return runs[: settings["seeds"]], saved["minutes"]
+
+
+def _plot(runs, settings, tests, stem):
+    """The teacher's softened output, and errors against temperature."""
+    plots.plot_temperature(
+        runs[0]["teacher_example_logits"],
+        temperatures=(1, 2, 5, 10, 20),
+        path=f"{stem}_temperature.png",
+        title="The teacher's output on the first test digit",
+    )
+    errors = np.array(
+        [[run[f"distilled_T{t:g}"] for t in TEMPERATURES] for run in runs],
+        dtype="float64",
+    )
+    plots.plot_curve(
+        np.log2(TEMPERATURES),
+        errors.mean(0),
+        "temperature",
+        f"test errors (of {tests:,})",
+        errors=errors.std(0, ddof=1) if len(runs) > 1 else None,
+        xticks=[f"{t:g}" for t in TEMPERATURES],
+        path=f"{stem}_errors_by_temperature.png",
+        title=f"Distilled {_shape(settings['student_hidden'])} student by temperature",
+    )
