@@ -4,7 +4,6 @@ Import this module before Keras: a `--backend` flag on the command line sets
 KERAS_BACKEND, which Keras reads once, when it is imported.
 """
 
-import json
 import os
 import pathlib
 import platform
@@ -31,6 +30,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kd_keras import data  # noqa: E402
+from kd_keras import store  # noqa: E402
 from kd_keras import training  # noqa: E402
 from kd_keras.apps.tables import markdown_table  # noqa: E402, F401
 
@@ -66,20 +66,6 @@ class EpochTimer(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
-
-
-def write_json(path, payload):
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=_to_builtin) + "\n")
-
-
-def _to_builtin(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def mean_std(values):
@@ -235,5 +221,5 @@ def write_report(flag_values, name, heading, markdown, payload):
     out = pathlib.Path(flag_values.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(f"{heading}\n\n{markdown}\n")
-    write_json(out / f"{name}.json", dict(payload, environment=environment()))
+    store.write_json(out / f"{name}.json", dict(payload, environment=environment()))
     return out

@@ -34,6 +34,7 @@ import numpy as np
 import kd_keras
 from kd_keras import data
 from kd_keras import models
+from kd_keras import store
 
 FLAGS = flags.FLAGS
 common.define_backend_flag()
@@ -175,7 +176,7 @@ def main(argv):
     )
     suffix = "" if FLAGS.pipeline == "array_batches" else "_tf_data"
     output = FLAGS.output or common.RESULTS / f"overhead_{backend}{suffix}.json"
-    common.write_json(
+    store.write_json(
         output,
         {
             "heading": heading,

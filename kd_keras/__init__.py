@@ -2,10 +2,11 @@
 
 Importing kd_keras imports Keras and the modules whose classes Keras must
 know to load saved models (the Distiller, teacher ensembles, logit
-metrics); it has no side effects. The other modules (callbacks, assistants,
-store, tuning, export, data, models, training) load the first time they are
-used; keras-tuner only with `tuning`. The applications (command line, demo,
-paper reproductions, plots) live in `kd_keras.apps`.
+metrics), and `data`, which teachers use; it has no side effects. The other
+modules (callbacks, assistants, store, tuning, export, models, training)
+load the first time they are used; keras-tuner only with `tuning`. The
+applications (command line, demo, paper reproductions, plots) live in
+`kd_keras.apps`.
 """
 
 import importlib as _importlib

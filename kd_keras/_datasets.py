@@ -128,6 +128,18 @@ def check_batches(data):
         )
 
 
+def as_batches(data, batch_size=None, shuffle=True):
+    """Batches of `data`: a `tf.data.Dataset` or `PyDataset` as it is, or a
+    tuple of arrays `(x, y[, sample_weight])` in `ArrayBatches` of
+    `batch_size` (default 128), reshuffled every epoch if `shuffle`."""
+    from kd_keras.data import ArrayBatches
+
+    if isinstance(data, tuple) and 1 <= len(data) <= 3:
+        return ArrayBatches(*data, batch_size=batch_size or 128, shuffle=shuffle)
+    check_batches(data)
+    return data
+
+
 def numpy_batches(data):
     """Yields `(x, y, sample_weight)` of every batch as NumPy (y and
     sample_weight may be None), from a `tf.data.Dataset` or a `PyDataset`."""

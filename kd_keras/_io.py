@@ -20,6 +20,13 @@ BACKUP_FILES = (
 )
 
 
+def _builtin(value):
+    """NumPy scalars and arrays as Python numbers and lists; else str."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
 def write_json(path, payload):
     """Writes JSON so that a reader never sees half a file, even when
     several processes write the same path (each through its own temporary
@@ -27,8 +34,14 @@ def write_json(path, payload):
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    temporary.write_text(json.dumps(payload, indent=2, default=_builtin) + "\n")
     os.replace(temporary, path)
+
+
+def as_json(payload):
+    """The payload as it reads back from a JSON file (tuples as lists, NumPy
+    values as numbers), so that it compares with one read back."""
+    return json.loads(json.dumps(payload, default=_builtin))
 
 
 def read_json(path, default=None):
@@ -46,7 +59,7 @@ def start_or_resume(folder, stamp):
     folder holding other files is refused rather than emptied.
     """
     folder = pathlib.Path(folder)
-    stamp = json.loads(json.dumps(stamp, default=str))
+    stamp = as_json(stamp)
     if folder.exists() and read_json(folder / STAMP) != stamp:
         ours = [
             p

@@ -105,6 +105,17 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
         self.switch_epoch = None
         self.state_dir = state_dir
 
+    def settings(self):
+        """What decides the switch, as JSON: a resumed run must share it."""
+        return {
+            "epoch": self.epoch,
+            "monitor": self.monitor if self._watch else None,
+            "patience": self.patience,
+            "mode": self.mode,
+            "min_delta": abs(float(self.min_delta)),
+            "start_from_epoch": self.start_from_epoch,
+        }
+
     def _state_path(self):
         return (
             None

@@ -32,6 +32,8 @@ TFLITE_FILES = {
 
 
 def _check_formats(formats, representative_data):
+    if formats is None:
+        formats = FORMATS if representative_data is not None else FORMATS[:-1]
     formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -161,7 +163,7 @@ def _convert(saved_model_dir, fmt, representative):
 def export_student(
     model,
     directory,
-    formats=FORMATS,
+    formats=None,
     representative_data=None,
     test_data=None,
     tolerance=1e-4,
@@ -195,7 +197,9 @@ def export_student(
         directory: output folder.
         formats: any of "saved_model", "tflite", "tflite_dynamic",
             "tflite_int8". Every TFLite format is converted from the
-            SavedModel, which is written in any case.
+            SavedModel, which is written in any case. By default all four
+            with `representative_data`, and without it all but
+            "tflite_int8", which needs data to calibrate.
         representative_data: training inputs (a batched dataset, an array, or
             `(x, y)`) to calibrate int8; required for "tflite_int8".
         test_data: held-out inputs and labels (a batched dataset or

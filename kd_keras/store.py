@@ -1,5 +1,6 @@
 """A folder of trained models, so that training the same thing twice loads it
-instead (teacher-assistant chains, path searches, command-line teachers)."""
+instead (teacher-assistant chains, path searches, command-line teachers),
+and the atomic JSON files that it and other long work keep."""
 
 import dataclasses
 import numbers
@@ -15,6 +16,11 @@ from kd_keras import training
 
 MANIFEST = "manifest.json"
 
+# JSON that a reader never sees half written (for applications that record
+# their own progress), and its reader.
+write_json = _io.write_json
+read_json = _io.read_json
+
 
 @dataclasses.dataclass
 class Settings:
@@ -27,7 +33,9 @@ class Settings:
         learning_rate: the learning rate of an optimizer given by name.
         temperature: T, for distillation.
         distillation_weight: λ, for distillation.
-        seed: seed of the cached logits' shuffle, for distillation.
+        seed: the run's seed: of the cached logits' shuffle, for
+            distillation. Part of every fingerprint, so that runs with
+            other seeds (such as seed studies) are trained apart.
     """
 
     epochs: int = 10
@@ -73,7 +81,7 @@ class Settings:
         values = (
             self.distillation_arguments()
             if kind == "distill"
-            else (self.training_arguments())
+            else dict(self.training_arguments(), seed=self.seed)
         )
         values["optimizer"] = training.optimizer_config(
             values.pop("optimizer"), values.pop("learning_rate")

@@ -13,25 +13,6 @@ from kd_keras.distiller import TEACHER_LOGITS_KEY
 from kd_keras.distiller import split_cached
 
 
-def _as_batches(data, batch_size):
-    """A batched `tf.data.Dataset` or `PyDataset` for the data given."""
-    if _backend.is_tf_dataset(data) or isinstance(data, keras.utils.PyDataset):
-        return data
-    if isinstance(data, tuple) and 1 <= len(data) <= 3:
-        if batch_size is None:
-            raise ValueError(
-                "`batch_size` is needed when the data are arrays. Received: "
-                "batch_size=None. Pass e.g. batch_size=128."
-            )
-        return ArrayBatches(*data, batch_size=batch_size)
-    raise ValueError(
-        "Expected a batched `tf.data.Dataset` of (x, y) or (x, y, "
-        "sample_weight), a `keras.utils.PyDataset` such as "
-        "`kd_keras.data.ArrayBatches`, or a tuple of arrays (x, y) with "
-        f"`batch_size`. Received: {type(data).__name__}"
-    )
-
-
 def _check_no_augmentation(dataset):
     random_ops = _datasets.augmentation_ops(dataset)
     if random_ops:
@@ -123,10 +104,9 @@ def cache_teacher_logits(
             `EnsembleTeacher`.
         dataset: a batched `tf.data.Dataset` of `(x, y)` or
             `(x, y, sample_weight)`, a `PyDataset` such as
-            `kd_keras.data.ArrayBatches`, or a tuple of arrays `(x, y)` with
-            `batch_size`.
+            `kd_keras.data.ArrayBatches`, or a tuple of arrays `(x, y)`.
         batch_size: batch size of the returned dataset. Defaults to the
-            input's.
+            input's (128 for arrays).
         shuffle: reshuffle the examples every epoch.
         seed: seed of that shuffle.
         allow_random: set True to cache a pipeline with random ops anyway;
@@ -147,7 +127,7 @@ def cache_teacher_logits(
     """
     _checks.check_keras_model(teacher, "teacher")
     _checks.check_emits_logits(teacher, "teacher")
-    dataset = _as_batches(dataset, batch_size)
+    dataset = _datasets.as_batches(dataset, batch_size, shuffle=False)
     if not allow_random:
         _check_no_augmentation(dataset)
     if isinstance(dataset, ArrayBatches):

@@ -17,6 +17,7 @@ from kd_keras import _backend
 from kd_keras import _datasets
 from kd_keras import _fingerprints
 from kd_keras import _io
+from kd_keras.callbacks import StudentEarlyStop
 from kd_keras.distiller import Distiller
 from kd_keras.teachers import cache_teacher_logits
 
@@ -53,16 +54,7 @@ def optimizer_config(optimizer=None, learning_rate=1e-3):
     return config
 
 
-def as_batches(data, batch_size=None, shuffle=True):
-    """Batches of `data`: a `tf.data.Dataset` or `PyDataset` as it is, or a
-    tuple of arrays `(x, y[, sample_weight])` in `ArrayBatches` of
-    `batch_size` (default 128), reshuffled every epoch if `shuffle`."""
-    from kd_keras.data import ArrayBatches
-
-    if isinstance(data, tuple):
-        return ArrayBatches(*data, batch_size=batch_size or 128, shuffle=shuffle)
-    _datasets.check_batches(data)
-    return data
+as_batches = _datasets.as_batches
 
 
 def train(
@@ -107,7 +99,9 @@ def train(
     run = {}
     if backup_dir:  # What else a resumed run must share.
         run = {
-            "train": _fingerprints.weights(model),  # Initial weights.
+            # The architecture, not the initial weights, which the backup
+            # replaces: a model rebuilt unseeded in a new process resumes.
+            "train": _fingerprints.architecture(model),
             "data": _datasets.fingerprint(train_data),
         }
     return _fit(model, train_data, validation_data, run, _FitOptions.of(locals()))
@@ -236,12 +230,17 @@ def distill(
     if backup_dir:  # What else a resumed run must share.
         run = {
             "teacher": _fingerprints.weights(teacher),
-            "student": _fingerprints.weights(student),  # Initial weights.
+            "student": _fingerprints.architecture(student),
             "temperature": temperature,
             "distillation_weight": distillation_weight,
             "cache": bool(cache),
             "seed": seed,
             "data": _datasets.fingerprint(train_data),  # Before the logits.
+            "early stops": [
+                callback.settings()
+                for callback in callbacks or ()
+                if isinstance(callback, StudentEarlyStop)
+            ],
         }
     if cache:
         train_data = cache_teacher_logits(teacher, train_data, seed=seed)

@@ -6,7 +6,6 @@ and `tune` runs the sweep.
 """
 
 import contextlib
-import json
 import numbers
 import os
 import pathlib
@@ -295,7 +294,7 @@ def _sweep_stamp(hypermodel, train_data, validation_data, **settings):
         "validation data": _datasets.fingerprint(validation_data),
         **settings,
     }
-    return json.loads(json.dumps(stamp))
+    return _io.as_json(stamp)
 
 
 def is_chief():

@@ -125,7 +125,26 @@ class NumpyReference:
         return -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
 
 
+class Interrupt(keras.callbacks.Callback):
+    """Stops the run after `epoch` epochs, before their backup, as a killed
+    process would."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epoch:
+            raise KeyboardInterrupt
+
+
 # Shared helpers, as fixtures: tests take them as arguments.
+
+
+@pytest.fixture(scope="session")
+def interrupt():
+    """`interrupt(n)`: a callback that kills the run after n epochs."""
+    return Interrupt
 
 
 @pytest.fixture(scope="session")

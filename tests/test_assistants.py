@@ -256,12 +256,15 @@ def test_the_precision_policy_is_part_of_the_architecture(tiny_mlp):
 
 
 def test_a_rerun_in_the_same_session_with_new_models_reuses_the_steps(
-    chain, teacher, splits, tmp_path
+    chain, teacher, copy_of, splits, tmp_path
 ):
     # A notebook rerun: fresh models get new generated names, and the
-    # teacher was frozen by the first run.
-    run_chain(chain(teacher), splits, tmp_path)
-    _, report = run_chain(chain(teacher), splits, tmp_path)
+    # teacher, trainable at first, was frozen by the first run.
+    fresh = copy_of(teacher)
+    fresh.trainable = True
+    run_chain(chain(fresh), splits, tmp_path)
+    assert not fresh.trainable
+    _, report = run_chain(chain(fresh), splits, tmp_path)
     assert [r["reused"] for r in report] == [True, True]
 
 

@@ -309,14 +309,9 @@ def test_a_change_between_two_batches_applies_from_the_next_step(
 
 
 def test_a_resumed_monitored_switch_keeps_its_epoch_and_weight(
-    tiny_mlp, tiny_data, tmp_path
+    interrupt, tiny_mlp, tiny_data, tmp_path
 ):
     from kd_keras import training
-
-    class Interrupt(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 2:
-                raise KeyboardInterrupt
 
     def run(*extra):
         # A zero learning rate: val_loss never improves, so the term goes
@@ -337,7 +332,7 @@ def test_a_resumed_monitored_switch_keeps_its_epoch_and_weight(
         return stop, distiller
 
     with pytest.raises(KeyboardInterrupt):
-        run(Interrupt())
+        run(interrupt(3))
     stop, distiller = run()
     assert stop.switch_epoch == 2
     assert float(distiller.distillation_weight.numpy()) == pytest.approx(0.9)

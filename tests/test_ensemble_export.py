@@ -181,7 +181,9 @@ def test_bad_export_inputs_raise_before_writing(trained_student, tmp_path):
     with pytest.raises(ValueError, match="keras.Model"):
         export.export_student(lambda x: x, tmp_path / "a")
     with pytest.raises(ValueError, match="representative_data"):
-        export.export_student(student, tmp_path / "b", test_data=test)
+        export.export_student(
+            student, tmp_path / "b", formats=("tflite_int8",), test_data=test
+        )
     with pytest.raises(ValueError, match="formats"):
         export.export_student(
             student, tmp_path / "c", formats=("onnx",), test_data=test
@@ -205,11 +207,12 @@ def test_the_members_stay_as_they_were(members, tiny_mlp, tiny_data):
 @exports
 def test_float_formats_need_no_data(trained_student, tmp_path):
     student, _, _ = trained_student
-    report = export.export_student(
-        student, tmp_path, formats=("tflite",), latency_repeats=1
-    )
+    # The default formats, without data: all but int8.
+    report = export.export_student(student, tmp_path, latency_repeats=1)
     assert report["keras"]["compared_on"].startswith("300 random")
     assert report["tflite"]["max_abs_diff"] <= 1e-4
+    assert {"saved_model", "tflite", "tflite_dynamic"} <= set(report)
+    assert "tflite_int8" not in report
 
 
 @exports

@@ -56,18 +56,6 @@ def test_train_uses_a_copy_of_the_optimizer_it_is_given(tiny_mlp, tiny_data):
     assert float(model.optimizer.learning_rate.numpy()) == 0.5
 
 
-class Interrupt(keras.callbacks.Callback):
-    """Stops the run after `epoch` epochs, as a killed process would."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.epoch:
-            raise KeyboardInterrupt
-
-
 @pytest.fixture(scope="session")
 def epochs_run(tiny_mlp):
     def epochs_run(backup_dir, tiny_data, learning_rate, callbacks=()):
@@ -90,14 +78,16 @@ def epochs_run(tiny_mlp):
     return epochs_run
 
 
-def test_a_backup_resumes_only_the_run_that_made_it(epochs_run, tiny_data, tmp_path):
+def test_a_backup_resumes_only_the_run_that_made_it(
+    epochs_run, interrupt, tiny_data, tmp_path
+):
     backup = tmp_path / "backup"
     with pytest.raises(KeyboardInterrupt):
-        epochs_run(backup, tiny_data, 1e-3, [Interrupt(2)])
+        epochs_run(backup, tiny_data, 1e-3, [interrupt(2)])
     # Interrupted after epoch 2, backed up after epoch 1: resumed there.
     assert epochs_run(backup, tiny_data, 1e-3) == [1, 2]
     with pytest.raises(KeyboardInterrupt):
-        epochs_run(backup, tiny_data, 1e-3, [Interrupt(2)])
+        epochs_run(backup, tiny_data, 1e-3, [interrupt(2)])
     assert epochs_run(backup, tiny_data, 1e-2) == [0, 1, 2]  # Other settings.
 
 
@@ -180,7 +170,7 @@ def test_a_backup_folder_with_other_files_is_refused(epochs_run, tiny_data, tmp_
     assert (folder / "notes.txt").read_text() == "keep me"
 
 
-def test_a_resumed_epoch_switch_stays_off(tiny_mlp, tiny_data, tmp_path):
+def test_a_resumed_epoch_switch_stays_off(interrupt, tiny_mlp, tiny_data, tmp_path):
     from kd_keras.callbacks import StudentEarlyStop
 
     def run(*extra):
@@ -196,11 +186,12 @@ def test_a_resumed_epoch_switch_stays_off(tiny_mlp, tiny_data, tmp_path):
         )
         return stop, distiller, history
 
-    # Killed during epoch 2, after the switch, before its backup.
+    # Killed at the end of epoch 3 (from 0), before its backup: the rerun
+    # resumes after the switch at epoch 2, which the callback must recall.
     with pytest.raises(KeyboardInterrupt):
-        run(Interrupt(3))
+        run(interrupt(4))
     stop, distiller, history = run()
-    assert history.history["distillation_weight"] == [0.0, 0.0]
+    assert history.history["distillation_weight"] == [0.0]
     assert stop.switch_epoch == 2
     assert float(distiller.distillation_weight.numpy()) == pytest.approx(0.9)
 
@@ -220,3 +211,63 @@ def test_a_trained_teacher_is_shared_whatever_the_distillation_settings(
         tiny_mlp(seed=1), tiny_data, settings=store.Settings(epochs=2)
     )
     assert not entry["reused"]
+    # Another seed is another run, as in a seed study.
+    _, entry = models.train(
+        tiny_mlp(seed=1), tiny_data, settings=store.Settings(epochs=1, seed=7)
+    )
+    assert not entry["reused"]
+
+
+def test_a_model_rebuilt_unseeded_resumes_its_backup(
+    interrupt, tiny_mlp, tiny_data, tmp_path
+):
+    # As a chain step rebuilt in a new process: same architecture, other
+    # initial weights. The backup replaces the weights, so the run resumes.
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: seen.append(epoch)
+    )
+
+    def run(*extra):
+        training.train(
+            tiny_mlp(seed=None),
+            tiny_data,
+            epochs=3,
+            callbacks=[record, *extra],
+            backup_dir=tmp_path / "backup",
+            verbose=0,
+        )
+
+    with pytest.raises(KeyboardInterrupt):
+        run(interrupt(2))
+    seen.clear()
+    run()
+    assert seen == [1, 2]
+
+
+def test_changing_the_early_stop_starts_a_distillation_afresh(
+    interrupt, tiny_mlp, tiny_data, tmp_path
+):
+    from kd_keras.callbacks import StudentEarlyStop
+
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: seen.append(epoch)
+    )
+
+    def run(switch, *extra):
+        training.distill(
+            tiny_mlp(32, seed=1),
+            tiny_mlp(8, seed=2),
+            tiny_data,
+            epochs=3,
+            callbacks=[StudentEarlyStop(epoch=switch), record, *extra],
+            backup_dir=tmp_path / "backup",
+            verbose=0,
+        )
+
+    with pytest.raises(KeyboardInterrupt):
+        run(1, interrupt(2))
+    seen.clear()
+    run(2)
+    assert seen == [0, 1, 2]

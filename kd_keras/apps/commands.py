@@ -71,7 +71,7 @@ def _callbacks(args, name=""):
 def _settings(args, epochs=None):
     from kd_keras import store
 
-    return store.Settings(
+    settings = store.Settings(
         epochs=epochs or args.epochs,
         optimizer=args.optimizer,
         learning_rate=args.learning_rate,
@@ -79,6 +79,8 @@ def _settings(args, epochs=None):
         distillation_weight=getattr(args, "distillation_weight", 0.9),
         seed=args.seed,
     )
+    settings.check()  # Before any training.
+    return settings
 
 
 def _steps(args, name):
@@ -116,23 +118,10 @@ def _ladder_teacher(args, size, train_data, val):
 
 
 def _report(model, test, path):
-    from kd_keras import training
+    from kd_keras.apps.demo import test_row
 
-    errors, examples = training.test_errors(model, test)
-    print(
-        text_table(
-            [
-                {
-                    "model": str(path),
-                    "params": model.count_params(),
-                    "test_errors": errors,
-                    "test_examples": examples,
-                    "error_percent": 100.0 * errors / examples,
-                }
-            ],
-            ["model", "params", "test_errors", "test_examples", "error_percent"],
-        )
-    )
+    row = test_row(str(path), model, test)
+    print(text_table([row], list(row)))
 
 
 # Commands.
@@ -270,14 +259,13 @@ def chain(args):
 
     if len(args.sizes) < 2:
         raise ValueError("Expected at least two --sizes: teacher and student.")
+    steps = _steps(args, "chain")  # Checked before the teacher trains.
     train_data, val, test = _splits(args)
     teacher = _ladder_teacher(args, args.sizes[0], train_data, val)
     ladder = [teacher] + [
         _model(args, f"{args.family}_{size}", size) for size in args.sizes[1:]
     ]
-    student, report = assistants.distill_chain(
-        ladder, train_data, val, **_steps(args, "chain")
-    )
+    student, report = assistants.distill_chain(ladder, train_data, val, **steps)
     print(
         text_table(
             report,
@@ -307,6 +295,11 @@ def paths(args):
     from kd_keras import assistants
     from kd_keras.apps import plots
 
+    if len(set(args.candidates)) != len(args.candidates):
+        raise ValueError(
+            f"--candidates: each size once. Received: {list(args.candidates)}"
+        )
+    steps = _steps(args, "paths")  # Checked before the teacher trains.
     train_data, val, test = _splits(args)
     teacher = _ladder_teacher(args, args.teacher_size, train_data, val)
     candidates = {
@@ -320,7 +313,7 @@ def paths(args):
         train_data,
         val,
         test_data=test,
-        **_steps(args, "paths"),
+        **steps,
     )
     print(
         text_table(

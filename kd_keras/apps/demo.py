@@ -90,8 +90,8 @@ def _timed(function, *args, **kwargs):
     return watch.seconds, result
 
 
-def _row(name, model, test, epochs, seconds):
-    """One line of the demo's table: the model's test errors and cost."""
+def test_row(name, model, test):
+    """A model's size and test errors, as a row of a table."""
     errors, examples = training.test_errors(model, test)
     return {
         "model": name,
@@ -99,9 +99,12 @@ def _row(name, model, test, epochs, seconds):
         "test_errors": errors,
         "test_examples": examples,
         "error_percent": 100.0 * errors / examples,
-        "epochs": epochs,
-        "seconds": seconds,
     }
+
+
+def _row(name, model, test, epochs, seconds):
+    """One line of the demo's table: the model's test errors and cost."""
+    return dict(test_row(name, model, test), epochs=epochs, seconds=seconds)
 
 
 def _save(workdir, trained, histories):

@@ -16,6 +16,7 @@ import numpy as np
 
 from kd_keras import data
 from kd_keras import models
+from kd_keras import store
 from kd_keras import training
 from kd_keras.apps import plots
 from kd_keras.apps.tables import markdown_table
@@ -482,9 +483,7 @@ def hinton_mnist(
         "paper": PAPER,
         **summary,
     }
-    (output_dir / f"{name}.json").write_text(
-        json.dumps(result, indent=2, default=float) + "\n"
-    )
+    store.write_json(output_dir / f"{name}.json", result)
     result["table"] = table
     return result
 
@@ -510,7 +509,7 @@ def _run_seeds(progress, settings, data_dir, splits, verbose):
     """Runs the seeds not yet in `progress` (a JSON file that keeps each
     finished seed, so that an interrupted run resumes after it); returns
     the runs and the minutes they took."""
-    saved = json.loads(progress.read_text()) if progress.is_file() else {}
+    saved = store.read_json(progress, {})
     same = {k: v for k, v in settings.items() if k != "seeds"}
     same["data_dir"] = None if data_dir is None else str(data_dir)
     if saved.get("settings") != json.loads(json.dumps(same)):
@@ -521,7 +520,7 @@ def _run_seeds(progress, settings, data_dir, splits, verbose):
         start = time.perf_counter()
         runs.append(_Run(seed, settings, splits, verbose).run())
         saved["minutes"] += (time.perf_counter() - start) / 60
-        progress.write_text(json.dumps(saved, default=float) + "\n")
+        store.write_json(progress, saved)
     return runs[: settings["seeds"]], saved["minutes"]
 
 
