@@ -51,6 +51,33 @@ def num_classes(model):
     return shape[-1] if shape else None
 
 
+def input_shapes(model):
+    """The shapes of a model's inputs, or None where unknown (subclassed)."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    return [tuple(t.shape) for t in inputs] if inputs else None
+
+
+def check_same_inputs(teacher, student):
+    """Raises if the teacher and the student take inputs of other shapes:
+    both read the same batches."""
+    shapes = input_shapes(teacher), input_shapes(student)
+    if None in shapes:
+        return
+    if len(shapes[0]) == len(shapes[1]) and all(
+        _compatible(a, b) for a, b in zip(*shapes, strict=True)
+    ):
+        return
+    teacher_shape, student_shape = (s[0] if len(s) == 1 else s for s in shapes)
+    raise ValueError(
+        f"The teacher `{teacher.name}` takes inputs of shape {teacher_shape} "
+        f"and the student `{student.name}` {student_shape}, but both read the "
+        "same batches. Build them for the same input shape."
+    )
+
+
 def _layer_activation_name(layer):
     if isinstance(layer, keras.layers.Softmax):
         return "softmax"
@@ -94,18 +121,25 @@ def check_emits_logits(model, role):
 PEEK_ROWS = 8
 
 
-def peek_batch(x, y):
+def peek_batch(x, y, what="training data"):
     """Returns the first (inputs, labels) of fit's data as NumPy, or None.
 
     Reads tf.data pipelines (unless they hold a `.cache()`), `PyDataset`s and
-    arrays or tensors of any backend; other inputs (generators) are not
-    peeked at, since reading them would consume a batch.
+    arrays or tensors of any backend (whole); other inputs (generators) are
+    not peeked at, since reading them would consume a batch. Raises if the
+    data holds no examples.
     """
     if _backend.is_tf_dataset(x) or isinstance(x, keras.utils.PyDataset):
         if _datasets.has_cache(x):
             return None
         batch = next(_datasets.numpy_batches(x), None)
-        return None if batch is None else batch[:2]
+        if batch is None:
+            raise ValueError(
+                f"The {what} is empty: it yields no batches. Check the split, "
+                "the class filter or the `take`/`filter` that made it."
+            )
+        check_not_empty(batch[0], what)
+        return batch[:2]
     leaves = keras.tree.flatten(x) if x is not None else []
     if not leaves or not all(
         isinstance(a, np.ndarray) or ops.is_tensor(a) for a in leaves
@@ -113,8 +147,74 @@ def peek_batch(x, y):
         return None
     if y is not None and not (isinstance(y, (np.ndarray, list)) or ops.is_tensor(y)):
         return None
-    return keras.tree.map_structure(
+    batch = keras.tree.map_structure(
         lambda t: None if t is None else np.asarray(ops.convert_to_numpy(t)), (x, y)
+    )
+    check_not_empty(batch[0], what)
+    return batch
+
+
+def check_not_empty(inputs, what):
+    """Raises if the inputs hold no examples."""
+    leaves = keras.tree.flatten(inputs)
+    if leaves and any(np.ndim(a) and len(a) == 0 for a in leaves):
+        shapes = [np.shape(a) for a in leaves]
+        raise ValueError(
+            f"The {what} holds no examples (inputs of shape "
+            f"{shapes[0] if len(shapes) == 1 else shapes}). Check the split, "
+            "the class filter or the slicing that made it."
+        )
+
+
+def check_finite(array, what):
+    """Raises if a float array holds NaN or infinite values."""
+    array = np.asarray(array)
+    if not np.issubdtype(array.dtype, np.inexact):
+        return
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = np.unravel_index(np.argmax(bad), array.shape)
+        row = f"the first in row {first[0]}" if array.ndim else "the value"
+        raise ValueError(
+            f"The {what} hold NaN or infinite values ({int(bad.sum())} of "
+            f"{array.size}; {row} is {array[first]}). Training on them turns "
+            "the weights into NaN. Drop those examples, or replace the values "
+            "(e.g. `np.nan_to_num`), before training."
+        )
+
+
+def check_batched(inputs, model, role, what):
+    """Raises if the inputs do not fit the model's inputs: an unbatched
+    dataset, or examples of another shape. Models without known input
+    shapes (subclassed) are not checked."""
+    try:
+        expected = [tuple(t.shape) for t in model.inputs or ()]
+    except (AttributeError, ValueError):
+        return
+    leaves = keras.tree.flatten(inputs)
+    if len(expected) != len(leaves):
+        return
+    for shape, leaf in zip(expected, leaves, strict=True):
+        given = np.shape(leaf)
+        if _compatible(given, shape[1:]):
+            raise ValueError(
+                f"The {what} is not batched: its examples have shape {given}, "
+                f"while the {role} `{model.name}` takes batches of shape "
+                f"{batch_shape(shape[1:])}. Call `.batch(batch_size)` on the "
+                "dataset."
+            )
+        if not _compatible(given[1:], shape[1:]):
+            raise ValueError(
+                f"The {what} has inputs of shape {given}, but the {role} "
+                f"`{model.name}` takes {batch_shape(shape[1:])}. Give inputs "
+                "of that shape, or a model built for these."
+            )
+
+
+def _compatible(a, b):
+    """True if two shapes agree wherever both are known."""
+    return len(a) == len(b) and all(
+        x is None or y is None or x == y for x, y in zip(a, b, strict=True)
     )
 
 
@@ -144,6 +244,18 @@ def check_labels(labels, logits_shape):
     logit takes binary labels in [0, 1].
     """
     labels = np.asarray(labels)
+    if labels.dtype.kind in "US" or (
+        labels.dtype.kind == "O"
+        and labels.size
+        and isinstance(labels.flat[0], (str, bytes))
+    ):
+        raise ValueError(
+            f"The labels are strings, such as {str(labels.flat[0])!r}, but "
+            "training needs integer class ids. Map "
+            "them to ids first, e.g. `ids = np.unique(labels, "
+            "return_inverse=True)[1]` or `keras.layers.StringLookup`."
+        )
+    check_finite(labels, "labels")
     classes, rank = logits_shape[-1], len(logits_shape)
     positions = tuple(logits_shape[1:-1])
     ids_shape = batch_shape(positions)
@@ -169,6 +281,14 @@ def check_labels(labels, logits_shape):
         )
     if ids is None or ids.size == 0 or not np.issubdtype(ids.dtype, np.number):
         return
+    fractional = ids != np.round(ids)
+    if fractional.any():
+        raise ValueError(
+            "Expected class ids, which are whole numbers, but the labels hold "
+            f"fractions such as {ids[fractional].flat[0]:g}, which training "
+            "would truncate. Give integer class ids, or one-hot (or soft) "
+            "labels with a class axis."
+        )
     low, high = ids.min(), ids.max()
     if classes == 1:
         if low < 0 or high > 1:

@@ -50,6 +50,23 @@ def read_json(path, default=None):
     return json.loads(path.read_text()) if path.is_file() else default
 
 
+def make_folder(path, argument):
+    """Creates the folder `path` (given as `argument`), or raises, naming
+    the file that stands where it or one of its parents should be."""
+    path = pathlib.Path(path)
+    blocking = next(
+        (p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None
+    )
+    if blocking is not None:
+        where = "is" if blocking == path else f"lies under {str(blocking)!r}, which is"
+        raise ValueError(
+            f"`{argument}` {str(path)!r} {where} a file, not a folder. Pass "
+            "a folder path (new or existing)."
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def start_or_resume(folder, stamp):
     """Prepares `folder` for a run described by `stamp` (a JSON-able dict).
 

@@ -44,6 +44,7 @@ def _check_chain(models):
             + "."
         )
     for bigger, smaller in zip(models, models[1:], strict=False):
+        _checks.check_same_inputs(bigger, smaller)
         if smaller.count_params() > bigger.count_params():
             logging.warning(
                 "`%s` (%s parameters) is larger than its teacher `%s` (%s). "
@@ -255,9 +256,18 @@ def search_paths(
     Returns:
         A `PathSearchResult`.
     """
+    if not isinstance(candidates, dict):
+        raise ValueError(
+            "Expected `candidates` as a dict {name: builder}, largest first, "
+            "such as {'8': lambda: plain_cnn(8)}. Received: candidates="
+            f"{candidates!r}"
+        )
+    if not candidates:
+        logging.warning(
+            "search_paths got no candidates, so it trains the direct path "
+            "teacher → student only."
+        )
     names = list(candidates)
-    if len(set(names)) != len(names):
-        raise ValueError(f"Candidate names must be unique. Received: {names}")
     new_student = _SameStart(student, "student")
     _check_chain([teacher, new_student()])
     builders = {name: _SameStart(candidates[name], name) for name in names}
@@ -354,10 +364,13 @@ def suggest_assistant(
     ...                   teacher_accuracy=0.80, student_accuracy=0.70)["assistant"]
     '6'
     """
-    if not candidates:
-        raise ValueError("Expected at least one candidate assistant.")
-    values = list(candidates.values())
-    known = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values)
+    known = _check_candidates(candidates)
+    for name, value in (
+        ("teacher_accuracy", teacher_accuracy),
+        ("student_accuracy", student_accuracy),
+    ):
+        if value is not None:
+            _check_accuracy(value, name)
     if not known and (train_data is None or val_data is None):
         raise ValueError(
             "To estimate the candidates' accuracies, pass `train_data` and "
@@ -404,3 +417,40 @@ def suggest_assistant(
         "teacher_accuracy": teacher_accuracy,
         "student_accuracy": student_accuracy,
     }
+
+
+def _is_accuracy(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_accuracy(value, name):
+    if not _is_accuracy(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"Expected accuracies as fractions in [0, 1]. Received: "
+            f"{name}={value!r}. Divide percentages by 100."
+        )
+
+
+def _check_candidates(candidates):
+    """Returns True for known accuracies, False for builders to estimate."""
+    if not isinstance(candidates, dict) or not candidates:
+        raise ValueError(
+            "Expected `candidates` as a non-empty dict, {name: accuracy} or "
+            f"{{name: builder}}. Received: candidates={candidates!r}"
+        )
+    known = [_is_accuracy(v) for v in candidates.values()]
+    for (name, value), is_accuracy in zip(candidates.items(), known, strict=True):
+        if is_accuracy:
+            _check_accuracy(value, f"candidates[{name!r}]")
+        elif not callable(value):
+            raise ValueError(
+                "Expected each candidate to be an accuracy in [0, 1] or a "
+                "builder of a model. Received: "
+                f"candidates[{name!r}]={value!r} ({type(value).__name__})."
+            )
+    if any(known) and not all(known):
+        raise ValueError(
+            "Expected `candidates` to hold either accuracies or builders, not "
+            f"both. Received: {candidates!r}"
+        )
+    return all(known)

@@ -12,9 +12,14 @@ import keras
 
 from kd_keras import _backend
 from kd_keras import _io
+from kd_keras import losses
 from kd_keras.distiller import Distiller
 
-PARAMETERS = ("temperature", "distillation_weight")
+_CHECKS = {
+    "temperature": losses.check_temperature,
+    "distillation_weight": losses.check_distillation_weight,
+}
+PARAMETERS = tuple(_CHECKS)
 
 
 def _check_distiller(model, callback):
@@ -178,6 +183,13 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
             logs["distillation_active"] = float(active)
         if not (active and self._watch):
             return
+        if logs is not None and self.monitor not in logs:
+            raise ValueError(
+                f"StudentEarlyStop watches monitor={self.monitor!r}, which is "
+                "not logged, so the switch would never happen. Logged: "
+                f"{sorted(logs)}. Pass one of those (validation metrics need "
+                "`validation_data`)."
+            )
         already_stopping = self.model.stop_training
         super().on_epoch_end(epoch, logs)
         if self.model.stop_training and not already_stopping:
@@ -227,6 +239,12 @@ class TeacherSnapshots(keras.callbacks.ModelCheckpoint):
     MANIFEST = "manifest.json"
 
     def __init__(self, directory, epochs=None, every=None, verbose=0):
+        if isinstance(epochs, numbers.Real):
+            raise ValueError(
+                "Expected `epochs` as a list of epochs to save. Received: "
+                f"epochs={epochs!r}. Pass epochs=[{epochs}] to save that epoch "
+                f"only, or every={epochs} to save every {epochs} epochs."
+            )
         epochs = sorted(set(epochs or ()))
         if not epochs and not every:
             raise ValueError(
@@ -249,6 +267,14 @@ class TeacherSnapshots(keras.callbacks.ModelCheckpoint):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self._fresh = True
+        planned = (self.params or {}).get("epochs")
+        late = [e for e in self.epochs if planned is not None and e > planned]
+        if late:
+            raise ValueError(
+                f"TeacherSnapshots would save epochs {late}, but `fit` runs "
+                f"{planned} epochs, so they would never be saved. Pass "
+                f"epochs up to {planned}, or fit for {max(late)} epochs."
+            )
 
     def on_epoch_begin(self, epoch, logs=None):
         super().on_epoch_begin(epoch, logs)
@@ -356,11 +382,30 @@ class ParameterSchedule(keras.callbacks.Callback):
     def _current(self):
         return _backend.concrete_scalar(getattr(self.model, self.parameter))
 
+    def on_train_begin(self, logs=None):
+        # A schedule of the epoch alone is checked for every epoch now,
+        # before any training.
+        planned = (self.params or {}).get("epochs")
+        if not self._takes_current and planned:
+            for epoch in range(planned):
+                self._check(epoch, self.schedule(epoch))
+
+    def _check(self, epoch, value):
+        try:
+            losses.check_scalar(value, _CHECKS[self.parameter], self.parameter)
+        except ValueError as error:
+            raise ValueError(
+                f"ParameterSchedule: the schedule returned {value!r} for "
+                f"epoch {epoch}, which is not a valid {self.parameter}. "
+                f"{error}"
+            ) from None
+
     def on_epoch_begin(self, epoch, logs=None):
         if self._takes_current:
             value = self.schedule(epoch, self._current())
         else:
             value = self.schedule(epoch)
+        self._check(epoch, value)
         setattr(self.model, self.parameter, value)
         logging.info(
             "ParameterSchedule: %s = %g at epoch %d.",

@@ -13,7 +13,9 @@ import os
 import pathlib
 import re
 import tempfile
+import zlib
 
+from absl import logging
 import keras
 import numpy as np
 
@@ -47,10 +49,21 @@ def _open(path):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
+def _read(file, size, path):
+    """`file.read(size)`, with gzip's errors on a damaged file as one that
+    names the file."""
+    try:
+        return file.read(size)
+    except (EOFError, OSError, zlib.error) as error:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({error}). Download it again."
+        ) from None
+
+
 def read_idx_header(path):
     """Returns `(dtype, shape)` from an IDX(.gz) file's header."""
     with _open(path) as f:
-        head = f.read(4)
+        head = _read(f, 4, path)
         if len(head) != 4 or head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES:
             raise ValueError(
                 f"{path} is not an IDX file: its first bytes are {head!r}, "
@@ -58,7 +71,7 @@ def read_idx_header(path):
                 "train-images-idx3-ubyte(.gz) and the like."
             )
         rank = head[3]
-        dims = f.read(4 * rank)
+        dims = _read(f, 4 * rank, path)
         if len(dims) != 4 * rank:
             raise ValueError(f"{path} ends inside its IDX header.")
         shape = tuple(
@@ -71,8 +84,8 @@ def read_idx(path):
     """Reads an IDX(.gz) file into a NumPy array."""
     dtype, shape = read_idx_header(path)
     with _open(path) as f:
-        f.read(4 + 4 * len(shape))
-        buffer = f.read()
+        _read(f, 4 + 4 * len(shape), path)
+        buffer = _read(f, -1, path)
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(buffer) != expected:
         raise ValueError(
@@ -117,8 +130,9 @@ def _check_mnist_files(files):
     """Checks headers; returns the number of examples per split."""
     counts = {}
     for split in ("train", "test"):
-        _, image_shape = read_idx_header(files[split + "_data"])
-        _, label_shape = read_idx_header(files[split + "_labels"])
+        # Read whole, so that a truncated file fails here, not inside tfds.
+        image_shape = read_idx(files[split + "_data"]).shape
+        label_shape = read_idx(files[split + "_labels"]).shape
         if len(image_shape) != 3 or image_shape[1:] != (28, 28):
             raise ValueError(
                 f"{files[split + '_data']} holds arrays of shape "
@@ -357,7 +371,15 @@ def pipeline(
         "`pipeline` and `load` (tf.data; without TensorFlow, use "
         "`read_mnist` and `ArrayBatches`)"
     )
+    for value, name in ((batch_size, "batch_size"), (limit, "limit")):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(
+                f"Expected `{name}` to be an integer >= 1. Received: {name}={value!r}"
+            )
     if isinstance(examples, tuple):
+        _check_classes_left(np.asarray(examples[1]), keep_classes, drop_classes)
         examples = tf.data.Dataset.from_tensor_slices(examples)
     if keep_classes is not None or drop_classes:
         examples = filter_classes(examples, keep=keep_classes, drop=drop_classes)
@@ -371,6 +393,33 @@ def pipeline(
     if max_shift:
         batches = jitter(batches, max_shift, seed=seed)
     return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def _check_classes_left(labels, keep, drop):
+    """Raises if the class filter leaves no examples; warns about kept
+    classes that do not occur."""
+    if keep is None and not drop:
+        return
+    present = set(np.unique(labels).tolist())
+    left = present if keep is None else present & {int(c) for c in keep}
+    left -= {int(c) for c in drop or ()}
+    arguments = ", ".join(
+        f"{name}={list(value)}"
+        for name, value in (("keep_classes", keep), ("drop_classes", drop))
+        if value is not None
+    )
+    if not left:
+        raise ValueError(
+            f"The class filter {arguments} leaves no examples: the labels "
+            f"hold the classes {sorted(present)}. Keep some of those."
+        )
+    missing = sorted({int(c) for c in keep or ()} - present)
+    if missing:
+        logging.warning(
+            "keep_classes: the classes %s do not occur in these labels (%s).",
+            missing,
+            sorted(present),
+        )
 
 
 @contextlib.contextmanager
@@ -461,6 +510,12 @@ def load(
     )
     if name == SAMPLE_NAME:
         examples = _sample_split(split)
+        if not len(examples[0]):
+            raise ValueError(
+                f"The split {split!r} of {SAMPLE_NAME!r} holds no examples "
+                f"(the sample has {len(sample()[0][0])} training and "
+                f"{len(sample()[1][0])} test examples)."
+            )
     else:
         import tensorflow_datasets as tfds
 

@@ -185,6 +185,7 @@ class Distiller(keras.Model):
         check_distillation_weight(distillation_weight)
         _checks.check_emits_logits(teacher, "teacher")
         _checks.check_emits_logits(student, "student")
+        _checks.check_same_inputs(teacher, student)
         teacher_shape = _checks.output_shape(teacher)
         student_shape = _checks.output_shape(student)
         if teacher_shape and student_shape:
@@ -479,9 +480,13 @@ class Distiller(keras.Model):
         inputs, cached = split_cached(x)
         regularization = self._regularization()
         teacher_logits = ops.stop_gradient(self._teacher_logits(inputs, cached, y_pred))
-        return self._total_loss(
+        total = self._total_loss(
             y, y_pred, teacher_logits, sample_weight, regularization
         )
+        # A NaN input can vanish in the forward pass (ReLU maps NaN to 0)
+        # while its gradient turns the weights into NaN: the loss reads NaN
+        # then too, so that `fit` stops (see `_StopOnNonFinite`).
+        return ops.where(_all_finite(inputs), total, ops.full_like(total, np.nan))
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if y is None:  # Unlabeled data: label metrics cannot be computed.
@@ -551,12 +556,17 @@ class Distiller(keras.Model):
         self._check_first_batch(x, y)
         if validation_data is not None:
             if isinstance(validation_data, tuple):
-                self._check_first_batch(*validation_data[:2])
+                self._check_first_batch(*validation_data[:2], "validation data")
             else:
-                self._check_first_batch(validation_data, None)
+                self._check_first_batch(validation_data, None, "validation data")
         if callbacks is None or isinstance(callbacks, (list, tuple)):
-            # First, so that it logs the values the epoch trained with.
-            callbacks = [_hyperparameters.LogHyperparameters(), *(callbacks or ())]
+            # First, so that it logs the values the epoch trained with, and
+            # stops on a non-finite loss before another callback saves.
+            callbacks = [
+                _hyperparameters.LogHyperparameters(),
+                _StopOnNonFinite(),
+                *(callbacks or ()),
+            ]
         return super().fit(
             x,
             y,
@@ -576,12 +586,15 @@ class Distiller(keras.Model):
             self._check_first_batch(x, y)
         return super().evaluate(x, y, *args, **kwargs)
 
-    def _check_first_batch(self, x, y):
-        batch = _checks.peek_batch(x, y)
+    def _check_first_batch(self, x, y, what="training data"):
+        batch = _checks.peek_batch(x, y, what)
         if batch is None:
             return
         inputs, labels = batch
         inputs, cached = split_cached(inputs)
+        for leaf in keras.tree.flatten(inputs):
+            _checks.check_finite(leaf, f"inputs of the {what}")
+        _checks.check_batched(inputs, self.student, "student", what)
         weight = _backend.concrete_scalar(self._distillation_weight)
         if labels is None and weight < 1.0:
             raise ValueError(
@@ -591,15 +604,16 @@ class Distiller(keras.Model):
                 "transfer set."
             )
         rows = keras.tree.map_structure(lambda a: a[: _checks.PEEK_ROWS], inputs)
-        student_logits = ops.convert_to_numpy(self.student(rows))
+        student_logits = _first_logits(self.student, "student", rows, what)
         _checks.check_not_probabilities(student_logits, "student", self.student.name)
         if cached is not None:
             teacher_logits = np.asarray(cached[: _checks.PEEK_ROWS])
+            _checks.check_finite(cached, f"cached teacher logits of the {what}")
         elif _checks.output_layers(self.teacher) or not weight:
             # Checked at construction, or not run at all.
             teacher_logits = None
         else:
-            teacher_logits = ops.convert_to_numpy(self.teacher(rows))
+            teacher_logits = _first_logits(self.teacher, "teacher", rows, what)
             _checks.check_not_probabilities(
                 teacher_logits, "teacher", self.teacher.name
             )
@@ -607,8 +621,41 @@ class Distiller(keras.Model):
             check_same_shape(
                 teacher_logits.shape[1:], student_logits.shape[1:], " per example"
             )
-        if labels is not None and self._student_loss is None:
+        if labels is None:
+            return
+        if self._student_loss is None:
             _checks.check_labels(labels, student_logits.shape)
+        else:
+            _checks.check_finite(labels, f"labels of the {what}")
+            self._check_student_loss_on(labels[: _checks.PEEK_ROWS], student_logits)
+
+    def _check_student_loss_on(self, labels, student_logits):
+        """Runs the user's label loss on the first rows, so that labels it
+        cannot take fail here, with a message, rather than in the step."""
+        loss = self._student_loss
+        given = self._student_loss_arg
+        name = given if isinstance(given, str) else getattr(given, "__name__", None)
+        name = name or type(given).__name__
+        if (
+            isinstance(loss, _CATEGORICAL_LOSSES)
+            and student_logits.shape[-1] > 1
+            and np.ndim(labels) < student_logits.ndim
+        ):
+            raise ValueError(
+                f"`student_loss` {name} takes one-hot labels of shape "
+                f"{_checks.batch_shape(student_logits.shape[1:])}, but the "
+                f"labels are class ids of shape {np.shape(labels)}. Pass "
+                "`keras.losses.SparseCategoricalCrossentropy(from_logits=True)`"
+                ", or one-hot labels (`keras.utils.to_categorical`)."
+            )
+        try:
+            loss(labels, student_logits)
+        except Exception as error:  # Anything the loss raises, with context.
+            raise ValueError(
+                f"`student_loss` {name} fails on the first batch, with labels "
+                f"of shape {np.shape(labels)} and student logits of shape "
+                f"{student_logits.shape}: {error}"
+            ) from error
 
     # Serialisation.
 
@@ -637,6 +684,73 @@ class Distiller(keras.Model):
                     config[key], custom_objects=custom_objects
                 )
         return cls(**config)
+
+
+def _all_finite(inputs):
+    """A scalar tensor: True unless a float input holds NaN or inf."""
+    checks = [
+        ops.all(ops.isfinite(leaf))
+        for leaf in keras.tree.flatten(inputs)
+        if "float" in str(getattr(leaf, "dtype", ""))
+    ]
+    if not checks:
+        return ops.convert_to_tensor(True)
+    return ops.all(ops.stack(checks))
+
+
+class _StopOnNonFinite(keras.callbacks.Callback):
+    """Stops `Distiller.fit` at the first non-finite loss, or at the end of
+    an epoch that left the student with non-finite weights, with an error
+    that says where; the student gets back the weights it had at the start
+    of that epoch, the last ones known finite. Keras' `TerminateOnNaN`,
+    with the weights kept."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._weights = self.model.student.get_weights()
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss):
+            self._stop(f"the loss is {loss} at batch {batch + 1}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not all(np.isfinite(w).all() for w in self.model.student.get_weights()):
+            self._stop("the student's weights are no longer finite")
+
+    def _stop(self, what):
+        # On JAX, the step's state is never written back to the variables.
+        self.model._jax_state_synced = True
+        self.model.student.set_weights(self._weights)
+        raise FloatingPointError(
+            f"Training stopped: {what} of epoch {self._epoch + 1} (counted "
+            "from 1, as Keras prints them). The student has the weights it "
+            "had at the start of that epoch, the last ones known finite; the "
+            "optimizer's state may not be, so compile again before training "
+            "on. Look for NaN or infinite inputs, labels or teacher logits "
+            "in that batch, or lower the learning rate."
+        )
+
+
+_CATEGORICAL_LOSSES = (
+    keras.losses.CategoricalCrossentropy,
+    keras.losses.CategoricalFocalCrossentropy,
+    keras.losses.CategoricalHinge,
+    keras.losses.KLDivergence,
+)
+
+
+def _first_logits(model, role, rows, what):
+    """The model's logits on the first rows of the data, as NumPy; raises,
+    naming the model and the data, if the model cannot take them."""
+    try:
+        return ops.convert_to_numpy(model(rows))
+    except Exception as error:  # Whatever the model raises, with context.
+        shapes = keras.tree.map_structure(np.shape, rows)
+        raise ValueError(
+            f"The {role} `{model.name}` fails on the first batch of the {what} "
+            f"(inputs of shape {shapes}): {error}"
+        ) from error
 
 
 def _serialize_model(model):

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from kd_keras import _backend
+from kd_keras import _checks
 from kd_keras import _datasets
 from kd_keras import _io
 from kd_keras.distiller import Distiller
@@ -230,9 +231,11 @@ def export_student(
     model = _as_model(model)
     formats = _check_formats(formats, representative_data)
     representative, _ = _arrays(representative_data, calibration_examples)
+    if representative is not None:
+        _checks.check_batched(representative, model, "model", "representative_data")
     x_test, y_test, compared_on = _comparison_data(model, test_data, representative)
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    _checks.check_batched(x_test, model, "model", "test_data")
+    directory = _io.make_folder(directory, "directory")
     expected = _in_batches(
         lambda x: np.asarray(model.predict_on_batch(x), "float32"), x_test
     )

@@ -126,6 +126,14 @@ def _per_row(shape):
     return None if None in dims else math.prod(dims)
 
 
+def _rows(shape):
+    """The batch size of a static shape, or None if unknown."""
+    try:
+        return tuple(shape)[0] if len(shape) else None
+    except (TypeError, ValueError):  # A TensorFlow shape of unknown rank.
+        return None
+
+
 def _weights_like(sample_weight, values):
     """`sample_weight` as a new array of the values' shape.
 
@@ -138,9 +146,11 @@ def _weights_like(sample_weight, values):
     sample_weight = _as_float32(sample_weight)
     weights_per_row = _per_row(sample_weight.shape)
     positions = _per_row(values.shape)
-    if None not in (weights_per_row, positions) and (
-        weights_per_row not in (1, positions)
-    ):
+    rows = [_rows(sample_weight.shape), _rows(values.shape)]
+    if (
+        None not in (weights_per_row, positions)
+        and (weights_per_row not in (1, positions))
+    ) or (None not in rows and rows[0] != rows[1]):
         raise ValueError(
             f"Expected `sample_weight` of shape {tuple(values.shape[:1])} "
             f"(one weight per example) or {tuple(values.shape)} (one per "

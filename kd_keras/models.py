@@ -1,5 +1,7 @@
 """The model families of the papers, all emitting logits."""
 
+import numbers
+
 import keras
 from keras import layers
 
@@ -22,6 +24,23 @@ def _check_positive_int(value, name):
         raise ValueError(
             f"Expected `{name}` to be a positive integer. Received: {name}={value!r}"
         )
+
+
+def _iterable(value):
+    try:
+        return list(value)
+    except TypeError:
+        return [None]
+
+
+def _widths_example(hidden):
+    """`(800, 800)` for "800,800", `(800,)` for 800: what the user meant."""
+    try:
+        parts = str(hidden).replace(" ", "").strip("()[]").split(",")
+        widths = tuple(int(part) for part in parts if part)
+    except ValueError:
+        return "(800, 800)"
+    return repr(widths) if widths else "(800, 800)"
 
 
 def mlp(
@@ -60,9 +79,16 @@ def mlp(
     >>> teacher = mlp((1200, 1200), dropout=0.5, input_dropout=0.2, max_norm=4.0)
     >>> student = mlp((800, 800))
     """
-    hidden = tuple(hidden)
-    for width in hidden:
-        _check_positive_int(width, "hidden")
+    if isinstance(hidden, (str, numbers.Number)) or not all(
+        isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1
+        for w in _iterable(hidden)
+    ):
+        example = _widths_example(hidden)
+        raise ValueError(
+            "Expected `hidden` to be a sequence of layer widths, positive "
+            f"integers such as {example}. Received: hidden={hidden!r}"
+        )
+    hidden = tuple(int(w) for w in hidden)
     _check_positive_int(num_classes, "num_classes")
     for rate, label in ((dropout, "dropout"), (input_dropout, "input_dropout")):
         if not 0.0 <= rate < 1.0:
@@ -135,6 +161,12 @@ def plain_cnn(depth, width=1.0, input_shape=MNIST_SHAPE, num_classes=10, name=No
     if not width > 0:
         raise ValueError(f"Expected `width` > 0. Received: width={width}")
     _check_positive_int(num_classes, "num_classes")
+    if len(tuple(input_shape)) != 3:
+        raise ValueError(
+            "A plain CNN takes images, of shape (height, width, channels) such "
+            f"as {MNIST_SHAPE}. Received: input_shape={tuple(input_shape)}. "
+            "Reshape flat inputs to images, or use `mlp` for vectors."
+        )
     convs, dense = _PLAIN_CNN[depth]
     stack = [keras.Input(shape=tuple(input_shape))]
     for item in convs:

@@ -4,7 +4,6 @@ and the atomic JSON files that it and other long work keep."""
 
 import dataclasses
 import numbers
-import pathlib
 
 from absl import logging
 
@@ -113,8 +112,7 @@ class ModelStore:
     """
 
     def __init__(self, directory):
-        self.directory = pathlib.Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = _io.make_folder(directory, "directory")
         self.trained = 0
         self.reused = 0
         self._last_data = (None, None)

@@ -1,5 +1,6 @@
 """Teachers: cached teacher logits and ensembles."""
 
+from absl import logging
 import keras
 from keras import ops
 import numpy as np
@@ -38,8 +39,13 @@ def _one_pass(teacher, dataset, keep_data=True):
     the dataset shuffles.
     """
     parts, logits = [], []
-    for x, y, sample_weight in _datasets.numpy_batches(dataset):
+    for index, (x, y, sample_weight) in enumerate(_datasets.numpy_batches(dataset)):
+        if not index:
+            _checks.check_batched(x, teacher, "teacher", "dataset")
+        for leaf in keras.tree.flatten(x):
+            _checks.check_finite(leaf, f"inputs of batch {index}")
         logits.append(np.asarray(teacher.predict_on_batch(x), "float32"))
+        _checks.check_finite(logits[-1], f"teacher's logits on batch {index}")
         if keep_data:
             parts.append((x, y, sample_weight))
     if not logits:
@@ -304,6 +310,12 @@ class EnsembleTeacher(keras.Model):
         models = list(models)
         if not models:
             raise ValueError("Expected at least one member model. Received: []")
+        if len(models) == 1:
+            logging.warning(
+                "EnsembleTeacher got one member, `%s`: the ensemble is that "
+                "model alone. Pass two or more models to average them.",
+                getattr(models[0], "name", models[0]),
+            )
         for index, model in enumerate(models):
             _checks.check_keras_model(model, f"member {index}")
             _checks.check_emits_logits(model, f"member {index}")

@@ -75,6 +75,21 @@ def _check_ranges(
     return temperatures
 
 
+def _check_builder(builder, name, call):
+    if isinstance(builder, keras.Model) or not callable(builder):
+        received = (
+            f"the model `{builder.name}`"
+            if isinstance(builder, keras.Model)
+            else repr(builder)
+        )
+        raise ValueError(
+            f"Expected `{name}` to be a function returning a new model, as "
+            f"each trial trains a fresh one, such as `lambda: "
+            f"keras.models.clone_model(model)`. Received: {received}. The "
+            f"tuner calls `{name.split('_')[0]}_builder` as `{call}`."
+        )
+
+
 @contextlib.contextmanager
 def _dtype_policy(name):
     if name is None:
@@ -151,11 +166,9 @@ class DistillationHyperModel(keras_tuner.HyperModel):
     ):
         super().__init__(name=name)
         _checks.check_keras_model(teacher, "teacher")
-        if not callable(student_builder):
-            raise ValueError(
-                "Expected `student_builder` to be a function returning a new "
-                f"student. Received: {student_builder!r}"
-            )
+        _check_builder(student_builder, "student_builder", "student")
+        if assistant_builder is not None:
+            _check_builder(assistant_builder, "assistant_builder", "assistant(size)")
         if mixed_precision not in PRECISIONS:
             raise ValueError(
                 f"Expected `mixed_precision` in {PRECISIONS}. Received: "
@@ -372,7 +385,7 @@ def tune(
         written to `directory/project_name` (`kd_keras.apps.plots.plot_sweep`
         draws the trials).
     """
-    _check_tune_arguments(hypermodel, tuner)
+    _check_tune_arguments(hypermodel, tuner, max_trials, epochs, objective)
     train_data = training.as_batches(train_data)
     validation_data = training.as_batches(validation_data, shuffle=False)
     stamp = _sweep_stamp(
@@ -410,9 +423,21 @@ def tune(
     )
     if is_worker():
         return kt_tuner, None
+    _check_some_trial_completed(kt_tuner)
     write_results(kt_tuner, objective)
     best = kt_tuner.get_best_hyperparameters(1)
     return kt_tuner, (best[0] if best else None)
+
+
+def _check_some_trial_completed(kt_tuner):
+    trials = list(kt_tuner.oracle.trials.values())
+    if trials and not any(t.status == "COMPLETED" for t in trials):
+        message = next((t.message for t in trials if t.message), "no message")
+        raise RuntimeError(
+            f"Every trial of the sweep failed ({len(trials)} of them), so it "
+            f"has no best settings. The first error: "
+            f"{message.strip().splitlines()[-1]}"
+        )
 
 
 def _search(
@@ -438,7 +463,21 @@ def _search(
     )  # Batches come shuffled, or in order.
 
 
-def _check_tune_arguments(hypermodel, tuner):
+def _logged_names(hypermodel):
+    """What each epoch of a trial logs: the loss terms and metrics (also on
+    the validation data), T and λ."""
+    names = ["loss", "student_loss", "distillation_loss"]
+    for metric in hypermodel.metrics:
+        if isinstance(metric, str):
+            names.append(metric)
+        else:
+            names.append(getattr(metric, "name", getattr(metric, "__name__", "")))
+    return sorted(
+        [*names, *(f"val_{n}" for n in names), "temperature", "distillation_weight"]
+    )
+
+
+def _check_tune_arguments(hypermodel, tuner, max_trials, epochs, objective):
     if tuner not in TUNERS:
         raise ValueError(
             f"Expected `tuner` in {sorted(TUNERS)}. Received: tuner={tuner!r}"
@@ -447,6 +486,18 @@ def _check_tune_arguments(hypermodel, tuner):
         raise ValueError(
             "Expected a `kd_keras.tuning.DistillationHyperModel`. Received: "
             f"{type(hypermodel).__name__}"
+        )
+    for value, name in ((max_trials, "max_trials"), (epochs, "epochs")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"Expected `{name}` to be an integer >= 1. Received: {name}={value!r}"
+            )
+    logged = _logged_names(hypermodel)
+    if objective not in logged:
+        raise ValueError(
+            f"The objective {objective!r} is never logged, so no trial could "
+            f"be scored. Logged: {', '.join(logged)}. Pass one of those, "
+            "e.g. objective='val_accuracy'."
         )
 
 

@@ -275,3 +275,12 @@ def test_known_accuracies_may_be_numpy_numbers():
         student_accuracy=0.70,
     )
     assert choice["assistant"] == "6"
+
+
+def test_a_chain_takes_arrays(chain, teacher, tiny_data, tmp_path):
+    x, y = tiny_data
+    student, report = assistants.distill_chain(
+        chain(teacher), (x, y), (x, y), workdir=tmp_path, epochs=1
+    )
+    assert [r["step"] for r in report] == [1, 2]
+    assert all(0.0 <= r["val_accuracy"] <= 1.0 for r in report)

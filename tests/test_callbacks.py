@@ -209,26 +209,36 @@ def test_a_schedule_may_use_the_current_value(distiller_for, tiny_data):
     assert history.history["distillation_weight"] == pytest.approx([0.4, 0.2, 0.1])
 
 
-def test_a_schedule_returning_a_bad_value_raises_at_that_epoch(
-    distiller_for, tiny_data
+@pytest.mark.parametrize(
+    "schedule, epochs_before_the_error",
+    [
+        # A schedule of the epoch alone is checked for every epoch up front.
+        (lambda epoch: 2.0 - epoch, []),
+        # One of the current value too can only be checked as it runs.
+        (lambda epoch, current: 2.0 - epoch, [0, 1]),
+    ],
+    ids=["of_the_epoch", "of_the_epoch_and_value"],
+)
+def test_a_schedule_returning_a_bad_value_raises_before_that_epoch(
+    distiller_for, tiny_data, schedule, epochs_before_the_error
 ):
     x, y = tiny_data
     distiller = distiller_for()
     epochs_run = []
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ValueError, match=r"returned 0\.0 for epoch 2.*temperature"):
         distiller.fit(
             x,
             y,
             epochs=3,
             verbose=0,
             callbacks=[
-                ParameterSchedule(lambda epoch: 2.0 - epoch),
+                ParameterSchedule(schedule),
                 keras.callbacks.LambdaCallback(
                     on_epoch_end=lambda epoch, logs: epochs_run.append(epoch)
                 ),
             ],
         )
-    assert epochs_run == [0, 1]
+    assert epochs_run == epochs_before_the_error
 
 
 def test_an_error_inside_a_two_argument_schedule_is_not_hidden(

@@ -10,6 +10,7 @@ own defaults are set on its parser.
 """
 
 import argparse
+import pathlib
 import sys
 
 from absl import logging
@@ -19,22 +20,104 @@ from kd_keras.apps import commands
 
 
 class _Parser(argparse_flags.ArgumentParser):
-    """An argparse parser whose errors point at the command's help."""
+    """An argparse parser whose errors are one line that names the flag and
+    points at the command's help."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: {message}\nSee `{self.prog} --help`.\n")
+        message = message.removeprefix("argument ")
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+# Flag values: each type refuses what no command can use, before any work,
+# with an error argparse prints as `--flag: <message>`.
+
+
+def _value(text, convert, what, check=lambda value: True):
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not check(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def _positive_int(text):
+    return _value(text, int, "an integer >= 1", lambda v: v >= 1)
+
+
+def _natural(text):
+    return _value(text, int, "an integer >= 0", lambda v: v >= 0)
+
+
+def _positive(text):
+    return _value(text, float, "a number > 0", lambda v: 0 < v < float("inf"))
+
+
+def _fraction(text):
+    return _value(text, float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def _rate(text):
+    return _value(text, float, "a rate in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def _list(text, convert):
+    parts = [part for part in text.split(",") if part.strip()]
+    return tuple(convert(part) for part in parts) if parts else None
 
 
 def _ints(text):
-    return tuple(int(part) for part in text.split(",") if part)
+    return _value(
+        text,
+        lambda t: _list(t, int),
+        "integers >= 1 separated by commas",
+        lambda v: all(i >= 1 for i in v),
+    )
 
 
-def _floats(text):
-    return tuple(float(part) for part in text.split(",") if part)
+def _temperatures(text):
+    return _value(
+        text,
+        lambda t: _list(t, float),
+        "numbers > 0 separated by commas",
+        lambda v: all(0 < t < float("inf") for t in v),
+    )
+
+
+def _weight_range(text):
+    return _value(
+        text,
+        lambda t: _list(t, float),
+        "min,max,step with 0 <= min <= max <= 1 and step > 0",
+        lambda v: len(v) == 3 and 0 <= v[0] <= v[1] <= 1 and v[2] > 0,
+    )
 
 
 def _names(text):
-    return tuple(part for part in text.split(",") if part)
+    return _value(text, lambda t: _list(t, str.strip), "names separated by commas")
+
+
+def _folder(text):
+    """A folder path where no existing part is a file."""
+    path = pathlib.Path(text)
+    blocking = next(
+        (p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None
+    )
+    if blocking is not None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a folder: {str(blocking)!r} is a file"
+        )
+    return text
+
+
+def _file(text):
+    """A file path whose folder can exist."""
+    path = pathlib.Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, expected a file")
+    _folder(str(path.parent))
+    return text
 
 
 def _flag(name, help, **options):
@@ -47,18 +130,22 @@ def _flag(name, help, **options):
 # into another's, as they would through argparse's shared parent parsers.
 DATASET = (
     _flag("--dataset", "tfds name, or 'mnist_sample' (shipped).", default="mnist"),
-    _flag("--batch_size", "Batch size.", type=int, default=128),
+    _flag("--batch_size", "Batch size.", type=_positive_int, default=128),
 )
 SPLITS = (
     _flag("--train_split", "Split to train on.", default="train"),
     _flag("--val_split", "Split to validate on; the test split if unset."),
 )
 TEST_SPLIT = (_flag("--test_split", "Split to test on.", default="test"),)
-DATA_DIR = (_flag("--data_dir", "tensorflow-datasets folder (see `data`)."),)
-SEED = (_flag("--seed", "Seed of weights, shuffles and jitter.", type=int, default=0),)
+DATA_DIR = (
+    _flag("--data_dir", "tensorflow-datasets folder (see `data`).", type=_folder),
+)
+SEED = (
+    _flag("--seed", "Seed of weights, shuffles and jitter.", type=_natural, default=0),
+)
 FAMILY = (
     _flag("--family", "Model family.", choices=("mlp", "plain_cnn"), default="mlp"),
-    _flag("--width", "plain_cnn: width multiplier.", type=float, default=1.0),
+    _flag("--width", "plain_cnn: width multiplier.", type=_positive, default=1.0),
 )
 SHAPE = (
     _flag(
@@ -67,36 +154,56 @@ SHAPE = (
         type=_ints,
         default=(800, 800),
     ),
-    _flag("--dropout", "mlp: dropout after hidden layers.", type=float, default=0.0),
-    _flag("--input_dropout", "mlp: dropout on the inputs.", type=float, default=0.0),
-    _flag("--max_norm", "mlp: max-norm of each unit's incoming weights.", type=float),
-    _flag("--depth", "plain_cnn: depth (2, 4, 6, 8 or 10).", type=int, default=2),
+    _flag("--dropout", "mlp: dropout after hidden layers.", type=_rate, default=0.0),
+    _flag("--input_dropout", "mlp: dropout on the inputs.", type=_rate, default=0.0),
+    _flag(
+        "--max_norm", "mlp: max-norm of each unit's incoming weights.", type=_positive
+    ),
+    _flag(
+        "--depth", "plain_cnn: depth.", type=int, choices=(2, 4, 6, 8, 10), default=2
+    ),
 )
-EPOCHS = (_flag("--epochs", "Epochs (of each model or step).", type=int, default=10),)
+EPOCHS = (
+    _flag(
+        "--epochs", "Epochs (of each model or step).", type=_positive_int, default=10
+    ),
+)
 TEACHER_EPOCHS = (
-    _flag("--teacher_epochs", "Epochs of a teacher trained here.", type=int),
+    _flag("--teacher_epochs", "Epochs of a teacher trained here.", type=_positive_int),
 )
 OPTIMIZER = (
     _flag("--optimizer", "Keras optimizer name, e.g. adam or sgd.", default="adam"),
-    _flag("--learning_rate", "Its learning rate.", type=float, default=1e-3),
+    _flag("--learning_rate", "Its learning rate.", type=_positive, default=1e-3),
 )
-VERBOSE = (_flag("--verbose", "Keras verbosity: 0, 1 or 2.", type=int, default=1),)
-LOGDIR = (_flag("--logdir", "TensorBoard logs here (loss terms, T, λ)."),)
+VERBOSE = (
+    _flag("--verbose", "Keras verbosity.", type=int, choices=(0, 1, 2), default=1),
+)
+LOGDIR = (_flag("--logdir", "TensorBoard logs here (loss terms, T, λ).", type=_folder),)
 OUTPUT = (
-    _flag("--output", "Where to write the trained .keras model.", required=True),
-    _flag("--jitter", "Shift training images by up to N pixels.", type=int, default=0),
+    _flag(
+        "--output",
+        "Where to write the trained .keras model.",
+        type=_file,
+        required=True,
+    ),
+    _flag(
+        "--jitter", "Shift training images by up to N pixels.", type=_natural, default=0
+    ),
 )
-OUTPUT_DIR = (_flag("--output_dir", "Folder to write to."),)
+OUTPUT_DIR = (_flag("--output_dir", "Folder to write to.", type=_folder),)
 WORKDIR = (
     _flag(
         "--workdir",
         "Folder of the work; a rerun continues it.",
+        type=_folder,
         default="kd_keras_runs",
     ),
 )
 KD = (
-    _flag("--temperature", "Distillation temperature T > 0.", type=float, default=4.0),
-    _flag("--distillation_weight", "Weight λ in [0, 1].", type=float, default=0.9),
+    _flag(
+        "--temperature", "Distillation temperature T > 0.", type=_positive, default=4.0
+    ),
+    _flag("--distillation_weight", "Weight λ in [0, 1].", type=_fraction, default=0.9),
 )
 TEACHER = (_flag("--teacher", "The trained teacher (.keras)."),)
 SIZES = (
@@ -111,7 +218,7 @@ SNAPSHOTS = (
         type=_ints,
         default=(),
     ),
-    _flag("--snapshot_every", "Also save every N epochs.", type=int),
+    _flag("--snapshot_every", "Also save every N epochs.", type=_positive_int),
 )
 DISTILL = (
     _flag(
@@ -120,11 +227,18 @@ DISTILL = (
         choices=("auto", "yes", "no"),
         default="auto",
     ),
-    _flag("--teacher_snapshot", "Distil from this epoch's teacher snapshot.", type=int),
-    _flag("--student_early_stop_epoch", "Labels only from this epoch.", type=int),
+    _flag(
+        "--teacher_snapshot",
+        "Distil from this epoch's teacher snapshot.",
+        type=_positive_int,
+    ),
+    _flag("--student_early_stop_epoch", "Labels only from this epoch.", type=_natural),
     _flag("--student_early_stop_monitor", "Labels only once this metric plateaus."),
     _flag(
-        "--student_early_stop_patience", "Epochs of that plateau.", type=int, default=2
+        "--student_early_stop_patience",
+        "Epochs of that plateau.",
+        type=_natural,
+        default=2,
     ),
 )
 CHAIN = (
@@ -150,13 +264,13 @@ TUNE = (
     _flag(
         "--temperatures",
         "Temperatures to choose from.",
-        type=_floats,
+        type=_temperatures,
         default=(1.0, 2.0, 5.0, 10.0, 15.0, 20.0),
     ),
     _flag(
         "--distillation_weights",
         "min,max,step of λ.",
-        type=_floats,
+        type=_weight_range,
         default=(0.05, 1.0, 0.05),
     ),
     _flag(
@@ -165,7 +279,7 @@ TUNE = (
         choices=("bayesian", "random", "hyperband"),
         default="bayesian",
     ),
-    _flag("--max_trials", "Trials of the sweep.", type=int, default=12),
+    _flag("--max_trials", "Trials of the sweep.", type=_positive_int, default=12),
     _flag("--project_name", "The sweep's name in --workdir.", default="sweep"),
     _flag(
         "--overwrite",
@@ -198,7 +312,7 @@ EXPORT = (
     _flag(
         "--tolerance",
         "Largest logit difference of float formats.",
-        type=float,
+        type=_positive,
         default=1e-4,
     ),
 )
@@ -211,9 +325,13 @@ REPRODUCE = (
         action=argparse.BooleanOptionalAction,
         default=False,
     ),
-    _flag("--seeds", "Seeds (default: 3, or 2 quick).", type=int),
+    _flag("--seeds", "Seeds (default: 3, or 2 quick).", type=_positive_int),
 )
-IDX = (_flag("--idx_dir", "Folder of the four MNIST IDX files.", required=True),)
+IDX = (
+    _flag(
+        "--idx_dir", "Folder of the four MNIST IDX files.", type=_folder, required=True
+    ),
+)
 FITTING = (DATASET, SPLITS, DATA_DIR, SEED, FAMILY, EPOCHS, OPTIMIZER, VERBOSE, LOGDIR)
 TRAINING = (*FITTING, TEST_SPLIT)
 # Commands that choose by validation accuracy hold it out of the training
@@ -311,8 +429,19 @@ def run(argv=None):
         keras.utils.set_random_seed(args.seed)
     try:
         args.run(args)
-    except ValueError as error:
-        print(f"kd-keras {args.command}: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(
+            f"kd-keras {args.command}: interrupted; the same command resumes "
+            "from the last finished epoch where the command keeps a backup.",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as error:  # Every error, as one line: no traceback.
+        kind = "" if isinstance(error, ValueError) else f"{type(error).__name__}: "
+        print(
+            f"kd-keras {args.command}: {kind}{' '.join(str(error).split())}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
