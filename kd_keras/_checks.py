@@ -3,12 +3,22 @@
 Each raises `ValueError` naming the value it received and the fix.
 """
 
+import numbers
+
 import keras
 from keras import ops
 import numpy as np
 
 from kd_keras import _backend
 from kd_keras import _datasets
+
+
+def check_positive_int(value, name):
+    """Raises unless `value` is an integer >= 1 (NumPy's too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            f"Expected `{name}` to be an integer >= 1. Received: {name}={value!r}"
+        )
 
 
 def check_keras_model(model, role):
@@ -64,8 +74,14 @@ def check_same_inputs(teacher, student):
     """Raises if the teacher and the student take inputs of other shapes:
     both read the same batches."""
     shapes = input_shapes(teacher), input_shapes(student)
-    if None in shapes:
-        return
+    if None in shapes or len(shapes[0]) != len(shapes[1]):
+        return  # Unknown, or inputs that dict data may feed by name.
+    if len(shapes[0]) > 1:
+        names = [[t.name for t in m.inputs] for m in (teacher, student)]
+        if set(names[0]) != set(names[1]):
+            return
+        by_name = dict(zip(names[0], shapes[0], strict=True))
+        shapes = [by_name[n] for n in names[1]], shapes[1]
     if len(shapes[0]) == len(shapes[1]) and all(
         _compatible(a, b) for a, b in zip(*shapes, strict=True)
     ):
@@ -171,31 +187,42 @@ def check_finite(array, what):
     array = np.asarray(array)
     if not np.issubdtype(array.dtype, np.inexact):
         return
-    bad = ~np.isfinite(array)
-    if bad.any():
-        first = np.unravel_index(np.argmax(bad), array.shape)
-        row = f"the first in row {first[0]}" if array.ndim else "the value"
-        raise ValueError(
-            f"The {what} hold NaN or infinite values ({int(bad.sum())} of "
-            f"{array.size}; {row} is {array[first]}). Training on them turns "
-            "the weights into NaN. Drop those examples, or replace the values "
-            "(e.g. `np.nan_to_num`), before training."
-        )
+    flat = array.reshape(-1)
+    chunk = 1 << 20  # Elements per check: no mask as large as the data.
+    for start in range(0, flat.size, chunk):
+        bad = ~np.isfinite(flat[start : start + chunk])
+        if bad.any():
+            first = np.unravel_index(start + int(np.argmax(bad)), array.shape)
+            row = f"row {first[0]}" if array.ndim else "the value"
+            raise ValueError(
+                f"The {what} hold NaN or infinite values (the first in "
+                f"{row}: {array[first]}). Training on them turns the weights "
+                "into NaN. Drop those examples, or replace the values (e.g. "
+                "`np.nan_to_num`), before training."
+            )
 
 
 def check_batched(inputs, model, role, what):
     """Raises if the inputs do not fit the model's inputs: an unbatched
     dataset, or examples of another shape. Models without known input
-    shapes (subclassed) are not checked."""
-    try:
-        expected = [tuple(t.shape) for t in model.inputs or ()]
-    except (AttributeError, ValueError):
+    shapes (subclassed) are not checked; a dict is matched to the inputs by
+    name, as Keras does."""
+    expected = input_shapes(model)
+    if expected is None:
         return
-    leaves = keras.tree.flatten(inputs)
+    if isinstance(inputs, dict):
+        names = [t.name for t in model.inputs]
+        if set(inputs) != set(names):
+            return
+        leaves = [inputs[name] for name in names]
+    else:
+        leaves = keras.tree.flatten(inputs)
     if len(expected) != len(leaves):
         return
     for shape, leaf in zip(expected, leaves, strict=True):
         given = np.shape(leaf)
+        if _keras_fits(given, shape):
+            continue
         if _compatible(given, shape[1:]):
             raise ValueError(
                 f"The {what} is not batched: its examples have shape {given}, "
@@ -203,12 +230,21 @@ def check_batched(inputs, model, role, what):
                 f"{batch_shape(shape[1:])}. Call `.batch(batch_size)` on the "
                 "dataset."
             )
-        if not _compatible(given[1:], shape[1:]):
-            raise ValueError(
-                f"The {what} has inputs of shape {given}, but the {role} "
-                f"`{model.name}` takes {batch_shape(shape[1:])}. Give inputs "
-                "of that shape, or a model built for these."
-            )
+        raise ValueError(
+            f"The {what} has inputs of shape {given}, but the {role} "
+            f"`{model.name}` takes {batch_shape(shape[1:])}. Give inputs of "
+            "that shape, or a model built for these."
+        )
+
+
+def _keras_fits(given, shape):
+    """True if Keras takes a batch of shape `given` for an input `shape`: it
+    adds or drops a trailing axis of size 1 (`Functional`'s rank rule)."""
+    if len(given) == len(shape) - 1 and shape[-1] == 1:
+        shape = shape[:-1]
+    elif len(given) == len(shape) + 1 and given[-1] == 1:
+        given = given[:-1]
+    return bool(given) and _compatible(given[1:], shape[1:])
 
 
 def _compatible(a, b):
@@ -282,7 +318,7 @@ def check_labels(labels, logits_shape):
     if ids is None or ids.size == 0 or not np.issubdtype(ids.dtype, np.number):
         return
     fractional = ids != np.round(ids)
-    if fractional.any():
+    if classes > 1 and fractional.any():  # One logit takes soft targets.
         raise ValueError(
             "Expected class ids, which are whole numbers, but the labels hold "
             f"fractions such as {ids[fractional].flat[0]:g}, which training "

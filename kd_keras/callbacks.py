@@ -183,6 +183,9 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
             logs["distillation_active"] = float(active)
         if not (active and self._watch):
             return
+        validated = any(key.startswith("val_") for key in logs or {})
+        if self.monitor.startswith("val_") and not validated:
+            return  # No validation this epoch (`validation_freq`).
         if logs is not None and self.monitor not in logs:
             raise ValueError(
                 f"StudentEarlyStop watches monitor={self.monitor!r}, which is "
@@ -335,7 +338,9 @@ class ParameterSchedule(keras.callbacks.Callback):
 
     Like Keras' `LearningRateScheduler`: at the start of each epoch,
     `schedule(epoch, current_value)` (or `schedule(epoch)`) returns the new
-    value, which is validated, assigned and written to the epoch's logs.
+    value, which is validated, assigned and written to the epoch's logs. A
+    schedule of the epoch alone is also called for every epoch when `fit`
+    begins, so that a value out of range stops it before any training.
 
     Args:
         schedule: a function of the epoch index (from 0) and, optionally, of

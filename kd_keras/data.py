@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from kd_keras import _backend
+from kd_keras import _checks
 from kd_keras import _datasets
 
 SAMPLE_PATH = pathlib.Path(__file__).parent / "sample_data" / "mnist_sample.npz"
@@ -371,13 +372,9 @@ def pipeline(
         "`pipeline` and `load` (tf.data; without TensorFlow, use "
         "`read_mnist` and `ArrayBatches`)"
     )
-    for value, name in ((batch_size, "batch_size"), (limit, "limit")):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(
-                f"Expected `{name}` to be an integer >= 1. Received: {name}={value!r}"
-            )
+    _checks.check_positive_int(batch_size, "batch_size")
+    if limit is not None:
+        _checks.check_positive_int(limit, "limit")
     if isinstance(examples, tuple):
         _check_classes_left(np.asarray(examples[1]), keep_classes, drop_classes)
         examples = tf.data.Dataset.from_tensor_slices(examples)
@@ -596,15 +593,7 @@ class ArrayBatches(keras.utils.PyDataset):
         x, y, sample_weight = keras.tree.map_structure(
             lambda a: None if a is None else np.asarray(a), (x, y, sample_weight)
         )
-        if (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, int)
-            or (batch_size < 1)
-        ):
-            raise ValueError(
-                "Expected `batch_size` to be a positive integer. Received: "
-                f"batch_size={batch_size!r}"
-            )
+        _checks.check_positive_int(batch_size, "batch_size")
         self.x, self.y, self.sample_weight = x, y, sample_weight
         lengths = {
             len(a) for a in keras.tree.flatten((x, y, sample_weight)) if a is not None

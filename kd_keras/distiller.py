@@ -153,6 +153,11 @@ class Distiller(keras.Model):
             labels' shape: sparse for integer labels `(batch, ...)`,
             categorical for one-hot labels `(batch, ..., classes)`, binary
             for a single logit. It may also be given as `loss` to `compile`.
+        check_finite_inputs: refuse NaN or infinite float inputs (on the
+            first batch) and make the loss NaN on any batch that holds one,
+            so that `fit` stops with an error (see "Bad input" in the
+            README). Pass False for inputs that hold them on purpose, such
+            as additive `-inf` attention masks.
 
     Example:
 
@@ -176,9 +181,11 @@ class Distiller(keras.Model):
         temperature=4.0,
         distillation_weight=0.9,
         student_loss=None,
+        check_finite_inputs=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.check_finite_inputs = bool(check_finite_inputs)
         _checks.check_keras_model(teacher, "teacher")
         _checks.check_keras_model(student, "student")
         check_temperature(temperature)
@@ -483,6 +490,8 @@ class Distiller(keras.Model):
         total = self._total_loss(
             y, y_pred, teacher_logits, sample_weight, regularization
         )
+        if not self.check_finite_inputs:
+            return total
         # A NaN input can vanish in the forward pass (ReLU maps NaN to 0)
         # while its gradient turns the weights into NaN: the loss reads NaN
         # then too, so that `fit` stops (see `_StopOnNonFinite`).
@@ -583,7 +592,7 @@ class Distiller(keras.Model):
         # During `fit`, Keras evaluates the validation data (checked once in
         # `fit`) every epoch; only a direct call is checked here.
         if not kwargs.get("_use_cached_eval_dataset"):
-            self._check_first_batch(x, y)
+            self._check_first_batch(x, y, "evaluation data")
         return super().evaluate(x, y, *args, **kwargs)
 
     def _check_first_batch(self, x, y, what="training data"):
@@ -592,8 +601,9 @@ class Distiller(keras.Model):
             return
         inputs, labels = batch
         inputs, cached = split_cached(inputs)
-        for leaf in keras.tree.flatten(inputs):
-            _checks.check_finite(leaf, f"inputs of the {what}")
+        if self.check_finite_inputs:
+            for leaf in keras.tree.flatten(inputs):
+                _checks.check_finite(leaf, f"inputs of the {what}")
         _checks.check_batched(inputs, self.student, "student", what)
         weight = _backend.concrete_scalar(self._distillation_weight)
         if labels is None and weight < 1.0:
@@ -668,6 +678,7 @@ class Distiller(keras.Model):
             "temperature": _backend.concrete_scalar(self._temperature),
             "distillation_weight": _backend.concrete_scalar(self._distillation_weight),
             "student_loss": None,
+            "check_finite_inputs": self.check_finite_inputs,
         }
         if self._student_loss_arg is not None:
             config["student_loss"] = keras.saving.serialize_keras_object(
@@ -687,11 +698,12 @@ class Distiller(keras.Model):
 
 
 def _all_finite(inputs):
-    """A scalar tensor: True unless a float input holds NaN or inf."""
+    """A scalar tensor: True unless a dense float input holds NaN or inf."""
     checks = [
         ops.all(ops.isfinite(leaf))
         for leaf in keras.tree.flatten(inputs)
         if "float" in str(getattr(leaf, "dtype", ""))
+        and not any(kind in type(leaf).__name__ for kind in ("Sparse", "Ragged"))
     ]
     if not checks:
         return ops.convert_to_tensor(True)
@@ -699,36 +711,45 @@ def _all_finite(inputs):
 
 
 class _StopOnNonFinite(keras.callbacks.Callback):
-    """Stops `Distiller.fit` at the first non-finite loss, or at the end of
-    an epoch that left the student with non-finite weights, with an error
-    that says where; the student gets back the weights it had at the start
-    of that epoch, the last ones known finite. Keras' `TerminateOnNaN`,
-    with the weights kept."""
+    """Stops `Distiller.fit` after the first non-finite loss, or after an
+    epoch that left the student with non-finite weights, with an error that
+    says where; the student gets back the weights it had at the start of
+    that epoch, the last ones known finite. Keras' `TerminateOnNaN`, with
+    the weights kept. The batch hook only takes note (it is safe to run
+    asynchronously, so it never makes a step wait); the epoch's end, which
+    Keras reaches right after `stop_training`, restores and raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.async_safe = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._bad = None
         self._weights = self.model.student.get_weights()
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
-        if loss is not None and not np.isfinite(loss):
-            self._stop(f"the loss is {loss} at batch {batch + 1}")
+        if self._bad is None and loss is not None and not np.isfinite(loss):
+            self._bad = f"the loss is {loss} at batch {batch + 1}"
+            # The private attribute: on JAX, `self.model` would sync state.
+            self._model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
-        if not all(np.isfinite(w).all() for w in self.model.student.get_weights()):
-            self._stop("the student's weights are no longer finite")
-
-    def _stop(self, what):
-        # On JAX, the step's state is never written back to the variables.
-        self.model._jax_state_synced = True
-        self.model.student.set_weights(self._weights)
+        student = self.model.student
+        if self._bad is None and all(
+            np.isfinite(w).all() for w in student.get_weights()
+        ):
+            return
+        what = self._bad or "the student's weights turned non-finite during"
+        student.set_weights(self._weights)
         raise FloatingPointError(
-            f"Training stopped: {what} of epoch {self._epoch + 1} (counted "
-            "from 1, as Keras prints them). The student has the weights it "
-            "had at the start of that epoch, the last ones known finite; the "
+            f"Training stopped: {what} of epoch {epoch + 1} (counted from 1, "
+            "as Keras prints them). The student has the weights it had at "
+            "the start of that epoch, the last ones known finite; the "
             "optimizer's state may not be, so compile again before training "
-            "on. Look for NaN or infinite inputs, labels or teacher logits "
-            "in that batch, or lower the learning rate."
+            "on. Look for NaN or infinite inputs, labels or teacher logits, "
+            "or lower the learning rate."
         )
 
 

@@ -5,6 +5,8 @@ import numbers
 import keras
 from keras import layers
 
+from kd_keras import _checks
+
 MNIST_SHAPE = (28, 28, 1)
 
 # The plain CNN ladder of Mirzadeh et al. (2020), by depth: conv widths with
@@ -17,13 +19,6 @@ _PLAIN_CNN = {
     10: ([32, 32, "P", 64, 64, "P", 128, 128, "P", 256, 256, 256, 256, "P"], [128]),
 }
 PLAIN_CNN_DEPTHS = tuple(sorted(_PLAIN_CNN))
-
-
-def _check_positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"Expected `{name}` to be a positive integer. Received: {name}={value!r}"
-        )
 
 
 def _iterable(value):
@@ -79,17 +74,18 @@ def mlp(
     >>> teacher = mlp((1200, 1200), dropout=0.5, input_dropout=0.2, max_norm=4.0)
     >>> student = mlp((800, 800))
     """
+    widths = _iterable(hidden)
     if isinstance(hidden, (str, numbers.Number)) or not all(
         isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= 1
-        for w in _iterable(hidden)
+        for w in widths
     ):
         example = _widths_example(hidden)
         raise ValueError(
             "Expected `hidden` to be a sequence of layer widths, positive "
             f"integers such as {example}. Received: hidden={hidden!r}"
         )
-    hidden = tuple(int(w) for w in hidden)
-    _check_positive_int(num_classes, "num_classes")
+    hidden = tuple(int(w) for w in widths)
+    _checks.check_positive_int(num_classes, "num_classes")
     for rate, label in ((dropout, "dropout"), (input_dropout, "input_dropout")):
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"Expected `{label}` in [0, 1). Received: {label}={rate}")
@@ -160,7 +156,7 @@ def plain_cnn(depth, width=1.0, input_shape=MNIST_SHAPE, num_classes=10, name=No
         )
     if not width > 0:
         raise ValueError(f"Expected `width` > 0. Received: width={width}")
-    _check_positive_int(num_classes, "num_classes")
+    _checks.check_positive_int(num_classes, "num_classes")
     if len(tuple(input_shape)) != 3:
         raise ValueError(
             "A plain CNN takes images, of shape (height, width, channels) such "

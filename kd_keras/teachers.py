@@ -43,9 +43,9 @@ def _one_pass(teacher, dataset, keep_data=True):
         if not index:
             _checks.check_batched(x, teacher, "teacher", "dataset")
         for leaf in keras.tree.flatten(x):
-            _checks.check_finite(leaf, f"inputs of batch {index}")
+            _checks.check_finite(leaf, f"inputs of batch {index + 1}")
         logits.append(np.asarray(teacher.predict_on_batch(x), "float32"))
-        _checks.check_finite(logits[-1], f"teacher's logits on batch {index}")
+        _checks.check_finite(logits[-1], f"teacher's logits on batch {index + 1}")
         if keep_data:
             parts.append((x, y, sample_weight))
     if not logits:

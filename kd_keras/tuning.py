@@ -385,7 +385,7 @@ def tune(
         written to `directory/project_name` (`kd_keras.apps.plots.plot_sweep`
         draws the trials).
     """
-    _check_tune_arguments(hypermodel, tuner, max_trials, epochs, objective)
+    _check_tune_arguments(hypermodel, tuner, max_trials, epochs, objective, callbacks)
     train_data = training.as_batches(train_data)
     validation_data = training.as_batches(validation_data, shuffle=False)
     stamp = _sweep_stamp(
@@ -477,7 +477,7 @@ def _logged_names(hypermodel):
     )
 
 
-def _check_tune_arguments(hypermodel, tuner, max_trials, epochs, objective):
+def _check_tune_arguments(hypermodel, tuner, max_trials, epochs, objective, callbacks):
     if tuner not in TUNERS:
         raise ValueError(
             f"Expected `tuner` in {sorted(TUNERS)}. Received: tuner={tuner!r}"
@@ -487,18 +487,19 @@ def _check_tune_arguments(hypermodel, tuner, max_trials, epochs, objective):
             "Expected a `kd_keras.tuning.DistillationHyperModel`. Received: "
             f"{type(hypermodel).__name__}"
         )
-    for value, name in ((max_trials, "max_trials"), (epochs, "epochs")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"Expected `{name}` to be an integer >= 1. Received: {name}={value!r}"
-            )
+    _checks.check_positive_int(max_trials, "max_trials")
+    _checks.check_positive_int(epochs, "epochs")
     logged = _logged_names(hypermodel)
     if objective not in logged:
-        raise ValueError(
-            f"The objective {objective!r} is never logged, so no trial could "
-            f"be scored. Logged: {', '.join(logged)}. Pass one of those, "
-            "e.g. objective='val_accuracy'."
+        message = (
+            f"The objective {objective!r} is not among what the trials log "
+            f"({', '.join(logged)}), so no trial could be scored. Pass one of "
+            "those, e.g. objective='val_accuracy'"
         )
+        if not callbacks:
+            raise ValueError(message + ".")
+        # A callback may log it (ReduceLROnPlateau logs `learning_rate`).
+        logging.warning("%s, unless one of the callbacks logs it.", message)
 
 
 def _check_same_sweep(stamp_path, stamp):
