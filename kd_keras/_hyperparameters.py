@@ -63,6 +63,10 @@ class LogHyperparameters(keras.callbacks.Callback):
     """Writes the temperature and the distillation weight into each epoch's
     logs, so that schedules and early stops show in the History."""
 
+    def on_epoch_begin(self, epoch, logs=None):
+        if getattr(self.model, "_epoch", None) is not None:
+            self.model._epoch.assign(float(epoch))  # For losses that warm up.
+
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["temperature"] = _backend.concrete_scalar(self.model.temperature)

@@ -12,11 +12,11 @@ import numpy as np
 from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _hyperparameters
+from kd_keras import losses as kd_losses
 from kd_keras import metrics as metrics_lib
 from kd_keras.losses import check_distillation_weight
 from kd_keras.losses import check_same_shape
 from kd_keras.losses import check_temperature
-from kd_keras.losses import per_position_distillation_loss
 from kd_keras.losses import reduce_like_keras
 
 # A cached batch carries its inputs and the teacher's logits under these keys
@@ -153,6 +153,11 @@ class Distiller(keras.Model):
             labels' shape: sparse for integer labels `(batch, ...)`,
             categorical for one-hot labels `(batch, ..., classes)`, binary
             for a single logit. It may also be given as `loss` to `compile`.
+        losses: the distillation term: a `kd_keras.losses.LogitLoss` (such
+            as `DecoupledKD()`), or a list of losses and `(loss, weight)`
+            pairs, summed as `Σ weight · loss`; None for `SoftTargets()`,
+            Hinton's T²·KL. Losses without a temperature of their own use
+            the Distiller's `temperature`.
         check_finite_inputs: refuse NaN or infinite float inputs (on the
             first batch) and make the loss NaN on any batch that holds one,
             so that `fit` stops with an error (see "Bad input" in the
@@ -182,10 +187,12 @@ class Distiller(keras.Model):
         distillation_weight=0.9,
         student_loss=None,
         check_finite_inputs=True,
+        losses=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.check_finite_inputs = bool(check_finite_inputs)
+        self._kd_losses = kd_losses.as_weighted_losses(losses)
         _checks.check_keras_model(teacher, "teacher")
         _checks.check_keras_model(student, "student")
         check_temperature(temperature)
@@ -201,6 +208,9 @@ class Distiller(keras.Model):
                 student_shape,
                 f" (teacher `{teacher.name}`, student `{student.name}`)",
             )
+        if student_shape:
+            for loss, _ in self._kd_losses:
+                loss.check_logits_shape(student_shape)
         self._student_loss_arg = student_loss
         self._student_loss = _check_student_loss(student_loss)
 
@@ -218,6 +228,21 @@ class Distiller(keras.Model):
             variable._owner = weakref.ref(self)
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
         self.distillation_loss_tracker = keras.metrics.Mean(name="distillation_loss")
+        # With several losses, each term is logged too.
+        self._term_trackers = (
+            [
+                keras.metrics.Mean(name=f"{loss.name}_loss")
+                for loss, _ in self._kd_losses
+            ]
+            if len(self._kd_losses) > 1
+            else []
+        )
+        # The epoch (from 0), for losses that warm up; set by `fit`.
+        self._epoch = None
+        if any(loss.uses_epoch for loss, _ in self._kd_losses):
+            self._epoch = keras.Variable(
+                0.0, trainable=False, dtype="float32", name="epoch"
+            )
         self._label_losses = {}
         # Whether steps are traced with the teacher (see `_teacher_logits`).
         self._teacher_on = distillation_weight > 0.0
@@ -434,9 +459,8 @@ class Distiller(keras.Model):
         check_same_shape(teacher_logits.shape, student_logits.shape)
         weight = ops.convert_to_tensor(self._distillation_weight)
         mask = _backend.keras_mask(student_logits)
-        kd_values = per_position_distillation_loss(
-            teacher_logits, student_logits, self._temperature
-        )
+        term_values = self._term_values(y, student_logits, teacher_logits)
+        kd_values = term_values[0]
         if y is None:
             reduction = getattr(self._student_loss, "reduction", "sum_over_batch_size")
             label_loss = ops.zeros((), "float32")
@@ -456,7 +480,15 @@ class Distiller(keras.Model):
             )
             if len(label_values.shape) == len(kd_values.shape):
                 mask = label_mask
-        kd_loss = reduce_like_keras(kd_values, sample_weight, mask, reduction)
+        terms = [
+            reduce_like_keras(values, sample_weight, mask, reduction)
+            for values in term_values
+        ]
+        kd_loss = ops.sum(
+            ops.stack(
+                [w * term for (_, w), term in zip(self._kd_losses, terms, strict=True)]
+            )
+        )
         kd_loss = ops.where(weight > 0.0, kd_loss, ops.zeros_like(kd_loss))
         total = (1.0 - weight) * label_loss + weight * kd_loss + regularization
 
@@ -469,7 +501,36 @@ class Distiller(keras.Model):
         self.distillation_loss_tracker.update_state(
             kd_loss * replicas, sample_weight=batch_size
         )
+        for tracker, term in zip(self._term_trackers, terms, strict=False):
+            tracker.update_state(term * replicas, sample_weight=batch_size)
         return total
+
+    def _term_values(self, y, student_logits, teacher_logits):
+        """Each distillation loss at every position, before its reduction."""
+        labels = None
+        if any(loss.needs_labels for loss, _ in self._kd_losses):
+            if y is None:
+                names = [
+                    type(loss).__name__
+                    for loss, _ in self._kd_losses
+                    if loss.needs_labels
+                ]
+                raise ValueError(
+                    f"{', '.join(names)} needs the labels, but the data has "
+                    "none. Pass labeled data, or a loss that needs no labels "
+                    "such as `SoftTargets()`."
+                )
+            labels = _class_ids(y, student_logits)
+        return [
+            loss.per_position(
+                teacher_logits,
+                student_logits,
+                self._temperature if loss.temperature is None else loss.temperature,
+                labels=labels,
+                epoch=self._epoch,
+            )
+            for loss, _ in self._kd_losses
+        ]
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -613,8 +674,19 @@ class Distiller(keras.Model):
                 "or set `distillation_weight=1.0` to distil on an unlabeled "
                 "transfer set."
             )
+        needy = [
+            type(loss).__name__ for loss, _ in self._kd_losses if loss.needs_labels
+        ]
+        if labels is None and needy:
+            raise ValueError(
+                f"{', '.join(needy)} needs the labels, but the {what} has none. "
+                "Pass labeled data, or a loss that needs no labels such as "
+                "`kd_keras.losses.SoftTargets()`."
+            )
         rows = keras.tree.map_structure(lambda a: a[: _checks.PEEK_ROWS], inputs)
         student_logits = _first_logits(self.student, "student", rows, what)
+        for loss, _ in self._kd_losses:
+            loss.check_logits_shape(student_logits.shape)
         _checks.check_not_probabilities(student_logits, "student", self.student.name)
         if cached is not None:
             teacher_logits = np.asarray(cached[: _checks.PEEK_ROWS])
@@ -679,6 +751,10 @@ class Distiller(keras.Model):
             "distillation_weight": _backend.concrete_scalar(self._distillation_weight),
             "student_loss": None,
             "check_finite_inputs": self.check_finite_inputs,
+            "losses": [
+                [keras.saving.serialize_keras_object(loss), weight]
+                for loss, weight in self._kd_losses
+            ],
         }
         if self._student_loss_arg is not None:
             config["student_loss"] = keras.saving.serialize_keras_object(
@@ -694,7 +770,28 @@ class Distiller(keras.Model):
                 config[key] = keras.saving.deserialize_keras_object(
                     config[key], custom_objects=custom_objects
                 )
+        if config.get("losses") is not None:
+            config["losses"] = [
+                (
+                    keras.saving.deserialize_keras_object(
+                        loss, custom_objects=custom_objects
+                    ),
+                    weight,
+                )
+                for loss, weight in config["losses"]
+            ]
         return cls(**config)
+
+
+def _class_ids(y, logits):
+    """Class ids of the logits' shape without the class axis, from integer
+    or one-hot labels."""
+    y = ops.convert_to_tensor(y)
+    if len(y.shape) == len(logits.shape) and y.shape[-1] != 1:
+        return ops.argmax(y, axis=-1)
+    if len(y.shape) == len(logits.shape):
+        y = ops.squeeze(y, axis=-1)
+    return ops.cast(y, "int32")
 
 
 def _all_finite(inputs):

@@ -1,9 +1,12 @@
-"""Temperature softmax and the distillation loss T²·KL(p ‖ q), in `keras.ops`,
-so they run on every Keras backend."""
+"""Distillation losses in `keras.ops`, so they run on every Keras backend:
+the temperature softmax and T²·KL(p ‖ q) as functions, and the logit losses
+that a `Distiller` combines (`SoftTargets`, `LogitStandardization`,
+`DecoupledKD`, `DIST`) as serialisable objects."""
 
 import math
 import numbers
 
+import keras
 from keras import ops
 
 from kd_keras import _backend
@@ -244,3 +247,370 @@ def distillation_loss(teacher_logits, student_logits, temperature, sample_weight
         sample_weight,
         mask,
     )
+
+
+# Logit losses: building blocks of the distillation term.
+
+
+class LogitLoss:
+    """A distillation loss on the teacher's and the student's logits.
+
+    `Distiller(losses=[(loss, weight), ...])` sums `weight · loss` into its
+    distillation term. A loss returns one value per position (the logits'
+    shape without the class axis), which the Distiller reduces as it reduces
+    the label loss (sample weights, masks, reduction); a batch-level loss
+    spreads its batch term over the positions. A loss without a temperature
+    of its own (`temperature=None`) uses the Distiller's, so
+    `ParameterSchedule` and the tuner drive it.
+
+    Subclasses implement `per_position(teacher_logits, student_logits,
+    temperature, labels=None, epoch=None)`; `labels` are class ids of the
+    logits' shape without the class axis (given when `needs_labels`), and
+    `epoch` (from 0) is given when `uses_epoch`.
+    """
+
+    needs_labels = False
+    uses_epoch = False
+    min_classes = 1
+
+    def __init__(self, temperature=None, name=None):
+        if temperature is not None:
+            check_temperature(temperature)
+        self.temperature = temperature
+        self.name = name or _snake_case(type(self).__name__)
+
+    def per_position(
+        self, teacher_logits, student_logits, temperature, labels=None, epoch=None
+    ):
+        raise NotImplementedError
+
+    def check_logits_shape(self, shape):
+        """Raises unless the loss can take logits of `shape`."""
+        if shape[-1] is not None and shape[-1] < self.min_classes:
+            raise ValueError(
+                f"{type(self).__name__} needs at least {self.min_classes} "
+                f"classes, but the logits have shape {tuple(shape)}. Use "
+                "`SoftTargets()` for a single (binary) logit."
+            )
+
+    def get_config(self):
+        return {"temperature": self.temperature, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({settings})"
+
+
+def _check_nonnegative(value, name):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not 0 <= value < math.inf
+    ):
+        raise ValueError(
+            f"Expected `{name}` to be a finite number >= 0. Received: {name}={value!r}"
+        )
+
+
+def _snake_case(name):
+    return "".join(
+        f"_{c.lower()}"
+        if c.isupper() and i and not name[i - 1].isupper()
+        else c.lower()
+        for i, c in enumerate(name)
+    )
+
+
+def _scaled(teacher_logits, student_logits, temperature):
+    temperature = _as_float32(temperature)
+    return (
+        _as_float32(teacher_logits) / temperature,
+        _as_float32(student_logits) / temperature,
+        temperature,
+    )
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class SoftTargets(LogitLoss):
+    """Hinton et al. (2015): T²·KL(softmax(t/T) ‖ softmax(s/T)) at every
+    position; for one logit, the binary KL of sigmoids. The Distiller's
+    default, the same as `per_position_distillation_loss`.
+
+    Args:
+        temperature: T for this loss, or None for the Distiller's.
+        name: the name of its term in the logs.
+    """
+
+    def per_position(
+        self, teacher_logits, student_logits, temperature, labels=None, epoch=None
+    ):
+        return per_position_distillation_loss(
+            teacher_logits, student_logits, temperature
+        )
+
+
+def standardize(logits, epsilon=1e-7):
+    """Z-scores each logit vector over its classes, `(z − mean) / (std + ε)`,
+    with the sample standard deviation (N − 1), as the authors' code does."""
+    logits = _as_float32(logits)
+    classes = logits.shape[-1]
+    centred = logits - ops.mean(logits, axis=-1, keepdims=True)
+    variance = ops.sum(ops.square(centred), axis=-1, keepdims=True) / (classes - 1)
+    return centred / (_safe_sqrt(variance) + epsilon)
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class LogitStandardization(LogitLoss):
+    """Sun et al. (CVPR 2024): soft targets on standardised logits.
+
+    Each logit vector is z-scored over its classes, `(z − mean)/(std + ε)`
+    with the sample standard deviation (N − 1, as the authors' code uses)
+    and ε = 1e-7, before the temperature softmax and the T²·KL. The student
+    then matches the teacher's ranking of the classes rather than the scale
+    of its logits.
+
+    Args:
+        base_temperature: T for this loss, or None for the Distiller's (the
+            paper's base temperature, 2 on CIFAR-100).
+        name: the name of its term in the logs.
+    """
+
+    min_classes = 2
+
+    def __init__(self, base_temperature=None, name=None):
+        super().__init__(temperature=base_temperature, name=name)
+
+    def per_position(
+        self, teacher_logits, student_logits, temperature, labels=None, epoch=None
+    ):
+        return per_position_distillation_loss(
+            standardize(teacher_logits), standardize(student_logits), temperature
+        )
+
+    def get_config(self):
+        return {"base_temperature": self.temperature, "name": self.name}
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class DecoupledKD(LogitLoss):
+    """Zhao et al. (CVPR 2022): KD split into its target and non-target parts.
+
+    - TCKD: T²·KL between the binary distributions (target, rest) of the
+      teacher and the student at temperature T.
+    - NCKD: T²·KL between their softmax distributions over the non-target
+      classes only.
+    - Loss = α·TCKD + β·NCKD, times min((epoch + 1) / warmup_epochs, 1)
+      while warming up (epochs counted from 0, as mdistiller's `epoch /
+      warmup` counts from 1). The Distiller's `fit` sets the epoch; outside
+      `fit` (a custom loop, `evaluate` before any `fit`) it keeps its last
+      value, and `per_position(..., epoch=None)` applies no ramp.
+
+    Computed in log space (log-softmax and log-sum-exp), so large logits do
+    not overflow. It needs the labels: the Distiller refuses unlabeled data.
+
+    Args:
+        alpha: weight of TCKD.
+        beta: weight of NCKD (8 in the paper's CIFAR-100 runs).
+        warmup_epochs: epochs over which the loss ramps up linearly, or None.
+        temperature: T for this loss, or None for the Distiller's.
+        name: the name of its term in the logs.
+    """
+
+    needs_labels = True
+    min_classes = 2
+
+    def __init__(
+        self, alpha=1.0, beta=8.0, warmup_epochs=None, temperature=None, name=None
+    ):
+        super().__init__(temperature=temperature, name=name)
+        _check_nonnegative(alpha, "alpha")
+        _check_nonnegative(beta, "beta")
+        if warmup_epochs is not None and (
+            isinstance(warmup_epochs, bool)
+            or not isinstance(warmup_epochs, numbers.Integral)
+            or warmup_epochs < 1
+        ):
+            raise ValueError(
+                "Expected `warmup_epochs` to be an integer >= 1, or None. "
+                f"Received: warmup_epochs={warmup_epochs!r}"
+            )
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.warmup_epochs = warmup_epochs
+        self.uses_epoch = warmup_epochs is not None
+
+    def per_position(
+        self, teacher_logits, student_logits, temperature, labels=None, epoch=None
+    ):
+        t, s, temperature = _scaled(teacher_logits, student_logits, temperature)
+        target = ops.one_hot(ops.cast(labels, "int32"), t.shape[-1]) > 0.5
+        tckd = _binary_kl(t, s, target)
+        nckd = _non_target_kl(t, s, target)
+        values = ops.square(temperature) * (self.alpha * tckd + self.beta * nckd)
+        if self.warmup_epochs is not None and epoch is not None:
+            ramp = ops.minimum((_as_float32(epoch) + 1.0) / self.warmup_epochs, 1.0)
+            values = values * ramp
+        return values
+
+    def get_config(self):
+        return {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "warmup_epochs": self.warmup_epochs,
+            "temperature": self.temperature,
+            "name": self.name,
+        }
+
+
+_NEG_LARGE = -1e9
+
+
+def _log_target_and_rest(z, target):
+    """log p(target) and log p(rest) of softmax(z), in log space."""
+    log_all = ops.logsumexp(z, axis=-1)
+    log_target = ops.sum(ops.where(target, z, 0.0), axis=-1) - log_all
+    log_rest = ops.logsumexp(ops.where(target, _NEG_LARGE, z), axis=-1) - log_all
+    return log_target, log_rest
+
+
+def _binary_kl(t, s, target):
+    t_target, t_rest = _log_target_and_rest(t, target)
+    s_target, s_rest = _log_target_and_rest(s, target)
+    return ops.exp(t_target) * (t_target - s_target) + ops.exp(t_rest) * (
+        t_rest - s_rest
+    )
+
+
+def _non_target_kl(t, s, target):
+    log_p = ops.log_softmax(ops.where(target, _NEG_LARGE, t), axis=-1)
+    log_q = ops.log_softmax(ops.where(target, _NEG_LARGE, s), axis=-1)
+    kl = ops.where(target, 0.0, ops.exp(log_p) * (log_p - log_q))
+    return ops.sum(kl, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class DIST(LogitLoss):
+    """Huang et al. (NeurIPS 2022): distillation from a stronger teacher by
+    correlation, not exact match.
+
+    With y = softmax(z/T) at every position:
+    - inter-class term: 1 − the Pearson correlation of y_s and y_t across
+      classes, averaged over the positions;
+    - intra-class term: 1 − the Pearson correlation across the positions of
+      the batch, averaged over the classes;
+    - loss = T²·(β·inter + γ·intra).
+
+    The intra-class term is a statistic of the whole batch. Each position's
+    value is its own inter-class term plus the batch's intra-class term, so
+    the mean over a batch is the loss above; sample weights weigh each
+    position's inter-class term, and scale the intra-class term by their
+    mean. The intra-class correlation uses every position of the batch,
+    masked or not.
+
+    Args:
+        beta: weight of the inter-class term.
+        gamma: weight of the intra-class term.
+        temperature: T for this loss, or None for the Distiller's (the
+            paper uses 1 on ImageNet and 4 on CIFAR-100).
+        name: the name of its term in the logs.
+    """
+
+    min_classes = 2
+
+    def __init__(self, beta=1.0, gamma=1.0, temperature=None, name=None):
+        super().__init__(temperature=temperature, name=name)
+        _check_nonnegative(beta, "beta")
+        _check_nonnegative(gamma, "gamma")
+        self.beta, self.gamma = float(beta), float(gamma)
+
+    def per_position(
+        self, teacher_logits, student_logits, temperature, labels=None, epoch=None
+    ):
+        t, s, temperature = _scaled(teacher_logits, student_logits, temperature)
+        y_t, y_s = ops.softmax(t, axis=-1), ops.softmax(s, axis=-1)
+        inter = 1.0 - _pearson(y_s, y_t, axis=-1)
+        classes = y_t.shape[-1]
+        flat_t = ops.reshape(y_t, (-1, classes))
+        flat_s = ops.reshape(y_s, (-1, classes))
+        intra = 1.0 - ops.mean(_pearson(flat_s, flat_t, axis=0))
+        return ops.square(temperature) * (self.beta * inter + self.gamma * intra)
+
+    def get_config(self):
+        return {
+            "beta": self.beta,
+            "gamma": self.gamma,
+            "temperature": self.temperature,
+            "name": self.name,
+        }
+
+
+def _safe_sqrt(x):
+    """sqrt(x), with gradient 0 rather than NaN where x is 0 (a constant
+    vector), as `Tensor.norm` in the authors' code."""
+    positive = x > 0
+    return ops.where(positive, ops.sqrt(ops.where(positive, x, 1.0)), 0.0)
+
+
+def _pearson(a, b, axis, epsilon=1e-8):
+    a = a - ops.mean(a, axis=axis, keepdims=True)
+    b = b - ops.mean(b, axis=axis, keepdims=True)
+    norms = _safe_sqrt(ops.sum(a * a, axis=axis)) * _safe_sqrt(
+        ops.sum(b * b, axis=axis)
+    )
+    return ops.sum(a * b, axis=axis) / (norms + epsilon)
+
+
+def _is_pair(item):
+    """True for `(loss, weight)`, not for a tuple of two losses."""
+    return (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], LogitLoss)
+        and not isinstance(item[1], LogitLoss)
+    )
+
+
+def as_weighted_losses(losses):
+    """`[(LogitLoss, weight), ...]` from None (soft targets), a loss, or a
+    list of losses and `(loss, weight)` pairs."""
+    if losses is None:
+        return [(SoftTargets(), 1.0)]
+    if isinstance(losses, LogitLoss) or _is_pair(losses):
+        losses = [losses]
+    if isinstance(losses, tuple):
+        losses = list(losses)
+    if not isinstance(losses, list) or not losses:
+        raise ValueError(
+            "Expected `losses` as a loss such as `kd_keras.losses.DIST()`, or "
+            "a non-empty list of losses and (loss, weight) pairs. Received: "
+            f"losses={losses!r}"
+        )
+    pairs = []
+    for item in losses:
+        loss, weight = (
+            item if isinstance(item, tuple) and len(item) == 2 else (item, 1.0)
+        )
+        if not isinstance(loss, LogitLoss):
+            raise ValueError(
+                "Expected each loss to be a `kd_keras.losses.LogitLoss`, such "
+                "as `SoftTargets()`, `LogitStandardization()`, "
+                f"`DecoupledKD()` or `DIST()`. Received: {item!r}"
+            )
+        _check_nonnegative(weight, f"weight of {loss!r}")
+        pairs.append((loss, float(weight)))
+    names = [loss.name for loss, _ in pairs]
+    taken = sorted({"student", "distillation"} & set(names))
+    if taken:
+        raise ValueError(
+            f"A loss named {taken[0]!r} would log `{taken[0]}_loss`, which the "
+            "Distiller logs itself. Pass another `name=`."
+        )
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"Each loss needs its own name, for its term in the logs. "
+            f"Received the names {names}: pass `name=` to tell them apart."
+        )
+    return pairs
