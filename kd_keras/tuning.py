@@ -19,6 +19,7 @@ from kd_keras import _checks
 from kd_keras import _datasets
 from kd_keras import _fingerprints
 from kd_keras import _io
+from kd_keras import losses as kd_losses
 from kd_keras import training
 from kd_keras.distiller import Distiller
 from kd_keras.teachers import cache_teacher_logits
@@ -90,6 +91,24 @@ def _check_builder(builder, name, call):
         )
 
 
+def _check_loss_choices(losses):
+    if losses is None:
+        return None
+    if not isinstance(losses, dict) or not losses:
+        raise ValueError(
+            "Expected `losses` as a non-empty dict {name: loss}, such as "
+            '{"kd": SoftTargets(), "dist": DIST()}. Received: '
+            f"losses={losses!r}"
+        )
+    for name, choice in losses.items():
+        if not isinstance(choice, kd_losses.LogitLoss) and not callable(choice):
+            raise ValueError(
+                f"Expected losses[{name!r}] to be a `kd_keras.losses` object or "
+                f"a function `hp -> loss`. Received: {choice!r}"
+            )
+    return dict(losses)
+
+
 @contextlib.contextmanager
 def _dtype_policy(name):
     if name is None:
@@ -134,6 +153,12 @@ class DistillationHyperModel(keras_tuner.HyperModel):
             policy under which students and assistants are built (the KD loss
             stays float32).
         jit_compile: passed to `compile` ("auto", True or False).
+        losses: optional `{name: loss}` to choose the distillation loss from
+            (the hyperparameter `loss`); a loss is a `kd_keras.losses`
+            object, or a function `hp -> loss` whose own hyperparameters
+            are searched only when that loss is chosen, e.g.
+            `{"kd": SoftTargets(), "dkd": lambda hp: DecoupledKD(
+            beta=hp.Choice("dkd_beta", [2.0, 8.0]))}`. None: soft targets.
 
     Example:
 
@@ -162,6 +187,7 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         metrics=("accuracy",),
         mixed_precision=None,
         jit_compile="auto",
+        losses=None,
         name="distillation",
     ):
         super().__init__(name=name)
@@ -188,12 +214,17 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         self.metrics = list(metrics)
         self.mixed_precision = mixed_precision
         self.jit_compile = jit_compile
+        self.losses = _check_loss_choices(losses)
         # Full passes of the teacher over a dataset, by dataset.
         self.teacher_passes = {}
 
-    def _compiled(self, teacher, student, temperature, weight):
+    def _compiled(self, teacher, student, temperature, weight, loss=None):
         distiller = Distiller(
-            teacher, student, temperature=temperature, distillation_weight=weight
+            teacher,
+            student,
+            temperature=temperature,
+            distillation_weight=weight,
+            losses=loss,
         )
         distiller.compile(
             training.new_optimizer(self.optimizer, self.learning_rate),
@@ -215,7 +246,24 @@ class DistillationHyperModel(keras_tuner.HyperModel):
             teacher = self.teacher
             if size != NO_ASSISTANT:
                 teacher = self.assistant_builder(self.sizes[size])
-            return self._compiled(teacher, student, temperature, weight)
+            return self._compiled(teacher, student, temperature, weight, self._loss(hp))
+
+    def _loss(self, hp):
+        """The trial's distillation loss, or None (soft targets)."""
+        if not self.losses:
+            return None
+        name = hp.Choice("loss", list(self.losses))
+        choice = self.losses[name]
+        if isinstance(choice, kd_losses.LogitLoss):
+            return choice
+        with hp.conditional_scope("loss", [name]):
+            loss = choice(hp)
+        if not isinstance(loss, kd_losses.LogitLoss):
+            raise ValueError(
+                f"The builder of the loss {name!r} returned {loss!r}; expected "
+                "a `kd_keras.losses` object such as `DecoupledKD(...)`."
+            )
+        return loss
 
     def _weight(self, hp):
         """λ on the grid (min, max, step), max included, rounded."""
@@ -255,7 +303,11 @@ class DistillationHyperModel(keras_tuner.HyperModel):
                 assistant.trainable = True
                 with _dtype_policy(self.mixed_precision):
                     step = self._compiled(
-                        self.teacher, assistant, hp.get("temperature"), self._weight(hp)
+                        self.teacher,
+                        assistant,
+                        hp.get("temperature"),
+                        self._weight(hp),
+                        self._loss(hp),
                     )
                 step.fit(
                     x,
@@ -297,6 +349,10 @@ def _sweep_stamp(hypermodel, train_data, validation_data, **settings):
             for name, size in hypermodel.sizes.items()
         },
         "temperatures": list(hypermodel.temperatures),
+        "losses": {
+            name: repr(choice) if isinstance(choice, kd_losses.LogitLoss) else name
+            for name, choice in (hypermodel.losses or {}).items()
+        },
         "distillation_weights": list(hypermodel.distillation_weights),
         "assistant_epochs": hypermodel.assistant_epochs,
         "optimizer": training.optimizer_config(
@@ -531,6 +587,7 @@ def trials_table(kt_tuner):
                 "assistant_size": values.get("assistant_size"),
                 "temperature": values.get("temperature"),
                 "distillation_weight": round(values.get("distillation_weight", 0), 4),
+                "loss": values.get("loss"),
                 "score": trial.score,
             }
         )

@@ -374,3 +374,52 @@ def test_a_second_sweep_in_the_same_session_resumes(
             project_name="p",
         )
     assert best is not None and len(tuning.trials_table(tuner)) == 2
+
+
+def test_a_sweep_chooses_the_loss_and_its_own_hyperparameters(
+    hypermodel, splits, tmp_path
+):
+    from kd_keras import losses
+
+    model = hypermodel(
+        assistant_builder=None,
+        assistant_sizes=(),
+        temperatures=[4.0],
+        distillation_weights=(0.5, 0.5, 0.1),
+        losses={
+            "kd": losses.SoftTargets(),
+            "dkd": lambda hp: losses.DecoupledKD(
+                beta=hp.Choice("dkd_beta", [2.0, 8.0])
+            ),
+            "dist": losses.DIST(),
+        },
+    )
+    # Four distinct trials: kd, dist, and dkd with either weight.
+    tuner, _ = tuning.tune(
+        model,
+        *splits(),
+        tuner="random",
+        max_trials=8,
+        epochs=1,
+        directory=tmp_path,
+        project_name="p",
+        seed=3,
+    )
+    trials = [t.hyperparameters for t in tuner.oracle.trials.values()]
+    chosen = {hp.values["loss"] for hp in trials}
+    assert chosen == {"kd", "dkd", "dist"}
+    for hp in trials:
+        # The DKD weight is searched, and set, only in DKD's trials.
+        assert ("dkd_beta" in hp.values) == (hp.values["loss"] == "dkd")
+        built = model.build(hp)
+        ((loss, _),) = built._kd_losses
+        expected = {"kd": "SoftTargets", "dkd": "DecoupledKD", "dist": "DIST"}
+        assert type(loss).__name__ == expected[hp.values["loss"]]
+        if hp.values["loss"] == "dkd":
+            assert loss.beta == hp.values["dkd_beta"]
+    assert {row["loss"] for row in tuning.trials_table(tuner)} == chosen
+
+
+def test_loss_choices_must_be_losses(hypermodel):
+    with pytest.raises(ValueError, match=r"losses\['kd'\].*Received: 'soft'"):
+        hypermodel(losses={"kd": "soft"})
