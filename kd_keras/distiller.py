@@ -2,6 +2,7 @@
 teacher's softened outputs, on every Keras backend."""
 
 import inspect
+import numbers
 import warnings
 import weakref
 
@@ -32,6 +33,7 @@ def split_cached(x):
     return x, None
 
 
+DEFAULT_DISTILLATION_WEIGHT = 0.9
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 _BINARY_LOSSES = (keras.losses.BinaryCrossentropy, keras.losses.BinaryFocalCrossentropy)
 
@@ -184,12 +186,15 @@ class Distiller(keras.Model):
         teacher,
         student,
         temperature=4.0,
-        distillation_weight=0.9,
+        distillation_weight=DEFAULT_DISTILLATION_WEIGHT,
         student_loss=None,
         check_finite_inputs=True,
         losses=None,
         **kwargs,
     ):
+        losses, distillation_weight = _keras_arguments(
+            kwargs, losses, distillation_weight
+        )
         super().__init__(**kwargs)
         self.check_finite_inputs = bool(check_finite_inputs)
         self._kd_losses = kd_losses.as_weighted_losses(losses)
@@ -781,6 +786,54 @@ class Distiller(keras.Model):
                 for loss, weight in config["losses"]
             ]
         return cls(**config)
+
+
+def _keras_arguments(kwargs, losses, distillation_weight):
+    """`keras.distillation.Distiller`'s arguments, read as kd_keras's: its
+    `distillation_losses` (with `distillation_loss_weights`) are `losses`,
+    and its `student_loss_weight` (0.5 by default, as in Keras) is
+    1 − `distillation_weight`."""
+    keras_losses = kwargs.pop("distillation_losses", None)
+    keras_weights = kwargs.pop("distillation_loss_weights", None)
+    student_weight = kwargs.pop("student_loss_weight", None)
+    if keras_losses is None:
+        if keras_weights is not None or student_weight is not None:
+            raise ValueError(
+                "`distillation_loss_weights` and `student_loss_weight` go with "
+                "Keras' `distillation_losses`; with `losses`, pass "
+                "`(loss, weight)` pairs and `distillation_weight`."
+            )
+        return losses, distillation_weight
+    if losses is not None or distillation_weight != DEFAULT_DISTILLATION_WEIGHT:
+        raise ValueError(
+            "Pass Keras' `distillation_losses` and `student_loss_weight`, or "
+            "kd_keras' `losses` and `distillation_weight`, not a mix."
+        )
+    listed = (
+        list(keras_losses)
+        if isinstance(keras_losses, (list, tuple))
+        else [keras_losses]
+    )
+    if keras_weights is not None:
+        if not isinstance(keras_weights, (list, tuple)) or len(keras_weights) != len(
+            listed
+        ):
+            raise ValueError(
+                "Expected `distillation_loss_weights` as a list with one weight "
+                f"per loss ({len(listed)}). Received: {keras_weights!r}"
+            )
+        listed = list(zip(listed, keras_weights, strict=True))
+    student_weight = 0.5 if student_weight is None else student_weight
+    if (
+        isinstance(student_weight, bool)
+        or not isinstance(student_weight, numbers.Real)
+        or not 0 <= student_weight <= 1
+    ):
+        raise ValueError(
+            "Expected `student_loss_weight` (Keras' 1 − distillation_weight) "
+            f"in [0, 1]. Received: student_loss_weight={student_weight!r}"
+        )
+    return listed, 1.0 - float(student_weight)
 
 
 def _class_ids(y, logits):

@@ -563,13 +563,69 @@ def _pearson(a, b, axis, epsilon=1e-8):
     return ops.sum(a * b, axis=axis) / (norms + epsilon)
 
 
+@keras.saving.register_keras_serializable(package="kd_keras")
+class KerasLogitsDistillation(LogitLoss):
+    """A `keras.distillation.LogitsDistillation`, as a kd_keras loss.
+
+    Keras computes it over the batch with its own temperature, as
+    `keras.distillation.Distiller` would: a `keras.losses.KLDivergence()`
+    instance compares the temperature softmaxes and is multiplied by T²;
+    any other loss, including the default string "kl_divergence", is
+    applied to the scaled logits as they are. The batch value is spread
+    evenly over the positions, so with the default reduction sample weights
+    scale it by their mean, and masks do not apply. `Distiller(losses=...)`
+    wraps such objects itself; several get numbered names.
+
+    Args:
+        loss: the `keras.distillation.LogitsDistillation`.
+        name: the name of its term in the logs.
+    """
+
+    def __init__(self, loss, name=None):
+        if isinstance(loss, dict):  # From a saved config.
+            loss = keras.saving.deserialize_keras_object(loss)
+        super().__init__(temperature=None, name=name or "keras_logits_distillation")
+        self.loss = loss
+
+    def per_position(
+        self, teacher_logits, student_logits, temperature, labels=None, epoch=None
+    ):
+        value = self.loss.compute_loss(teacher_logits, student_logits)
+        return ops.ones(ops.shape(student_logits)[:-1], "float32") * ops.cast(
+            value, "float32"
+        )
+
+    def get_config(self):
+        return {
+            "loss": keras.saving.serialize_keras_object(self.loss),
+            "name": self.name,
+        }
+
+
+def _from_keras(loss):
+    """kd_keras's form of a `keras.distillation` loss object, or the loss."""
+    distillation = getattr(keras, "distillation", None)
+    if distillation is None or isinstance(loss, LogitLoss):
+        return loss
+    if isinstance(loss, distillation.LogitsDistillation):
+        return KerasLogitsDistillation(loss)
+    if isinstance(loss, distillation.DistillationLoss):
+        raise ValueError(
+            f"kd_keras does not take {type(loss).__name__} yet: only logit "
+            "losses (`keras.distillation.LogitsDistillation` and the ones in "
+            "`kd_keras.losses`). For feature distillation, use "
+            "`keras.distillation.Distiller` for now."
+        )
+    return loss
+
+
 def _is_pair(item):
     """True for `(loss, weight)`, not for a tuple of two losses."""
     return (
         isinstance(item, tuple)
         and len(item) == 2
-        and isinstance(item[0], LogitLoss)
-        and not isinstance(item[1], LogitLoss)
+        and isinstance(_from_keras(item[0]), LogitLoss)
+        and isinstance(item[1], numbers.Real)
     )
 
 
@@ -578,6 +634,7 @@ def as_weighted_losses(losses):
     list of losses and `(loss, weight)` pairs."""
     if losses is None:
         return [(SoftTargets(), 1.0)]
+    losses = _from_keras(losses)
     if isinstance(losses, LogitLoss) or _is_pair(losses):
         losses = [losses]
     if isinstance(losses, tuple):
@@ -590,9 +647,8 @@ def as_weighted_losses(losses):
         )
     pairs = []
     for item in losses:
-        loss, weight = (
-            item if isinstance(item, tuple) and len(item) == 2 else (item, 1.0)
-        )
+        loss, weight = item if _is_pair(item) else (item, 1.0)
+        loss = _from_keras(loss)
         if not isinstance(loss, LogitLoss):
             raise ValueError(
                 "Expected each loss to be a `kd_keras.losses.LogitLoss`, such "
@@ -601,6 +657,10 @@ def as_weighted_losses(losses):
             )
         _check_nonnegative(weight, f"weight of {loss!r}")
         pairs.append((loss, float(weight)))
+    wrapped = [loss for loss, _ in pairs if isinstance(loss, KerasLogitsDistillation)]
+    if len(wrapped) > 1 and len({loss.name for loss in wrapped}) == 1:
+        for index, loss in enumerate(wrapped, 1):
+            loss.name = f"{loss.name}_{index}"
     names = [loss.name for loss, _ in pairs]
     taken = sorted({"student", "distillation"} & set(names))
     if taken:

@@ -100,13 +100,18 @@ def _check_loss_choices(losses):
             '{"kd": SoftTargets(), "dist": DIST()}. Received: '
             f"losses={losses!r}"
         )
+    checked = {}
     for name, choice in losses.items():
-        if not isinstance(choice, kd_losses.LogitLoss) and not callable(choice):
-            raise ValueError(
-                f"Expected losses[{name!r}] to be a `kd_keras.losses` object or "
-                f"a function `hp -> loss`. Received: {choice!r}"
-            )
-    return dict(losses)
+        if not callable(choice):
+            try:  # A loss object, `keras.distillation`'s too.
+                choice = kd_losses.as_weighted_losses(choice)[0][0]
+            except ValueError:
+                raise ValueError(
+                    f"Expected losses[{name!r}] to be a `kd_keras.losses` "
+                    f"object or a function `hp -> loss`. Received: {choice!r}"
+                ) from None
+        checked[name] = choice
+    return checked
 
 
 @contextlib.contextmanager
@@ -215,6 +220,13 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         self.mixed_precision = mixed_precision
         self.jit_compile = jit_compile
         self.losses = _check_loss_choices(losses)
+        # Each loss builder's own hyperparameters, and its default loss.
+        self._loss_spaces, self._loss_defaults = {}, {}
+        for option, choice in (self.losses or {}).items():
+            if not isinstance(choice, kd_losses.LogitLoss):
+                probe = keras_tuner.HyperParameters()
+                self._loss_defaults[option] = choice(probe)
+                self._loss_spaces[option] = list(probe.space)
         # Full passes of the teacher over a dataset, by dataset.
         self.teacher_passes = {}
 
@@ -253,6 +265,16 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         if not self.losses:
             return None
         name = hp.Choice("loss", list(self.losses))
+        # Every loss's own settings are declared from the first trial on
+        # (keras-tuner learns the space from them), active only when that
+        # loss is chosen.
+        for option, space in self._loss_spaces.items():
+            if option != name:
+                with hp.conditional_scope("loss", [option]):
+                    for setting in space:
+                        config = setting.get_config()
+                        config.pop("conditions", None)
+                        getattr(hp, type(setting).__name__)(**config)
         choice = self.losses[name]
         if isinstance(choice, kd_losses.LogitLoss):
             return choice
@@ -349,10 +371,6 @@ def _sweep_stamp(hypermodel, train_data, validation_data, **settings):
             for name, size in hypermodel.sizes.items()
         },
         "temperatures": list(hypermodel.temperatures),
-        "losses": {
-            name: repr(choice) if isinstance(choice, kd_losses.LogitLoss) else name
-            for name, choice in (hypermodel.losses or {}).items()
-        },
         "distillation_weights": list(hypermodel.distillation_weights),
         "assistant_epochs": hypermodel.assistant_epochs,
         "optimizer": training.optimizer_config(
@@ -363,6 +381,15 @@ def _sweep_stamp(hypermodel, train_data, validation_data, **settings):
         "validation data": _datasets.fingerprint(validation_data),
         **settings,
     }
+    if hypermodel.losses:  # Absent otherwise, as in sweeps before losses.
+        stamp["losses"] = {
+            name: repr(hypermodel._loss_defaults.get(name, choice))
+            for name, choice in hypermodel.losses.items()
+        }
+        stamp["loss settings"] = {
+            name: [setting.get_config() for setting in space]
+            for name, space in hypermodel._loss_spaces.items()
+        }
     return _io.as_json(stamp)
 
 

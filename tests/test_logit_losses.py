@@ -348,3 +348,89 @@ def test_a_tuple_of_losses_is_a_list_not_a_pair():
     ]
     pairs = losses.as_weighted_losses((losses.DIST(), 0.5))
     assert [(type(loss).__name__, w) for loss, w in pairs] == [("DIST", 0.5)]
+
+
+@pytest.mark.parametrize("student_loss_weight", [None, 0.25])
+def test_keras_distillation_arguments_switch_by_one_import(
+    student_loss_weight, tiny_mlp, tiny_data
+):
+    # The same arguments as `keras.distillation.Distiller` (its default
+    # student_loss_weight too), the same loss. T = 2, not the Distiller's 4,
+    # so that the Keras loss object must be the one used.
+    x, y = tiny_data
+    teacher, student = tiny_mlp(seed=1), tiny_mlp(8, seed=2)
+    arguments = dict(
+        distillation_losses=keras.distillation.LogitsDistillation(
+            temperature=2.0, loss=keras.losses.KLDivergence()
+        )
+    )
+    if student_loss_weight is not None:
+        arguments["student_loss_weight"] = student_loss_weight
+    totals = []
+    for module in (keras.distillation, kd_keras):
+        distiller = module.Distiller(teacher, student, **arguments)
+        distiller.compile(
+            optimizer="adam",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        totals.append(
+            float(
+                keras.ops.convert_to_numpy(
+                    distiller.compute_loss(x, y, student(x), training=False)
+                )
+            )
+        )
+    assert totals[1] == pytest.approx(totals[0], rel=1e-5)
+
+
+def test_keras_and_kd_keras_arguments_do_not_mix(tiny_mlp):
+    keras_loss = keras.distillation.LogitsDistillation(temperature=2.0)
+    with pytest.raises(ValueError, match="not a mix"):
+        kd_keras.Distiller(
+            tiny_mlp(),
+            tiny_mlp(8),
+            distillation_losses=keras_loss,
+            distillation_weight=0.5,
+        )
+    with pytest.raises(ValueError, match="go with Keras' `distillation_losses`"):
+        kd_keras.Distiller(tiny_mlp(), tiny_mlp(8), student_loss_weight=0.5)
+    two = kd_keras.Distiller(
+        tiny_mlp(),
+        tiny_mlp(8),
+        distillation_losses=[keras_loss, keras.distillation.LogitsDistillation(4.0)],
+        distillation_loss_weights=[0.5, 0.5],
+    )
+    assert [loss.name for loss, _ in two._kd_losses] == [
+        "keras_logits_distillation_1",
+        "keras_logits_distillation_2",
+    ]
+
+
+def test_a_keras_logits_loss_is_saved_with_the_distiller(tiny_mlp, tiny_data, tmp_path):
+    x, y = tiny_data
+    distiller = kd_keras.Distiller(
+        tiny_mlp(seed=1),
+        tiny_mlp(8, seed=2),
+        losses=[(keras.distillation.LogitsDistillation(temperature=2.0), 0.5)],
+    )
+    distiller.compile(optimizer="adam")
+    before = distiller.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
+    distiller.save(tmp_path / "d.keras")
+    loaded = keras.saving.load_model(tmp_path / "d.keras")
+    after = loaded.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
+    assert after["distillation_loss"] == pytest.approx(
+        before["distillation_loss"], rel=1e-5
+    )
+    ((wrapped, weight),) = loaded._kd_losses
+    assert isinstance(wrapped, losses.KerasLogitsDistillation) and weight == 0.5
+    assert wrapped.loss.temperature == 2.0
+
+
+def test_keras_feature_distillation_is_refused_with_a_way_out(tiny_mlp):
+    feature = keras.distillation.FeatureDistillation(
+        teacher_layer_name="dense", student_layer_name="dense"
+    )
+    with pytest.raises(
+        ValueError, match=r"FeatureDistillation yet.*keras\.distillation\.Distiller"
+    ):
+        kd_keras.Distiller(tiny_mlp(), tiny_mlp(8), distillation_losses=feature)

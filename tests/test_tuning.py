@@ -305,10 +305,10 @@ class RecordingHyperModel(tuning.DistillationHyperModel):
     trained = []  # each fresh trial's assistant after its training
     restored = []  # each continued trial's assistant as it starts
 
-    def _compiled(self, teacher, student, temperature, weight):
+    def _compiled(self, teacher, student, *args, **kwargs):
         if student.name == "assistant":
             RecordingHyperModel.assistant_trainings += 1
-        return super()._compiled(teacher, student, temperature, weight)
+        return super()._compiled(teacher, student, *args, **kwargs)
 
     def fit(self, hp, model, *args, **kwargs):
         assistant = model.teacher if model.teacher is not self.teacher else None
@@ -418,6 +418,11 @@ def test_a_sweep_chooses_the_loss_and_its_own_hyperparameters(
         if hp.values["loss"] == "dkd":
             assert loss.beta == hp.values["dkd_beta"]
     assert {row["loss"] for row in tuning.trials_table(tuner)} == chosen
+    # DKD's weight is in the search space from the start, and both of its
+    # values were tried.
+    assert "dkd_beta" in [h.name for h in tuner.oracle.hyperparameters.space]
+    betas = {hp.values["dkd_beta"] for hp in trials if hp.values["loss"] == "dkd"}
+    assert betas == {2.0, 8.0}
 
 
 def test_loss_choices_must_be_losses(hypermodel):
