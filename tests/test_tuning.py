@@ -112,6 +112,8 @@ def test_an_assistant_trial_distils_the_teacher_into_the_assistant_first(
     assert assistant.trainable is False
 
 
+# Backend-independent (files, fingerprints, the oracle): once is enough.
+@pytest.mark.tensorflow_only
 def test_a_resumed_sweep_does_not_run_finished_trials_again(
     hypermodel, splits, tmp_path
 ):
@@ -128,6 +130,8 @@ def test_a_resumed_sweep_does_not_run_finished_trials_again(
     assert len(tuner.oracle.trials) == 3
 
 
+# Backend-independent (files, fingerprints, the oracle): once is enough.
+@pytest.mark.tensorflow_only
 def test_an_interrupted_trial_is_run_again_on_resume(hypermodel, splits, tmp_path):
     class Interrupt(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -250,6 +254,8 @@ def test_mixed_float16_students_train_with_loss_scaling(hypermodel, splits):
     assert np.isfinite(logs["distillation_loss"]) and np.isfinite(logs["loss"])
 
 
+# Backend-independent (files, fingerprints, the oracle): once is enough.
+@pytest.mark.tensorflow_only
 def test_trials_are_listed_in_numeric_order(hypermodel, splits, tmp_path):
     tuner, _ = tuning.tune(
         hypermodel(),
@@ -274,6 +280,8 @@ def test_mixed_precision_and_jit_compile_options(hypermodel, splits):
     assert np.isfinite(logs["loss"])
 
 
+# Backend-independent (files, fingerprints, the oracle): once is enough.
+@pytest.mark.tensorflow_only
 def test_resuming_a_sweep_with_other_settings_raises(hypermodel, splits, tmp_path):
     arguments = dict(tuner="random", max_trials=1, directory=tmp_path, project_name="p")
     tuning.tune(hypermodel(), *splits(), epochs=1, **arguments)
@@ -320,6 +328,8 @@ class RecordingHyperModel(tuning.DistillationHyperModel):
         return history
 
 
+# Backend-independent (files, fingerprints, the oracle): once is enough.
+@pytest.mark.tensorflow_only
 def test_hyperband_continues_assistant_trials_without_retraining(
     hypermodel, splits, tiny_mlp, tmp_path
 ):
@@ -359,6 +369,8 @@ def test_hyperband_continues_assistant_trials_without_retraining(
     assert model.teacher_passes == {"train": 1, "validation": 1}
 
 
+# Backend-independent (files, fingerprints, the oracle): once is enough.
+@pytest.mark.tensorflow_only
 def test_a_second_sweep_in_the_same_session_resumes(
     hypermodel, splits, tiny_mlp, tmp_path
 ):
