@@ -378,7 +378,7 @@ class Distiller(keras.Model):
             return self._student_loss
         if student_logits.shape[-1] == 1:
             kind = "binary"
-        elif len(y.shape) == len(student_logits.shape) and y.shape[-1] != 1:
+        elif _one_hot(y, student_logits):
             kind = "categorical"
         else:
             kind = "sparse"
@@ -836,11 +836,16 @@ def _keras_arguments(kwargs, losses, distillation_weight):
     return listed, 1.0 - float(student_weight)
 
 
+def _one_hot(y, logits):
+    """True for one-hot (or soft) labels: the logits' rank, a class axis."""
+    return len(y.shape) == len(logits.shape) and y.shape[-1] != 1
+
+
 def _class_ids(y, logits):
     """Class ids of the logits' shape without the class axis, from integer
     or one-hot labels."""
     y = ops.convert_to_tensor(y)
-    if len(y.shape) == len(logits.shape) and y.shape[-1] != 1:
+    if _one_hot(y, logits):
         return ops.argmax(y, axis=-1)
     if len(y.shape) == len(logits.shape):
         y = ops.squeeze(y, axis=-1)
