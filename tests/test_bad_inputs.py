@@ -930,7 +930,10 @@ def test_a_non_finite_loss_in_a_later_epoch_keeps_that_epochs_start(
             distiller.student.get_weights()
         )
     )
-    with pytest.raises(FloatingPointError, match=r"batch 3 of epoch 2"):
+    # Keras reads a PyDataset ahead in a thread, so the read that turns
+    # NaN may be served as batch 3 or 4 of the epoch; the epoch 1 test above
+    # checks the exact batch on ArrayBatches.
+    with pytest.raises(FloatingPointError, match=r"batch [34] of epoch 2"):
         distiller.fit(
             NanInSecondEpoch(), epochs=3, shuffle=False, verbose=0, callbacks=[record]
         )
