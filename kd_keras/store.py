@@ -3,10 +3,10 @@ instead (teacher-assistant chains, path searches, command-line teachers),
 and the atomic JSON files that it and other long work keep."""
 
 import dataclasses
-import numbers
 
 from absl import logging
 
+from kd_keras import _checks
 from kd_keras import _datasets
 from kd_keras import _fingerprints
 from kd_keras import _io
@@ -47,15 +47,7 @@ class Settings:
     def check(self):
         losses.check_temperature(self.temperature)
         losses.check_distillation_weight(self.distillation_weight)
-        if (
-            isinstance(self.epochs, bool)
-            or not isinstance(self.epochs, numbers.Integral)
-            or self.epochs < 1
-        ):
-            raise ValueError(
-                f"Expected `epochs` to be an integer >= 1. Received: "
-                f"epochs={self.epochs!r}"
-            )
+        _checks.check_positive_int(self.epochs, "epochs")
 
     def training_arguments(self):
         """The keyword arguments of `training.train`."""
