@@ -12,6 +12,7 @@ import numpy as np
 
 from kd_keras import _backend
 from kd_keras import _checks
+from kd_keras import _features
 from kd_keras import _hyperparameters
 from kd_keras import losses as kd_losses
 from kd_keras import metrics as metrics_lib
@@ -222,6 +223,21 @@ class Distiller(keras.Model):
         teacher.trainable = False
         self.teacher = teacher
         self.student = student
+        # Feature losses: where each pair of features is read, and the
+        # adapters (trained with the student, never part of it).
+        self._pairs = [
+            (
+                index,
+                _features.Tap(teacher, t, "teacher"),
+                _features.Tap(student, s, "student"),
+            )
+            for index, (loss, _) in enumerate(self._kd_losses)
+            if isinstance(loss, kd_losses.FeatureLoss)
+            for t, s in loss.layer_pairs()
+        ]
+        self._captured = _Captured()
+        self.adapters = []
+        self._feature_shapes = None
         self._temperature = _hyperparameters.Hyperparameter(
             temperature, "temperature", check_temperature
         )
@@ -252,6 +268,8 @@ class Distiller(keras.Model):
         # Whether steps are traced with the teacher (see `_teacher_logits`).
         self._teacher_on = distillation_weight > 0.0
         self.built = True
+        if self._pairs:
+            self._prepare_features_early()
 
     # The two hyperparameters are variables; assigning a number validates it.
 
@@ -368,7 +386,117 @@ class Distiller(keras.Model):
 
     def call(self, inputs, training=False):
         inputs, _ = split_cached(inputs)
-        return self.student(inputs, training=training)
+        if not self._pairs:
+            return self.student(inputs, training=training)
+        taps = [student for _, _, student in self._pairs]
+        logits, self._captured.student = _run_with_features(
+            self.student, taps, inputs, training
+        )
+        self._captured.teacher = None  # Set when the teacher runs.
+        return logits
+
+    # Features, for feature losses.
+
+    def _prepare_features_early(self):
+        """Builds the adapters at construction when the models' input shape
+        is known, so that a saved Distiller loads its adapters' weights;
+        otherwise the first batch of `fit` or `evaluate` builds them."""
+        shapes = _checks.input_shapes(self.student)
+        if not shapes or len(shapes) != 1 or None in shapes[0][1:]:
+            return
+        rows = np.zeros((2, *shapes[0][1:]), "float32")
+        try:
+            features = self._eager_features(rows, check=False)
+        except Exception:  # The first batch names what fails.
+            return
+        self._prepare_features([(t.shape, s.shape) for t, s in features])
+
+    def _eager_features(self, rows, check=True):
+        """`[(teacher feature, student feature)]` of every pair, on `rows`."""
+        teacher = [t for _, t, _ in self._pairs]
+        student = [s for _, _, s in self._pairs]
+        _, teacher_features = _run_with_features(
+            self.teacher, teacher, rows, False, check
+        )
+        _, student_features = _run_with_features(
+            self.student, student, rows, False, check
+        )
+        return list(zip(teacher_features, student_features, strict=True))
+
+    def _prepare_features(self, shapes):
+        """Checks each pair's shapes and makes its adapter, once."""
+        if self._feature_shapes is not None:
+            return
+        shapes = [(tuple(t), tuple(s)) for t, s in shapes]
+        adapters = []
+        for (index, teacher, student), (teacher_shape, student_shape) in zip(
+            self._pairs, shapes, strict=True
+        ):
+            loss = self._kd_losses[index][0]
+            try:
+                adapter = loss.prepare(teacher_shape, student_shape)
+            except ValueError as error:
+                raise ValueError(
+                    f"{type(loss).__name__} `{loss.name}`, teacher layer "
+                    f"`{teacher.name}` and student layer `{student.name}`: {error}"
+                ) from None
+            if adapter is not None:
+                adapter.build((None, *student_shape[1:]))
+            adapters.append(adapter)
+        self.adapters = [a for a in adapters if a is not None]
+        # Each pair's adapter, by its place in `self.adapters`.
+        places = iter(range(len(self.adapters)))
+        self._adapter_places = [None if a is None else next(places) for a in adapters]
+        self._feature_shapes = shapes
+
+    def _check_features(self, rows, cached, what):
+        """Runs both models on the first rows, checks every feature, builds
+        the adapters and computes the feature losses once."""
+        names = sorted(
+            {type(self._kd_losses[index][0]).__name__ for index, _, _ in self._pairs}
+        )
+        if cached is not None:
+            raise ValueError(
+                f"{', '.join(names)} compares the teacher's features, but the "
+                f"{what} carries cached teacher logits, which hold no "
+                "features. Pass the data without `cache_teacher_logits`: the "
+                "teacher then runs on the fly."
+            )
+        features = self._eager_features(rows)
+        self._prepare_features([(t.shape, s.shape) for t, s in features])
+        for index, loss in self._feature_losses():
+            chosen = [
+                f
+                for (i, _, _), f in zip(self._pairs, features, strict=True)
+                if i == index
+            ]
+            try:
+                loss.per_example(
+                    [t for t, _ in chosen],
+                    [s for _, s in chosen],
+                    self._adapters_of(index),
+                )
+            except Exception as error:  # Whatever the loss raises, with shapes.
+                shapes = [(tuple(t.shape), tuple(s.shape)) for t, s in chosen]
+                raise ValueError(
+                    f"{type(loss).__name__} `{loss.name}` fails on the first "
+                    f"batch of the {what}, with (teacher, student) features of "
+                    f"shapes {shapes}: {error}"
+                ) from error
+
+    def _feature_losses(self):
+        return [
+            (index, loss)
+            for index, (loss, _) in enumerate(self._kd_losses)
+            if isinstance(loss, kd_losses.FeatureLoss)
+        ]
+
+    def _adapters_of(self, index):
+        return [
+            None if place is None else self.adapters[place]
+            for (i, _, _), place in zip(self._pairs, self._adapter_places, strict=True)
+            if i == index
+        ]
 
     # The loss, written once for every backend.
 
@@ -409,6 +537,12 @@ class Distiller(keras.Model):
         def run_teacher():
             return ops.cast(self.teacher(inputs, training=False), "float32")
 
+        if self._teacher_on and self._pairs:
+            logits, features = _run_with_features(
+                self.teacher, [t for _, t, _ in self._pairs], inputs, False
+            )
+            self._captured.teacher = [ops.stop_gradient(f) for f in features]
+            return ops.cast(logits, "float32")
         if self._teacher_on:
             return run_teacher()
 
@@ -527,15 +661,46 @@ class Distiller(keras.Model):
                 )
             labels = _class_ids(y, student_logits)
         return [
-            loss.per_position(
+            self._feature_values(index, loss, student_logits)
+            if isinstance(loss, kd_losses.FeatureLoss)
+            else loss.per_position(
                 teacher_logits,
                 student_logits,
                 self._temperature if loss.temperature is None else loss.temperature,
                 labels=labels,
                 epoch=self._epoch,
             )
-            for loss, _ in self._kd_losses
+            for index, (loss, _) in enumerate(self._kd_losses)
         ]
+
+    def _feature_values(self, index, loss, student_logits):
+        """A feature loss per example, spread over the logits' positions."""
+        positions = ops.shape(student_logits)[:-1]
+        if self._captured.teacher is None:
+            if self._teacher_on:
+                raise ValueError(
+                    f"{type(loss).__name__} needs the teacher's features, but "
+                    "the teacher did not run: the batch carries cached "
+                    "teacher logits. Pass the data without "
+                    "`cache_teacher_logits`."
+                )
+            # λ = 0: the term is off. Its adapters get zero gradients
+            # rather than none, which Keras would warn about.
+            untouched = [
+                ops.sum(v) for a in self.adapters for v in a.trainable_variables
+            ]
+            return ops.zeros(positions, "float32") + 0.0 * ops.sum(
+                ops.stack(untouched or [ops.zeros(())])
+            )
+        chosen = [k for k, (i, _, _) in enumerate(self._pairs) if i == index]
+        values = loss.per_example(
+            [self._captured.teacher[k] for k in chosen],
+            [self._captured.student[k] for k in chosen],
+            self._adapters_of(index),
+        )
+        rank = len(student_logits.shape)
+        values = ops.reshape(ops.cast(values, "float32"), (-1,) + (1,) * (rank - 2))
+        return values * ops.ones(positions, "float32")
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -692,6 +857,8 @@ class Distiller(keras.Model):
         student_logits = _first_logits(self.student, "student", rows, what)
         for loss, _ in self._kd_losses:
             loss.check_logits_shape(student_logits.shape)
+        if self._pairs:
+            self._check_features(rows, cached, what)
         _checks.check_not_probabilities(student_logits, "student", self.student.name)
         if cached is not None:
             teacher_logits = np.asarray(cached[: _checks.PEEK_ROWS])
@@ -765,11 +932,17 @@ class Distiller(keras.Model):
             config["student_loss"] = keras.saving.serialize_keras_object(
                 self._student_loss_arg
             )
+        if self._feature_shapes is not None:
+            # So that loading builds the adapters before their weights load.
+            config["feature_shapes"] = [
+                [list(t), list(s)] for t, s in self._feature_shapes
+            ]
         return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
+        feature_shapes = config.pop("feature_shapes", None)
         for key in ("teacher", "student", "student_loss"):
             if config.get(key) is not None:
                 config[key] = keras.saving.deserialize_keras_object(
@@ -785,7 +958,10 @@ class Distiller(keras.Model):
                 )
                 for loss, weight in config["losses"]
             ]
-        return cls(**config)
+        distiller = cls(**config)
+        if feature_shapes is not None and distiller._pairs:
+            distiller._prepare_features(feature_shapes)
+        return distiller
 
 
 def _keras_arguments(kwargs, losses, distillation_weight):
@@ -834,6 +1010,23 @@ def _keras_arguments(kwargs, losses, distillation_weight):
             f"in [0, 1]. Received: student_loss_weight={student_weight!r}"
         )
     return listed, 1.0 - float(student_weight)
+
+
+class _Captured:
+    """The features read in the current step (a plain object, which Keras
+    does not track)."""
+
+    teacher = None
+    student = None
+
+
+def _run_with_features(model, taps, inputs, training, check=False):
+    """Runs `model` and returns its outputs and the features of `taps`, read
+    in the same forward pass."""
+    layers = [tap.layer for tap in taps if tap.layer is not None]
+    with _features.capture(layers) as recorded:
+        outputs = model(inputs, training=training)
+    return outputs, [tap.feature(recorded, inputs, check) for tap in taps]
 
 
 def _one_hot(y, logits):

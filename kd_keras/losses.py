@@ -10,6 +10,7 @@ import keras
 from keras import ops
 
 from kd_keras import _backend
+from kd_keras import _features
 
 
 def check_temperature(temperature):
@@ -252,7 +253,36 @@ def distillation_loss(teacher_logits, student_logits, temperature, sample_weight
 # Logit losses: building blocks of the distillation term.
 
 
-class LogitLoss:
+class _Term:
+    """What the Distiller asks of every distillation loss."""
+
+    needs_labels = False
+    uses_epoch = False
+    min_classes = 1
+    temperature = None
+
+    def check_logits_shape(self, shape):
+        """Raises unless the loss can take logits of `shape`."""
+        if shape[-1] is not None and shape[-1] < self.min_classes:
+            raise ValueError(
+                f"{type(self).__name__} needs at least {self.min_classes} "
+                f"classes, but the logits have shape {tuple(shape)}. Use "
+                "`SoftTargets()` for a single (binary) logit."
+            )
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        settings = ", ".join(f"{k}={v!r}" for k, v in self._settings().items())
+        return f"{type(self).__name__}({settings})"
+
+    def _settings(self):
+        return self.get_config()
+
+
+class LogitLoss(_Term):
     """A distillation loss on the teacher's and the student's logits.
 
     `Distiller(losses=[(loss, weight), ...])` sums `weight · loss` into its
@@ -269,10 +299,6 @@ class LogitLoss:
     `epoch` (from 0) is given when `uses_epoch`.
     """
 
-    needs_labels = False
-    uses_epoch = False
-    min_classes = 1
-
     def __init__(self, temperature=None, name=None):
         if temperature is not None:
             check_temperature(temperature)
@@ -284,25 +310,8 @@ class LogitLoss:
     ):
         raise NotImplementedError
 
-    def check_logits_shape(self, shape):
-        """Raises unless the loss can take logits of `shape`."""
-        if shape[-1] is not None and shape[-1] < self.min_classes:
-            raise ValueError(
-                f"{type(self).__name__} needs at least {self.min_classes} "
-                f"classes, but the logits have shape {tuple(shape)}. Use "
-                "`SoftTargets()` for a single (binary) logit."
-            )
-
     def get_config(self):
         return {"temperature": self.temperature, "name": self.name}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def __repr__(self):
-        settings = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({settings})"
 
 
 def _check_nonnegative(value, name):
@@ -602,20 +611,346 @@ class KerasLogitsDistillation(LogitLoss):
         }
 
 
+# Feature losses: the teacher's intermediate features, matched by the
+# student's.
+
+
+class FeatureLoss(_Term):
+    """A distillation loss on intermediate features of the teacher and the
+    student, read in the same forward pass as their logits.
+
+    A feature is named by a layer, given as its name, a path through nested
+    models ("block2/conv"), the layer itself (e.g. an attribute of a
+    subclassed model), a function `fn(model, inputs)` that returns it, or
+    None for the model's output. The Distiller reads every such layer in the
+    forward pass that computes the logits, on every backend, and owns any
+    adapter a loss needs: adapters train with the student but are not part
+    of `distiller.student`, nor of its export.
+
+    The teacher must run for its features, so these losses take uncached
+    data (`cache_teacher_logits` stores logits only). A loss returns one
+    value per example, which the Distiller spreads over the positions of
+    the logits and reduces with the label loss's sample weights.
+
+    Subclasses implement `layer_pairs()`, `per_example(teacher_features,
+    student_features, adapters)` (lists with one entry per pair), and may
+    override `prepare(teacher_shape, student_shape)`, which checks the
+    shapes of a pair and returns its adapter layer or None.
+    """
+
+    def __init__(self, name=None):
+        self.name = name or _snake_case(type(self).__name__)
+
+    def layer_pairs(self):
+        raise NotImplementedError
+
+    def prepare(self, teacher_shape, student_shape):
+        return None
+
+    def per_example(self, teacher_features, student_features, adapters):
+        raise NotImplementedError
+
+    def _settings(self):
+        return {"name": self.name}
+
+
+def _feature_spec(spec, what):
+    """A layer given as a name, a path or None serialises; a layer object or
+    a function does not."""
+    if spec is None or isinstance(spec, str):
+        return spec
+    raise ValueError(
+        f"The {what} was given as {spec!r}, which cannot be saved. Give it by "
+        'name or by a path through nested models ("block2/conv") to save '
+        "the Distiller, or save `distiller.student` alone."
+    )
+
+
+def _per_example_mean(values):
+    return ops.mean(ops.reshape(values, (ops.shape(values)[0], -1)), axis=-1)
+
+
+def _shapes_text(teacher_shape, student_shape):
+    return f"teacher {tuple(teacher_shape)}, student {tuple(student_shape)}"
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class FeatureHint(FeatureLoss):
+    """FitNets (Romero et al., ICLR 2015): the student's feature, through a
+    learnable adapter, regresses the teacher's, by mean squared error.
+
+    With `adapter="auto"` the adapter is a Dense layer on the channel axis
+    to the teacher's width, which for a convolutional feature is a 1×1
+    convolution; other axes (the spatial size) must match. The Distiller
+    builds one adapter per Distiller, trains it with the student, and keeps
+    it out of `distiller.student` (see `distiller.adapters`).
+
+    Args:
+        teacher_layer: the teacher's layer: a name, a path through nested
+            models ("block2/conv"), the layer, a function
+            `fn(teacher, inputs)` returning the feature, or None for the
+            output.
+        student_layer: the same, for the student.
+        adapter: "auto" (a Dense or 1×1 convolution to the teacher's
+            width), None (no adapter: the features must have the same
+            shape), or a Keras layer, copied for each Distiller, that maps
+            the student's feature to the teacher's shape.
+        name: the name of its term in the logs.
+    """
+
+    def __init__(self, teacher_layer, student_layer, adapter="auto", name=None):
+        super().__init__(name=name)
+        if isinstance(adapter, dict):  # From a saved config.
+            adapter = keras.layers.deserialize(adapter)
+        if not (
+            adapter is None
+            or isinstance(adapter, keras.layers.Layer)
+            or (isinstance(adapter, str) and adapter == "auto")
+        ):
+            raise ValueError(
+                'Expected `adapter` to be "auto", None or a Keras layer. '
+                f"Received: adapter={adapter!r}"
+            )
+        self.teacher_layer = teacher_layer
+        self.student_layer = student_layer
+        self.adapter = adapter
+
+    def layer_pairs(self):
+        return [(self.teacher_layer, self.student_layer)]
+
+    def prepare(self, teacher_shape, student_shape):
+        shapes = _shapes_text(teacher_shape, student_shape)
+        if isinstance(self.adapter, keras.layers.Layer):
+            return type(self.adapter).from_config(self.adapter.get_config())
+        if self.adapter is None:
+            if tuple(teacher_shape[1:]) != tuple(student_shape[1:]):
+                raise ValueError(
+                    "FeatureHint(adapter=None) compares the features as they "
+                    f"are, but their shapes differ ({shapes}). Use "
+                    'adapter="auto" to learn a map to the teacher\'s width.'
+                )
+            return None
+        axis = _features.channel_axis(len(teacher_shape))
+        rest = [
+            a for i, a in enumerate(teacher_shape) if i != axis % len(teacher_shape)
+        ]
+        student_rest = [
+            a for i, a in enumerate(student_shape) if i != axis % len(student_shape)
+        ]
+        if len(teacher_shape) != len(student_shape) or rest[1:] != student_rest[1:]:
+            raise ValueError(
+                "FeatureHint's adapter maps the student's channels to the "
+                "teacher's, so the features must agree on every other axis, "
+                f"but they have the shapes {shapes}. Pick layers with the "
+                "same spatial size, pass a Keras layer as `adapter` that maps "
+                "one shape to the other, or use AttentionTransfer, which "
+                "resizes its maps."
+            )
+        return _features.Adapter(teacher_shape[axis], channel_axis=axis)
+
+    def per_example(self, teacher_features, student_features, adapters):
+        (teacher,), (student,), (adapter,) = (
+            teacher_features,
+            student_features,
+            adapters,
+        )
+        student = _as_float32(student)
+        if adapter is not None:
+            student = _as_float32(adapter(student))
+        return _per_example_mean(ops.square(student - _as_float32(teacher)))
+
+    def get_config(self):
+        adapter = self.adapter
+        if isinstance(adapter, keras.layers.Layer):
+            adapter = keras.layers.serialize(adapter)
+        return {
+            "teacher_layer": _feature_spec(self.teacher_layer, "teacher layer"),
+            "student_layer": _feature_spec(self.student_layer, "student layer"),
+            "adapter": adapter,
+            "name": self.name,
+        }
+
+    def _settings(self):
+        return {
+            "teacher_layer": self.teacher_layer,
+            "student_layer": self.student_layer,
+            "adapter": self.adapter,
+            "name": self.name,
+        }
+
+
+def attention_map(features, p=2.0, size=None):
+    """Zagoruyko and Komodakis' spatial attention: the mean over channels of
+    |A|^p, resized to `size` (height, width) for images, flattened and
+    L2-normalised per example."""
+    features = _as_float32(features)
+    axis = _features.channel_axis(len(features.shape))
+    maps = ops.mean(ops.power(ops.abs(features), p), axis=axis)
+    if size is not None and tuple(maps.shape[1:]) != tuple(size):
+        maps = ops.image.resize(
+            maps[..., None], size, interpolation="bilinear", data_format="channels_last"
+        )[..., 0]
+    maps = ops.reshape(maps, (ops.shape(maps)[0], -1))
+    norms = _safe_sqrt(ops.sum(ops.square(maps), axis=-1, keepdims=True))
+    return maps / ops.maximum(norms, 1e-12)
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class AttentionTransfer(FeatureLoss):
+    """Zagoruyko and Komodakis (ICLR 2017): the student matches the
+    teacher's spatial attention maps.
+
+    For each pair of layers, a map is the mean over channels of |A|^p,
+    L2-normalised over its positions (`attention_map`); the loss is the mean
+    squared difference of the two maps, summed over the pairs, as in the
+    authors' code (which weighs the sum by β/2 with β = 1000, so a weight of
+    the order of 500 suits it). Images whose maps differ in size are resized
+    (bilinear) to the smaller height and width; other features must have
+    the same positions. Channels may differ, so no adapter is needed.
+
+    Args:
+        pairs: a list of `(teacher_layer, student_layer)`, each a name, a
+            path through nested models, the layer, or a function
+            `fn(model, inputs)` returning the feature, with the channel axis
+            last (or first, under "channels_first").
+        p: the power of |A|, 2 in the paper.
+        name: the name of its term in the logs.
+    """
+
+    def __init__(self, pairs, p=2, name=None):
+        super().__init__(name=name)
+        if (
+            isinstance(pairs, tuple)
+            and len(pairs) == 2
+            and not all(isinstance(pair, (tuple, list)) for pair in pairs)
+        ):
+            pairs = [pairs]
+        pairs = list(pairs) if isinstance(pairs, (list, tuple)) else None
+        if not pairs or any(
+            not isinstance(pair, (tuple, list)) or len(pair) != 2 for pair in pairs
+        ):
+            raise ValueError(
+                "Expected `pairs` as a non-empty list of (teacher_layer, "
+                'student_layer), such as [("block2/conv", "conv_1")].'
+            )
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < 100:
+            raise ValueError(
+                f"Expected `p` to be a number > 0, such as 2. Received: p={p!r}"
+            )
+        self.pairs = [tuple(pair) for pair in pairs]
+        self.p = float(p)
+
+    def layer_pairs(self):
+        return self.pairs
+
+    def prepare(self, teacher_shape, student_shape):
+        shapes = _shapes_text(teacher_shape, student_shape)
+        rank = len(teacher_shape)
+        if rank < 3 or len(student_shape) != rank:
+            raise ValueError(
+                "AttentionTransfer compares spatial maps, so it needs features "
+                "with positions and channels, such as convolution outputs "
+                f"(batch, height, width, channels); received {shapes}. Use "
+                "FeatureHint for flat features."
+            )
+        axis = _features.channel_axis(rank) % rank
+        positions = [
+            (t, s)
+            for i, (t, s) in enumerate(zip(teacher_shape, student_shape, strict=True))
+            if i not in (0, axis)
+        ]
+        if rank != 4 and any(t != s for t, s in positions):
+            raise ValueError(
+                "AttentionTransfer resizes image maps only; these features "
+                f"differ in their positions ({shapes}). Pick layers with the "
+                "same positions."
+            )
+        return None
+
+    def per_example(self, teacher_features, student_features, adapters):
+        total = 0.0
+        for teacher, student in zip(teacher_features, student_features, strict=True):
+            size = None
+            if len(teacher.shape) == 4:
+                axis = _features.channel_axis(4) % 4
+                spatial = [i for i in (1, 2, 3) if i != axis]
+                size = tuple(min(teacher.shape[i], student.shape[i]) for i in spatial)
+            difference = attention_map(student, self.p, size) - attention_map(
+                teacher, self.p, size
+            )
+            total = total + ops.mean(ops.square(difference), axis=-1)
+        return total
+
+    def get_config(self):
+        return {
+            "pairs": [
+                [_feature_spec(t, "teacher layer"), _feature_spec(s, "student layer")]
+                for t, s in self.pairs
+            ],
+            "p": self.p,
+            "name": self.name,
+        }
+
+    def _settings(self):
+        return {"pairs": self.pairs, "p": self.p, "name": self.name}
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class KerasFeatureDistillation(FeatureLoss):
+    """A `keras.distillation.FeatureDistillation`, as a kd_keras loss.
+
+    Its layers are found as kd_keras finds them (names, and also paths
+    through nested models), and its loss compares the features as they are,
+    as Keras does: they must have the same shape (`FeatureHint` learns an
+    adapter instead). The batch value is spread evenly over the examples.
+    `Distiller(losses=...)` wraps such objects itself.
+
+    Args:
+        loss: the `keras.distillation.FeatureDistillation`.
+        name: the name of its term in the logs.
+    """
+
+    def __init__(self, loss, name=None):
+        if isinstance(loss, dict):  # From a saved config.
+            loss = keras.saving.deserialize_keras_object(loss)
+        super().__init__(name=name or "keras_feature_distillation")
+        self.loss = loss
+
+    def layer_pairs(self):
+        return [(self.loss.teacher_layer_name, self.loss.student_layer_name)]
+
+    def prepare(self, teacher_shape, student_shape):
+        if tuple(teacher_shape[1:]) != tuple(student_shape[1:]):
+            raise ValueError(
+                "keras.distillation.FeatureDistillation compares features as "
+                "they are, but these have different shapes "
+                f"({_shapes_text(teacher_shape, student_shape)}). Use "
+                "`kd_keras.losses.FeatureHint(teacher_layer, student_layer)`, "
+                "which learns an adapter to the teacher's width."
+            )
+        return None
+
+    def per_example(self, teacher_features, student_features, adapters):
+        (teacher,), (student,) = teacher_features, student_features
+        value = self.loss.compute_loss(_as_float32(teacher), _as_float32(student))
+        return ops.ones((ops.shape(student)[0],), "float32") * _as_float32(value)
+
+    def get_config(self):
+        return {
+            "loss": keras.saving.serialize_keras_object(self.loss),
+            "name": self.name,
+        }
+
+
 def _from_keras(loss):
     """kd_keras's form of a `keras.distillation` loss object, or the loss."""
     distillation = getattr(keras, "distillation", None)
-    if distillation is None or isinstance(loss, LogitLoss):
+    if distillation is None or isinstance(loss, _Term):
         return loss
     if isinstance(loss, distillation.LogitsDistillation):
         return KerasLogitsDistillation(loss)
-    if isinstance(loss, distillation.DistillationLoss):
-        raise ValueError(
-            f"kd_keras does not take {type(loss).__name__} yet: only logit "
-            "losses (`keras.distillation.LogitsDistillation` and the ones in "
-            "`kd_keras.losses`). For feature distillation, use "
-            "`keras.distillation.Distiller` for now."
-        )
+    if isinstance(loss, distillation.FeatureDistillation):
+        return KerasFeatureDistillation(loss)
     return loss
 
 
@@ -624,18 +959,19 @@ def _is_pair(item):
     return (
         isinstance(item, tuple)
         and len(item) == 2
-        and isinstance(_from_keras(item[0]), LogitLoss)
+        and isinstance(_from_keras(item[0]), _Term)
         and isinstance(item[1], numbers.Real)
     )
 
 
 def as_weighted_losses(losses):
-    """`[(LogitLoss, weight), ...]` from None (soft targets), a loss, or a
-    list of losses and `(loss, weight)` pairs."""
+    """`[(loss, weight), ...]` from None (soft targets), a loss, or a list
+    of losses and `(loss, weight)` pairs; `keras.distillation` losses are
+    wrapped."""
     if losses is None:
         return [(SoftTargets(), 1.0)]
     losses = _from_keras(losses)
-    if isinstance(losses, LogitLoss) or _is_pair(losses):
+    if isinstance(losses, _Term) or _is_pair(losses):
         losses = [losses]
     if isinstance(losses, tuple):
         losses = list(losses)
@@ -649,18 +985,21 @@ def as_weighted_losses(losses):
     for item in losses:
         loss, weight = item if _is_pair(item) else (item, 1.0)
         loss = _from_keras(loss)
-        if not isinstance(loss, LogitLoss):
+        if not isinstance(loss, _Term):
             raise ValueError(
-                "Expected each loss to be a `kd_keras.losses.LogitLoss`, such "
-                "as `SoftTargets()`, `LogitStandardization()`, "
-                f"`DecoupledKD()` or `DIST()`. Received: {item!r}"
+                "Expected each loss to be a `kd_keras.losses.LogitLoss` (such "
+                "as `SoftTargets()`, `LogitStandardization()`, `DecoupledKD()` "
+                "or `DIST()`), a `FeatureLoss` (`FeatureHint(...)`, "
+                "`AttentionTransfer(...)`) or a `keras.distillation` loss. "
+                f"Received: {item!r}"
             )
         _check_nonnegative(weight, f"weight of {loss!r}")
         pairs.append((loss, float(weight)))
-    wrapped = [loss for loss, _ in pairs if isinstance(loss, KerasLogitsDistillation)]
-    if len(wrapped) > 1 and len({loss.name for loss in wrapped}) == 1:
-        for index, loss in enumerate(wrapped, 1):
-            loss.name = f"{loss.name}_{index}"
+    for kind in (KerasLogitsDistillation, KerasFeatureDistillation):
+        wrapped = [loss for loss, _ in pairs if isinstance(loss, kind)]
+        if len(wrapped) > 1 and len({loss.name for loss in wrapped}) == 1:
+            for index, loss in enumerate(wrapped, 1):
+                loss.name = f"{loss.name}_{index}"
     names = [loss.name for loss, _ in pairs]
     taken = sorted({"student", "distillation"} & set(names))
     if taken:

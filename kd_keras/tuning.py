@@ -103,15 +103,21 @@ def _check_loss_choices(losses):
     checked = {}
     for name, choice in losses.items():
         if not callable(choice):
-            try:  # A loss object, `keras.distillation`'s too.
-                choice = kd_losses.as_weighted_losses(choice)[0][0]
+            try:  # As `Distiller(losses=...)` takes it.
+                choice = kd_losses.as_weighted_losses(choice)
             except ValueError:
                 raise ValueError(
                     f"Expected losses[{name!r}] to be a `kd_keras.losses` "
-                    f"object or a function `hp -> loss`. Received: {choice!r}"
+                    "object (or a list of them and (loss, weight) pairs, as "
+                    "`Distiller(losses=...)` takes), or a function `hp -> "
+                    f"loss`. Received: {choice!r}"
                 ) from None
         checked[name] = choice
     return checked
+
+
+def _has_feature_loss(weighted_losses):
+    return any(isinstance(loss, kd_losses.FeatureLoss) for loss, _ in weighted_losses)
 
 
 @contextlib.contextmanager
@@ -159,11 +165,13 @@ class DistillationHyperModel(keras_tuner.HyperModel):
             stays float32).
         jit_compile: passed to `compile` ("auto", True or False).
         losses: optional `{name: loss}` to choose the distillation loss from
-            (the hyperparameter `loss`); a loss is a `kd_keras.losses`
-            object, or a function `hp -> loss` whose own hyperparameters
-            are searched only when that loss is chosen, e.g.
-            `{"kd": SoftTargets(), "dkd": lambda hp: DecoupledKD(
-            beta=hp.Choice("dkd_beta", [2.0, 8.0]))}`. None: soft targets.
+            (the hyperparameter `loss`); a loss is what
+            `Distiller(losses=...)` takes (a `kd_keras.losses` object, or a
+            list of them and `(loss, weight)` pairs), or a function
+            `hp -> loss` whose own hyperparameters are searched only when
+            that loss is chosen, e.g. `{"kd": SoftTargets(), "dkd": lambda
+            hp: DecoupledKD(beta=hp.Choice("dkd_beta", [2.0, 8.0]))}`.
+            None: soft targets.
 
     Example:
 
@@ -223,10 +231,16 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         # Each loss builder's own hyperparameters, and its default loss.
         self._loss_spaces, self._loss_defaults = {}, {}
         for option, choice in (self.losses or {}).items():
-            if not isinstance(choice, kd_losses.LogitLoss):
+            if callable(choice):
                 probe = keras_tuner.HyperParameters()
-                self._loss_defaults[option] = choice(probe)
+                self._loss_defaults[option] = self._checked_loss(option, choice(probe))
                 self._loss_spaces[option] = list(probe.space)
+        # Feature losses need the teacher's features: no cached logits then.
+        self.needs_features = any(
+            _has_feature_loss(choice)
+            for choice in (*self._loss_defaults.values(), *(self.losses or {}).values())
+            if not callable(choice)
+        )
         # Full passes of the teacher over a dataset, by dataset.
         self.teacher_passes = {}
 
@@ -276,16 +290,21 @@ class DistillationHyperModel(keras_tuner.HyperModel):
                         config.pop("conditions", None)
                         getattr(hp, type(setting).__name__)(**config)
         choice = self.losses[name]
-        if isinstance(choice, kd_losses.LogitLoss):
+        if not callable(choice):
             return choice
         with hp.conditional_scope("loss", [name]):
-            loss = choice(hp)
-        if not isinstance(loss, kd_losses.LogitLoss):
+            return self._checked_loss(name, choice(hp))
+
+    @staticmethod
+    def _checked_loss(name, loss):
+        try:
+            return kd_losses.as_weighted_losses(loss)
+        except ValueError:
             raise ValueError(
                 f"The builder of the loss {name!r} returned {loss!r}; expected "
-                "a `kd_keras.losses` object such as `DecoupledKD(...)`."
-            )
-        return loss
+                "a `kd_keras.losses` object such as `DecoupledKD(...)`, or a "
+                "list of them and (loss, weight) pairs."
+            ) from None
 
     def _weight(self, hp):
         """λ on the grid (min, max, step), max included, rounded."""
@@ -427,7 +446,9 @@ def tune(
 
     The teacher's logits on the training and validation data are computed
     once per sweep (per worker, in distributed mode) and reused by every
-    trial: `hypermodel.teacher_passes` counts them. keras-tuner keeps its
+    trial: `hypermodel.teacher_passes` counts them. A sweep with a feature
+    loss (`FeatureHint`, `AttentionTransfer`) runs the teacher on the fly
+    instead, since its features are not cached. keras-tuner keeps its
     state in `directory/project_name`, so calling `tune` again with the same
     arguments resumes an interrupted sweep: finished trials are not run
     again, and the trial that was running starts over.
@@ -527,15 +548,17 @@ def _search(
     kt_tuner, hypermodel, train_data, validation_data, epochs, callbacks, verbose
 ):
     """Runs the trials, on the teacher's logits cached once (the chief only
-    serves the oracle and caches nothing)."""
+    serves the oracle and caches nothing), or, when a loss reads features,
+    with the teacher run on the fly."""
     if not is_chief():
         logging.info(
             "Tuning with Keras on %s, on %s.",
             keras.backend.backend(),
             ", ".join(_backend.devices()) or "its default device",
         )
-        train_data = hypermodel.cache(train_data, "train")
-        validation_data = hypermodel.cache(validation_data, "validation")
+        if not hypermodel.needs_features:
+            train_data = hypermodel.cache(train_data, "train")
+            validation_data = hypermodel.cache(validation_data, "validation")
     kt_tuner.search(
         train_data,
         validation_data=validation_data,

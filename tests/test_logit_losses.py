@@ -424,13 +424,3 @@ def test_a_keras_logits_loss_is_saved_with_the_distiller(tiny_mlp, tiny_data, tm
     ((wrapped, weight),) = loaded._kd_losses
     assert isinstance(wrapped, losses.KerasLogitsDistillation) and weight == 0.5
     assert wrapped.loss.temperature == 2.0
-
-
-def test_keras_feature_distillation_is_refused_with_a_way_out(tiny_mlp):
-    feature = keras.distillation.FeatureDistillation(
-        teacher_layer_name="dense", student_layer_name="dense"
-    )
-    with pytest.raises(
-        ValueError, match=r"FeatureDistillation yet.*keras\.distillation\.Distiller"
-    ):
-        kd_keras.Distiller(tiny_mlp(), tiny_mlp(8), distillation_losses=feature)

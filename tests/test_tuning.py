@@ -440,3 +440,43 @@ def test_a_sweep_chooses_the_loss_and_its_own_hyperparameters(
 def test_loss_choices_must_be_losses(hypermodel):
     with pytest.raises(ValueError, match=r"losses\['kd'\].*Received: 'soft'"):
         hypermodel(losses={"kd": "soft"})
+
+
+def test_a_sweep_over_a_feature_loss_runs_the_teacher_on_the_fly(
+    hypermodel, splits, tmp_path
+):
+    from kd_keras import losses
+
+    def first_layer(model, inputs):
+        return model.layers[0](inputs)
+
+    model = hypermodel(
+        assistant_builder=None,
+        assistant_sizes=(),
+        losses={
+            "hint": lambda hp: [
+                losses.SoftTargets(),
+                (
+                    losses.FeatureHint(first_layer, first_layer),
+                    hp.Choice("hint_weight", [0.1, 1.0]),
+                ),
+            ]
+        },
+    )
+    assert model.needs_features
+    tuner, best = tuning.tune(
+        model,
+        *splits(),
+        tuner="random",
+        max_trials=2,
+        epochs=1,
+        directory=tmp_path,
+        project_name="p",
+    )
+    assert model.teacher_passes == {}  # Features are not cached.
+    built = model.build(best)
+    assert [type(loss).__name__ for loss, _ in built._kd_losses] == [
+        "SoftTargets",
+        "FeatureHint",
+    ]
+    assert built._kd_losses[1][1] == best.values["hint_weight"]
