@@ -5,6 +5,7 @@ caller already holds a TensorFlow object, so `import kd_keras` works on a
 machine without TensorFlow.
 """
 
+import contextlib
 import numbers
 import sys
 
@@ -87,6 +88,14 @@ def num_replicas():
     import tensorflow as tf
 
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def strategy_scope(model):
+    """The scope of the `tf.distribute` strategy `model` was made under, in
+    which its variables are created (no scope off TensorFlow)."""
+    if name() != "tensorflow":
+        return contextlib.nullcontext()
+    return model.distribute_strategy.scope()
 
 
 # Keras internals used below (stable across Keras 3 releases): whether a JAX

@@ -19,16 +19,11 @@ import keras
 from keras import ops
 
 _STATE = threading.local()
+_WATCHING = threading.Lock()
 _WATCHED = "_kd_keras_watched"
 
 
-def _watch(layer):
-    """Wraps `layer.call` so that a capture can record its output."""
-    if getattr(layer, _WATCHED, False):
-        return
-    original = layer.call
-    key = id(layer)
-
+def _recording(original, key):
     @functools.wraps(original)
     def call(*args, **kwargs):
         outputs = original(*args, **kwargs)
@@ -37,9 +32,22 @@ def _watch(layer):
             recorded[key].append(outputs)
         return outputs
 
-    # Past Keras' attribute tracking: a function is nothing to track.
-    object.__setattr__(layer, "call", call)
-    object.__setattr__(layer, _WATCHED, True)
+    return call
+
+
+def _watch(layer):
+    """Wraps `layer.call` (and `quantized_call`, which Keras runs instead
+    for a quantized layer) so that a capture can record its output."""
+    with _WATCHING:
+        if getattr(layer, _WATCHED, False):
+            return
+        for method in ("call", "quantized_call"):
+            if hasattr(layer, method):
+                # Past Keras' attribute tracking: nothing to track here.
+                object.__setattr__(
+                    layer, method, _recording(getattr(layer, method), id(layer))
+                )
+        object.__setattr__(layer, _WATCHED, True)
 
 
 @contextlib.contextmanager
@@ -69,8 +77,15 @@ def _paths(layer, prefix=""):
     return paths
 
 
-def _describe(tap):
-    return tap if isinstance(tap, str) else getattr(tap, "__name__", repr(tap))
+def describe(spec):
+    """A layer given as a name, path, layer or function, as the same text in
+    every process: the name, or a function's module and qualified name."""
+    if spec is None or isinstance(spec, str):
+        return spec
+    if isinstance(spec, keras.layers.Layer):
+        return spec.name
+    name = getattr(spec, "__qualname__", None)
+    return f"{spec.__module__}.{name}" if name else repr(spec)
 
 
 class Tap:
@@ -102,7 +117,7 @@ class Tap:
                 raise ValueError(
                     f"Expected the {role}'s feature function to take "
                     "`(model, inputs)` and return the feature. Received "
-                    f"{_describe(spec)} with {parameters} positional "
+                    f"{describe(spec)} with {parameters} positional "
                     "parameters. For a layer of a subclassed model, pass the "
                     f"layer itself, e.g. `{role}.encoder.conv`."
                 )
@@ -117,9 +132,7 @@ class Tap:
 
     @property
     def name(self):
-        if self.function is not None:
-            return _describe(self.function)
-        return self.spec if isinstance(self.spec, str) else self.layer.name
+        return describe(self.spec) or self.model.name
 
     def feature(self, recorded, inputs, check=False):
         """The feature, from a capture's records or from the function."""
@@ -242,3 +255,9 @@ def channel_axis(rank):
     if rank >= 4 and keras.config.image_data_format() == "channels_first":
         return 1
     return -1
+
+
+def positions(shape):
+    """A feature's shape without its batch and channel axes."""
+    axis = channel_axis(len(shape)) % len(shape)
+    return tuple(size for index, size in enumerate(shape) if index not in (0, axis))

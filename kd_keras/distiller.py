@@ -156,11 +156,16 @@ class Distiller(keras.Model):
             labels' shape: sparse for integer labels `(batch, ...)`,
             categorical for one-hot labels `(batch, ..., classes)`, binary
             for a single logit. It may also be given as `loss` to `compile`.
-        losses: the distillation term: a `kd_keras.losses.LogitLoss` (such
-            as `DecoupledKD()`), or a list of losses and `(loss, weight)`
-            pairs, summed as `Σ weight · loss`; None for `SoftTargets()`,
-            Hinton's T²·KL. Losses without a temperature of their own use
-            the Distiller's `temperature`.
+        losses: the distillation term: a `kd_keras.losses` loss (a logit
+            loss such as `DecoupledKD()`, or a feature loss such as
+            `FeatureHint("block2/conv", "conv2")`), a `keras.distillation`
+            loss, or a list of losses and `(loss, weight)` pairs, summed as
+            `Σ weight · loss`; None for `SoftTargets()`, Hinton's T²·KL.
+            Losses without a temperature of their own use the Distiller's
+            `temperature`. Feature losses read the named layers in the same
+            forward pass, need the teacher to run (no cached logits), and
+            may add adapters, `distiller.adapters`, which train with the
+            student but are not part of it.
         check_finite_inputs: refuse NaN or infinite float inputs (on the
             first batch) and make the loss NaN on any batch that holds one,
             so that `fit` stops with an error (see "Bad input" in the
@@ -237,6 +242,7 @@ class Distiller(keras.Model):
         ]
         self._captured = _Captured()
         self.adapters = []
+        self._adapter_places = [None] * len(self._pairs)
         self._feature_shapes = None
         self._temperature = _hyperparameters.Hyperparameter(
             temperature, "temperature", check_temperature
@@ -389,10 +395,10 @@ class Distiller(keras.Model):
         if not self._pairs:
             return self.student(inputs, training=training)
         taps = [student for _, _, student in self._pairs]
-        logits, self._captured.student = _run_with_features(
-            self.student, taps, inputs, training
-        )
-        self._captured.teacher = None  # Set when the teacher runs.
+        logits, features = _run_with_features(self.student, taps, inputs, training)
+        # For `compute_loss` with these logits; the teacher's are set when
+        # the teacher runs.
+        self._captured.set(logits, features)
         return logits
 
     # Features, for feature losses.
@@ -423,6 +429,34 @@ class Distiller(keras.Model):
         )
         return list(zip(teacher_features, student_features, strict=True))
 
+    def _prepare_features_from_spec(self, x, what):
+        """Prepares the features from a tf.data pipeline's element spec,
+        for data whose first batch is not read (a `.cache()`); refuses data
+        that gives no shapes before training."""
+        if self._feature_shapes is not None:
+            return
+        spec = getattr(x, "element_spec", None) if _backend.is_tf_dataset(x) else None
+        inputs = spec[0] if isinstance(spec, tuple) else spec
+        inputs, _ = split_cached(inputs) if inputs is not None else (None, None)
+        leaves = keras.tree.flatten(inputs) if inputs is not None else []
+        if leaves and all(getattr(leaf, "shape", None) is not None for leaf in leaves):
+            rows = keras.tree.map_structure(
+                lambda leaf: np.zeros(
+                    [2, *(size or 1 for size in leaf.shape[1:])],
+                    leaf.dtype.as_numpy_dtype,
+                ),
+                inputs,
+            )
+            self._check_features(rows, None, what)
+            return
+        raise ValueError(
+            f"{', '.join(self._feature_loss_names())} needs the shapes of the "
+            f"features before training, but the first batch of the {what} "
+            "cannot be read ahead (a generator). Pass arrays, a PyDataset or "
+            "a tf.data.Dataset, or build the student and the teacher with "
+            "`keras.Input` of a fixed shape."
+        )
+
     def _prepare_features(self, shapes):
         """Checks each pair's shapes and makes its adapter, once."""
         if self._feature_shapes is not None:
@@ -440,9 +474,20 @@ class Distiller(keras.Model):
                     f"{type(loss).__name__} `{loss.name}`, teacher layer "
                     f"`{teacher.name}` and student layer `{student.name}`: {error}"
                 ) from None
-            if adapter is not None:
-                adapter.build((None, *student_shape[1:]))
             adapters.append(adapter)
+        if any(a is not None for a in adapters) and getattr(
+            getattr(self, "optimizer", None), "built", False
+        ):
+            raise ValueError(
+                "The feature adapters are built on the first batch (the "
+                "models' input shape is not fixed), but the optimizer was "
+                "already built without them. Compile the Distiller again "
+                "before `fit`, without building its optimizer."
+            )
+        with _backend.strategy_scope(self):
+            for adapter, (_, student_shape) in zip(adapters, shapes, strict=True):
+                if adapter is not None:
+                    adapter.build((None, *student_shape[1:]))
         self.adapters = [a for a in adapters if a is not None]
         # Each pair's adapter, by its place in `self.adapters`.
         places = iter(range(len(self.adapters)))
@@ -452,24 +497,12 @@ class Distiller(keras.Model):
     def _check_features(self, rows, cached, what):
         """Runs both models on the first rows, checks every feature, builds
         the adapters and computes the feature losses once."""
-        names = sorted(
-            {type(self._kd_losses[index][0]).__name__ for index, _, _ in self._pairs}
-        )
         if cached is not None:
-            raise ValueError(
-                f"{', '.join(names)} compares the teacher's features, but the "
-                f"{what} carries cached teacher logits, which hold no "
-                "features. Pass the data without `cache_teacher_logits`: the "
-                "teacher then runs on the fly."
-            )
+            raise self._no_teacher_features(what)
         features = self._eager_features(rows)
         self._prepare_features([(t.shape, s.shape) for t, s in features])
         for index, loss in self._feature_losses():
-            chosen = [
-                f
-                for (i, _, _), f in zip(self._pairs, features, strict=True)
-                if i == index
-            ]
+            chosen = [features[k] for k in self._pairs_of(index)]
             try:
                 loss.per_example(
                     [t for t, _ in chosen],
@@ -491,12 +524,24 @@ class Distiller(keras.Model):
             if isinstance(loss, kd_losses.FeatureLoss)
         ]
 
+    def _feature_loss_names(self):
+        return sorted({type(loss).__name__ for _, loss in self._feature_losses()})
+
+    def _no_teacher_features(self, what="batch"):
+        return ValueError(
+            f"{', '.join(self._feature_loss_names())} compares the teacher's "
+            f"features, but the {what} carries cached teacher logits, which "
+            "hold no features. Pass the data without `cache_teacher_logits`: "
+            "the teacher then runs on the fly."
+        )
+
+    def _pairs_of(self, index):
+        """The places in `self._pairs` of the loss at `index`'s pairs."""
+        return [k for k, (i, _, _) in enumerate(self._pairs) if i == index]
+
     def _adapters_of(self, index):
-        return [
-            None if place is None else self.adapters[place]
-            for (i, _, _), place in zip(self._pairs, self._adapter_places, strict=True)
-            if i == index
-        ]
+        places = (self._adapter_places[k] for k in self._pairs_of(index))
+        return [None if place is None else self.adapters[place] for place in places]
 
     # The loss, written once for every backend.
 
@@ -678,12 +723,7 @@ class Distiller(keras.Model):
         positions = ops.shape(student_logits)[:-1]
         if self._captured.teacher is None:
             if self._teacher_on:
-                raise ValueError(
-                    f"{type(loss).__name__} needs the teacher's features, but "
-                    "the teacher did not run: the batch carries cached "
-                    "teacher logits. Pass the data without "
-                    "`cache_teacher_logits`."
-                )
+                raise self._no_teacher_features()
             # λ = 0: the term is off. Its adapters get zero gradients
             # rather than none, which Keras would warn about.
             untouched = [
@@ -692,7 +732,7 @@ class Distiller(keras.Model):
             return ops.zeros(positions, "float32") + 0.0 * ops.sum(
                 ops.stack(untouched or [ops.zeros(())])
             )
-        chosen = [k for k, (i, _, _) in enumerate(self._pairs) if i == index]
+        chosen = self._pairs_of(index)
         values = loss.per_example(
             [self._captured.teacher[k] for k in chosen],
             [self._captured.student[k] for k in chosen],
@@ -716,11 +756,19 @@ class Distiller(keras.Model):
         """
         del training  # The teacher always runs in inference mode.
         inputs, cached = split_cached(x)
+        if self._pairs and self._captured.logits is not y_pred:
+            # Not the logits of the last `call` (a direct call): read the
+            # student's features again.
+            taps = [student for _, _, student in self._pairs]
+            self._captured.set(
+                y_pred, _run_with_features(self.student, taps, inputs, False)[1]
+            )
         regularization = self._regularization()
         teacher_logits = ops.stop_gradient(self._teacher_logits(inputs, cached, y_pred))
         total = self._total_loss(
             y, y_pred, teacher_logits, sample_weight, regularization
         )
+        self._captured.set(None, None)  # Used once; keeps no tensors alive.
         if not self.check_finite_inputs:
             return total
         # A NaN input can vanish in the forward pass (ReLU maps NaN to 0)
@@ -794,6 +842,11 @@ class Distiller(keras.Model):
         stops show in the History.
         """
         self._check_first_batch(x, y)
+        if self._pairs and any(
+            isinstance(c, keras.callbacks.ModelCheckpoint) and not c.save_weights_only
+            for c in callbacks or ()
+        ):
+            self.get_config()  # Raises now if it cannot be saved, not after an epoch.
         if validation_data is not None:
             if isinstance(validation_data, tuple):
                 self._check_first_batch(*validation_data[:2], "validation data")
@@ -828,6 +881,8 @@ class Distiller(keras.Model):
 
     def _check_first_batch(self, x, y, what="training data"):
         batch = _checks.peek_batch(x, y, what)
+        if batch is None and self._pairs:
+            self._prepare_features_from_spec(x, what)
         if batch is None:
             return
         inputs, labels = batch
@@ -1013,11 +1068,13 @@ def _keras_arguments(kwargs, losses, distillation_weight):
 
 
 class _Captured:
-    """The features read in the current step (a plain object, which Keras
-    does not track)."""
+    """The features read in the current step, with the student logits they
+    go with (a plain object, which Keras does not track)."""
 
-    teacher = None
-    student = None
+    logits = student = teacher = None
+
+    def set(self, logits, student):
+        self.logits, self.student, self.teacher = logits, student, None
 
 
 def _run_with_features(model, taps, inputs, training, check=False):

@@ -5,6 +5,7 @@ that a `Distiller` combines (`SoftTargets`, `LogitStandardization`,
 
 import math
 import numbers
+import warnings
 
 import keras
 from keras import ops
@@ -595,6 +596,20 @@ class KerasLogitsDistillation(LogitLoss):
             loss = keras.saving.deserialize_keras_object(loss)
         super().__init__(temperature=None, name=name or "keras_logits_distillation")
         self.loss = loss
+        if any(
+            getattr(fn, "__name__", None) == "kl_divergence"
+            for fn in keras.tree.flatten(loss.loss)
+        ):
+            warnings.warn(
+                "This keras.distillation.LogitsDistillation uses the loss "
+                '"kl_divergence" (its default), which Keras applies to the '
+                "logits divided by T, not to their softmaxes, and without "
+                "the T² factor; kd_keras computes it as Keras does. For "
+                "Hinton's soft targets, pass "
+                "`loss=keras.losses.KLDivergence()` or use "
+                "`kd_keras.losses.SoftTargets()`.",
+                stacklevel=3,
+            )
 
     def per_position(
         self, teacher_logits, student_logits, temperature, labels=None, epoch=None
@@ -721,7 +736,18 @@ class FeatureHint(FeatureLoss):
     def prepare(self, teacher_shape, student_shape):
         shapes = _shapes_text(teacher_shape, student_shape)
         if isinstance(self.adapter, keras.layers.Layer):
-            return type(self.adapter).from_config(self.adapter.get_config())
+            adapter = type(self.adapter).from_config(self.adapter.get_config())
+            try:
+                adapted = adapter.compute_output_shape((None, *student_shape[1:]))
+            except Exception:  # Unknown until it runs: checked on a batch.
+                return adapter
+            if tuple(adapted[1:]) != tuple(teacher_shape[1:]):
+                raise ValueError(
+                    f"The adapter {adapter.name} maps the student's feature to "
+                    f"shape {tuple(adapted)}, not to the teacher's ({shapes}). "
+                    "Give an adapter whose output has the teacher's shape."
+                )
+            return adapter
         if self.adapter is None:
             if tuple(teacher_shape[1:]) != tuple(student_shape[1:]):
                 raise ValueError(
@@ -730,14 +756,9 @@ class FeatureHint(FeatureLoss):
                     'adapter="auto" to learn a map to the teacher\'s width.'
                 )
             return None
-        axis = _features.channel_axis(len(teacher_shape))
-        rest = [
-            a for i, a in enumerate(teacher_shape) if i != axis % len(teacher_shape)
-        ]
-        student_rest = [
-            a for i, a in enumerate(student_shape) if i != axis % len(student_shape)
-        ]
-        if len(teacher_shape) != len(student_shape) or rest[1:] != student_rest[1:]:
+        if len(teacher_shape) != len(student_shape) or _features.positions(
+            teacher_shape
+        ) != _features.positions(student_shape):
             raise ValueError(
                 "FeatureHint's adapter maps the student's channels to the "
                 "teacher's, so the features must agree on every other axis, "
@@ -746,6 +767,7 @@ class FeatureHint(FeatureLoss):
                 "one shape to the other, or use AttentionTransfer, which "
                 "resizes its maps."
             )
+        axis = _features.channel_axis(len(teacher_shape))
         return _features.Adapter(teacher_shape[axis], channel_axis=axis)
 
     def per_example(self, teacher_features, student_features, adapters):
@@ -772,9 +794,11 @@ class FeatureHint(FeatureLoss):
 
     def _settings(self):
         return {
-            "teacher_layer": self.teacher_layer,
-            "student_layer": self.student_layer,
-            "adapter": self.adapter,
+            "teacher_layer": _features.describe(self.teacher_layer),
+            "student_layer": _features.describe(self.student_layer),
+            "adapter": self.adapter
+            if not isinstance(self.adapter, keras.layers.Layer)
+            else keras.layers.serialize(self.adapter),
             "name": self.name,
         }
 
@@ -833,9 +857,10 @@ class AttentionTransfer(FeatureLoss):
                 "Expected `pairs` as a non-empty list of (teacher_layer, "
                 'student_layer), such as [("block2/conv", "conv_1")].'
             )
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < 100:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 16:
             raise ValueError(
-                f"Expected `p` to be a number > 0, such as 2. Received: p={p!r}"
+                "Expected `p` to be a number in (0, 16], such as 2 (higher "
+                f"powers overflow float32). Received: p={p!r}"
             )
         self.pairs = [tuple(pair) for pair in pairs]
         self.p = float(p)
@@ -853,13 +878,9 @@ class AttentionTransfer(FeatureLoss):
                 f"(batch, height, width, channels); received {shapes}. Use "
                 "FeatureHint for flat features."
             )
-        axis = _features.channel_axis(rank) % rank
-        positions = [
-            (t, s)
-            for i, (t, s) in enumerate(zip(teacher_shape, student_shape, strict=True))
-            if i not in (0, axis)
-        ]
-        if rank != 4 and any(t != s for t, s in positions):
+        if rank != 4 and _features.positions(teacher_shape) != _features.positions(
+            student_shape
+        ):
             raise ValueError(
                 "AttentionTransfer resizes image maps only; these features "
                 f"differ in their positions ({shapes}). Pick layers with the "
@@ -871,10 +892,15 @@ class AttentionTransfer(FeatureLoss):
         total = 0.0
         for teacher, student in zip(teacher_features, student_features, strict=True):
             size = None
-            if len(teacher.shape) == 4:
-                axis = _features.channel_axis(4) % 4
-                spatial = [i for i in (1, 2, 3) if i != axis]
-                size = tuple(min(teacher.shape[i], student.shape[i]) for i in spatial)
+            if len(teacher.shape) == 4:  # Images: the smaller height and width.
+                size = tuple(
+                    min(t, s)
+                    for t, s in zip(
+                        _features.positions(teacher.shape),
+                        _features.positions(student.shape),
+                        strict=True,
+                    )
+                )
             difference = attention_map(student, self.p, size) - attention_map(
                 teacher, self.p, size
             )
@@ -892,7 +918,10 @@ class AttentionTransfer(FeatureLoss):
         }
 
     def _settings(self):
-        return {"pairs": self.pairs, "p": self.p, "name": self.name}
+        pairs = [
+            tuple(_features.describe(spec) for spec in pair) for pair in self.pairs
+        ]
+        return {"pairs": pairs, "p": self.p, "name": self.name}
 
 
 @keras.saving.register_keras_serializable(package="kd_keras")

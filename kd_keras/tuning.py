@@ -259,8 +259,11 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         )
         # Built now, so that keras-tuner's reload of a checkpoint (best
         # models, hyperband's later rounds) restores the optimizer's state
-        # instead of skipping it with a warning.
-        distiller.optimizer.build(distiller.trainable_variables)
+        # instead of skipping it with a warning; unless feature adapters
+        # still wait for the first batch (models without a fixed input
+        # shape), which must come first.
+        if not distiller._pairs or distiller._feature_shapes is not None:
+            distiller.optimizer.build(distiller.trainable_variables)
         return distiller
 
     def build(self, hp):
@@ -337,6 +340,13 @@ class DistillationHyperModel(keras_tuner.HyperModel):
     ):
         """Distils teacher → (assistant) → student; returns the student's
         History, whose validation metric is the trial's objective."""
+        if model._pairs:
+            # Feature losses read the teacher: a trial whose loss turned out
+            # to have one takes the data uncached.
+            if is_cached(x):
+                x = without_teacher_logits(x)
+            if validation_data is not None and is_cached(validation_data):
+                validation_data = without_teacher_logits(validation_data)
         assistant = model.teacher if model.teacher is not self.teacher else None
         if assistant is not None:
             # Hyperband's later rounds restore a trained assistant.
@@ -402,7 +412,7 @@ def _sweep_stamp(hypermodel, train_data, validation_data, **settings):
     }
     if hypermodel.losses:  # Absent otherwise, as in sweeps before losses.
         stamp["losses"] = {
-            name: repr(hypermodel._loss_defaults.get(name, choice))
+            name: _loss_stamp(hypermodel._loss_defaults.get(name, choice))
             for name, choice in hypermodel.losses.items()
         }
         stamp["loss settings"] = {
@@ -410,6 +420,19 @@ def _sweep_stamp(hypermodel, train_data, validation_data, **settings):
             for name, space in hypermodel._loss_spaces.items()
         }
     return _io.as_json(stamp)
+
+
+def _loss_stamp(weighted_losses):
+    """Each loss's saved config (its repr where it cannot be saved, as with
+    a layer given as a function) and weight: the same in every process."""
+    stamp = []
+    for loss, weight in weighted_losses:
+        try:
+            described = keras.saving.serialize_keras_object(loss)
+        except ValueError:
+            described = repr(loss)
+        stamp.append([described, weight])
+    return stamp
 
 
 def is_chief():

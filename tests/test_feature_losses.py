@@ -373,3 +373,96 @@ def test_a_shared_layer_is_refused_on_the_first_batch():
     distiller.compile("adam")
     with pytest.raises(ValueError, match=r"`shared` runs 2 times in one forward pass"):
         distiller.fit(X, Y, epochs=1, verbose=0)
+
+
+def test_compute_loss_called_directly_reads_its_own_features():
+    # After fit, `compute_loss` on other logits must not reuse the features
+    # of the last training step (stale, or leaked tracers on JAX).
+    teacher, student = cnn(8, "teacher", 1), cnn(4, "student", 2)
+    distiller = _distiller(
+        losses.FeatureHint("block2/conv", "block2/conv"), teacher, student
+    )
+    distiller.compile("adam")
+    distiller.fit(X, Y, epochs=1, batch_size=16, verbose=0)
+    direct = distiller.compute_loss(X[:16], Y[:16], student(X[:16]), training=False)
+    logs = distiller.evaluate(
+        X[:16], Y[:16], batch_size=16, verbose=0, return_dict=True
+    )
+    assert float(keras.ops.convert_to_numpy(direct)) == pytest.approx(
+        logs["loss"], rel=1e-5
+    )
+
+
+def test_an_adapter_of_the_wrong_width_is_refused():
+    hint = losses.FeatureHint(
+        "block2/conv", "block2/conv", adapter=keras.layers.Dense(3)
+    )
+    with pytest.raises(ValueError, match=r"maps the student's feature to shape .*3\)"):
+        _distiller(hint)
+
+
+def test_a_quantized_layer_is_still_read():
+    student = cnn(4, "student", 2)
+    student.get_layer("fc").quantize("int8")
+    distiller = _distiller(losses.FeatureHint("fc", "fc"), student=student)
+    distiller.compile("adam")
+    logs = distiller.evaluate(X[:16], Y[:16], verbose=0, return_dict=True)
+    assert np.isfinite(logs["distillation_loss"]) and logs["distillation_loss"] > 0
+
+
+def test_adapters_built_after_the_optimizer_ask_to_compile_again():
+    student = subclassed_student()
+    distiller = _distiller(losses.FeatureHint("c1", student.conv), student=student)
+    distiller.compile("adam")
+    distiller.optimizer.build(distiller.trainable_variables)
+    with pytest.raises(ValueError, match=r"optimizer was already built.*Compile"):
+        distiller.fit(X, Y, epochs=1, verbose=0)
+    distiller.compile("adam")
+    distiller.fit(X, Y, epochs=1, verbose=0)
+    assert distiller.adapters[0].built
+
+
+def test_features_of_unreadable_data_need_shapes_before_training():
+    student = subclassed_student()
+    distiller = _distiller(losses.FeatureHint("c1", student.conv), student=student)
+    distiller.compile("adam")
+
+    def batches():
+        while True:
+            yield X[:16], Y[:16]
+
+    with pytest.raises(ValueError, match=r"cannot be read ahead.*keras\.Input"):
+        distiller.fit(batches(), steps_per_epoch=2, epochs=1, verbose=0)
+    assert distiller.adapters == []
+
+
+@pytest.mark.tensorflow_only
+def test_a_cached_pipeline_builds_adapters_from_its_spec():
+    import tensorflow as tf
+
+    student = subclassed_student()
+    distiller = _distiller(losses.FeatureHint("c1", student.conv), student=student)
+    distiller.compile("adam")
+    data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(16).cache()
+    distiller.fit(data, epochs=1, verbose=0)
+    assert tuple(distiller.adapters[0].kernel.shape) == (3, 8)
+
+
+def test_function_taps_describe_themselves_the_same_in_every_process():
+    def first_layer(model, inputs):
+        return model.layers[0](inputs)
+
+    text = repr(losses.FeatureHint(first_layer, "fc"))
+    assert "test_feature_losses" in text and "first_layer" in text and "0x" not in text
+
+
+def test_a_checkpoint_of_an_unsaveable_distiller_fails_before_training(tmp_path):
+    student = subclassed_student()
+    distiller = _distiller(losses.FeatureHint("c1", student.conv), student=student)
+    distiller.compile("adam")
+    before = student.get_weights()
+    checkpoint = keras.callbacks.ModelCheckpoint(tmp_path / "d.keras")
+    with pytest.raises(ValueError, match=r"cannot be saved.*by name or by a path"):
+        distiller.fit(X, Y, epochs=1, verbose=0, callbacks=[checkpoint])
+    for old, new in zip(before, student.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)

@@ -424,3 +424,25 @@ def test_a_keras_logits_loss_is_saved_with_the_distiller(tiny_mlp, tiny_data, tm
     ((wrapped, weight),) = loaded._kd_losses
     assert isinstance(wrapped, losses.KerasLogitsDistillation) and weight == 0.5
     assert wrapped.loss.temperature == 2.0
+
+
+def test_keras_default_kl_string_warns_that_it_is_not_soft_targets(tiny_mlp, recwarn):
+    # Keras resolves its default loss "kl_divergence" to a function that it
+    # applies to logits / T (clipped to [1e-7, 1]), not to softmaxes.
+    t = np.array([[2.0, 0.5, -1.0]], "float32")
+    s = np.array([[0.1, 0.3, 0.2]], "float32")
+    default = keras.distillation.LogitsDistillation(temperature=2.0)
+    with pytest.warns(UserWarning, match=r"not to their softmaxes.*KLDivergence\(\)"):
+        kd_keras.Distiller(tiny_mlp(), tiny_mlp(8), distillation_losses=default)
+    proper = keras.distillation.LogitsDistillation(
+        temperature=2.0, loss=keras.losses.KLDivergence()
+    )
+    recwarn.clear()
+    kd_keras.Distiller(tiny_mlp(), tiny_mlp(8), distillation_losses=proper)
+    assert not [w for w in recwarn if "softmaxes" in str(w.message)]
+    assert float(keras.ops.convert_to_numpy(proper.compute_loss(t, s))) == (
+        pytest.approx(soft_targets(t, s, temperature=2.0).mean(), rel=1e-5)
+    )
+    assert float(keras.ops.convert_to_numpy(default.compute_loss(t, s))) != (
+        pytest.approx(soft_targets(t, s, temperature=2.0).mean(), rel=0.1)
+    )

@@ -114,7 +114,9 @@ def plot_chain(report, path=None, title=None):
     return _finish(figure, path)
 
 
-def plot_curve(xs, ys, xlabel, ylabel, path=None, title=None, errors=None, xticks=None):
+def plot_curve(
+    xs, ys, xlabel, ylabel, path=None, title=None, errors=None, xticks=None, line=True
+):
     """Draws one measured curve, with optional error bars.
 
     Args:
@@ -124,13 +126,16 @@ def plot_curve(xs, ys, xlabel, ylabel, path=None, title=None, errors=None, xtick
         title: optional title.
         errors: optional error bar half-heights (e.g. std over seeds).
         xticks: optional tick labels for `xs`.
+        line: join the points (False for separate methods, not a curve).
 
     Returns:
         The figure.
     """
     figure = Figure(figsize=(6.4, 4.0))
     axes = figure.add_subplot()
-    axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3)
+    axes.errorbar(
+        xs, ys, yerr=errors, marker="o", capsize=3, linestyle="-" if line else "none"
+    )
     if xticks is not None:
         axes.set_xticks(xs, xticks)
     axes.set_xlabel(xlabel)
