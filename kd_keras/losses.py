@@ -573,6 +573,18 @@ def _pearson(a, b, axis, epsilon=1e-8):
     return ops.sum(a * b, axis=axis) / (norms + epsilon)
 
 
+def _keras_loss(loss):
+    """A `keras.distillation` loss object, also from its saved config."""
+    if isinstance(loss, dict):
+        return keras.saving.deserialize_keras_object(loss)
+    return loss
+
+
+def _keras_loss_config(self):
+    """The config of a kd_keras wrapper of a `keras.distillation` loss."""
+    return {"loss": keras.saving.serialize_keras_object(self.loss), "name": self.name}
+
+
 @keras.saving.register_keras_serializable(package="kd_keras")
 class KerasLogitsDistillation(LogitLoss):
     """A `keras.distillation.LogitsDistillation`, as a kd_keras loss.
@@ -592,13 +604,11 @@ class KerasLogitsDistillation(LogitLoss):
     """
 
     def __init__(self, loss, name=None):
-        if isinstance(loss, dict):  # From a saved config.
-            loss = keras.saving.deserialize_keras_object(loss)
         super().__init__(temperature=None, name=name or "keras_logits_distillation")
-        self.loss = loss
+        self.loss = _keras_loss(loss)
         if any(
             getattr(fn, "__name__", None) == "kl_divergence"
-            for fn in keras.tree.flatten(loss.loss)
+            for fn in keras.tree.flatten(self.loss.loss)
         ):
             warnings.warn(
                 "This keras.distillation.LogitsDistillation uses the loss "
@@ -619,11 +629,7 @@ class KerasLogitsDistillation(LogitLoss):
             value, "float32"
         )
 
-    def get_config(self):
-        return {
-            "loss": keras.saving.serialize_keras_object(self.loss),
-            "name": self.name,
-        }
+    get_config = _keras_loss_config
 
 
 # Feature losses: the teacher's intermediate features, matched by the
@@ -940,10 +946,8 @@ class KerasFeatureDistillation(FeatureLoss):
     """
 
     def __init__(self, loss, name=None):
-        if isinstance(loss, dict):  # From a saved config.
-            loss = keras.saving.deserialize_keras_object(loss)
         super().__init__(name=name or "keras_feature_distillation")
-        self.loss = loss
+        self.loss = _keras_loss(loss)
 
     def layer_pairs(self):
         return [(self.loss.teacher_layer_name, self.loss.student_layer_name)]
@@ -964,11 +968,7 @@ class KerasFeatureDistillation(FeatureLoss):
         value = self.loss.compute_loss(_as_float32(teacher), _as_float32(student))
         return ops.ones((ops.shape(student)[0],), "float32") * _as_float32(value)
 
-    def get_config(self):
-        return {
-            "loss": keras.saving.serialize_keras_object(self.loss),
-            "name": self.name,
-        }
+    get_config = _keras_loss_config
 
 
 def _from_keras(loss):

@@ -180,6 +180,11 @@ def gradient():
 
 
 @pytest.fixture(scope="session")
+def central_differences():
+    return _central_differences
+
+
+@pytest.fixture(scope="session")
 def shared_mnist():
     """Where the real MNIST IDX files are; may be missing."""
     return SHARED_MNIST
@@ -230,6 +235,18 @@ def _gradient(function, value):
     tensor = torch.tensor(value, requires_grad=True)
     function(tensor).backward()
     return tensor.grad.numpy()
+
+
+def _central_differences(function, value, step=1e-5):
+    """d function(value) / d value of a float64 NumPy function, by central
+    differences: the reference for `_gradient`."""
+    expected = np.zeros_like(value)
+    for index in np.ndindex(value.shape):
+        up, down = value.copy(), value.copy()
+        up[index] += step
+        down[index] -= step
+        expected[index] = (function(up) - function(down)) / (2 * step)
+    return expected
 
 
 # Tests that hold on every Keras backend carry the first marker; the others

@@ -94,7 +94,7 @@ def test_feature_hint_matches_numpy_through_its_adapter(gradient):
 
 
 @pytest.mark.parametrize("p", [2, 3])
-def test_attention_transfer_matches_numpy(p, gradient):
+def test_attention_transfer_matches_numpy(p, gradient, central_differences):
     t = rng.normal(size=(3, 4, 4, 6))
     s = rng.normal(size=(3, 4, 4, 2))
     at = losses.AttentionTransfer([("a", "b")], p=p)
@@ -105,16 +105,7 @@ def test_attention_transfer_matches_numpy(p, gradient):
     grad = gradient(
         lambda v: keras.ops.mean(at.per_example([t.astype("float32")], [v], [None])), s
     )
-    expected = np.zeros_like(s)
-    step = 1e-5
-    for index in np.ndindex(s.shape):
-        up, down = s.copy(), s.copy()
-        up[index] += step
-        down[index] -= step
-        expected[index] = (
-            attention_reference(t, up, p).mean()
-            - attention_reference(t, down, p).mean()
-        ) / (2 * step)
+    expected = central_differences(lambda v: attention_reference(t, v, p).mean(), s)
     np.testing.assert_allclose(grad, expected, rtol=2e-3, atol=1e-6)
 
 
@@ -466,3 +457,24 @@ def test_a_checkpoint_of_an_unsaveable_distiller_fails_before_training(tmp_path)
         distiller.fit(X, Y, epochs=1, verbose=0, callbacks=[checkpoint])
     for old, new in zip(before, student.get_weights(), strict=True):
         np.testing.assert_array_equal(old, new)
+
+
+@pytest.mark.tensorflow_only
+def test_the_export_of_a_distiller_with_adapters_is_the_student_alone(tmp_path):
+    import tensorflow as tf
+
+    from kd_keras import export
+
+    teacher, student = cnn(8, "teacher", 1), cnn(4, "student", 2)
+    distiller = _distiller(
+        losses.FeatureHint("block2/conv", "block2/conv"), teacher, student
+    )
+    report = export.export_student(
+        distiller, tmp_path, formats=("saved_model",), latency_repeats=1
+    )
+    assert report["keras"]["params"] == student.count_params()
+    loaded = tf.saved_model.load(str(tmp_path / "saved_model"))
+    exported = sum(int(np.prod(v.shape)) for v in loaded.variables)
+    assert exported == student.count_params()
+    assert distiller.adapters[0].count_params() > 0
+    assert not any("adapter" in v.name for v in loaded.variables)
