@@ -983,12 +983,20 @@ def _from_keras(loss):
     return loss
 
 
+def _is_loss(item):
+    """A kd_keras loss, or a `keras.distillation` one (not yet wrapped)."""
+    distillation = getattr(keras, "distillation", None)
+    return isinstance(item, _Term) or (
+        distillation is not None and isinstance(item, distillation.DistillationLoss)
+    )
+
+
 def _is_pair(item):
     """True for `(loss, weight)`, not for a tuple of two losses."""
     return (
         isinstance(item, tuple)
         and len(item) == 2
-        and isinstance(_from_keras(item[0]), _Term)
+        and _is_loss(item[0])
         and isinstance(item[1], numbers.Real)
     )
 

@@ -425,6 +425,9 @@ def test_keras_default_kl_string_warns_that_it_is_not_soft_targets(tiny_mlp, rec
     default = keras.distillation.LogitsDistillation(temperature=2.0)
     with pytest.warns(UserWarning, match=r"not to their softmaxes.*KLDivergence\(\)"):
         kd_keras.Distiller(tiny_mlp(), tiny_mlp(8), distillation_losses=default)
+    recwarn.clear()
+    kd_keras.Distiller(tiny_mlp(), tiny_mlp(8), losses=[(default, 0.5)])
+    assert len([w for w in recwarn if "softmaxes" in str(w.message)]) == 1  # Once.
     proper = keras.distillation.LogitsDistillation(
         temperature=2.0, loss=keras.losses.KLDivergence()
     )
