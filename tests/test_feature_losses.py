@@ -269,6 +269,8 @@ def _distiller(loss, teacher=None, student=None):
     )
 
 
+# The checks of bad input are backend-independent: they run on TensorFlow
+# only, to keep the suite short.
 @pytest.mark.parametrize(
     "make, error",
     [
@@ -333,11 +335,13 @@ def _distiller(loss, teacher=None, student=None):
         "unknown_adapter",
     ],
 )
+@pytest.mark.tensorflow_only
 def test_bad_feature_losses_raise_with_the_fix(make, error):
     with pytest.raises(ValueError, match=error):
         make()
 
 
+@pytest.mark.tensorflow_only
 def test_feature_losses_refuse_cached_logits_before_training():
     teacher, student = cnn(8, "teacher", 1), cnn(4, "student", 2)
     cached = kd_keras.cache_teacher_logits(teacher, (X, Y), batch_size=16)
@@ -352,6 +356,7 @@ def test_feature_losses_refuse_cached_logits_before_training():
         np.testing.assert_array_equal(old, new)
 
 
+@pytest.mark.tensorflow_only
 def test_a_shared_layer_is_refused_on_the_first_batch():
     keras.utils.set_random_seed(0)
     shared = keras.layers.Dense(8, activation="relu", name="shared")
@@ -384,6 +389,7 @@ def test_compute_loss_called_directly_reads_its_own_features():
     )
 
 
+@pytest.mark.tensorflow_only
 def test_an_adapter_of_the_wrong_width_is_refused():
     hint = losses.FeatureHint(
         "block2/conv", "block2/conv", adapter=keras.layers.Dense(3)
@@ -413,6 +419,7 @@ def test_adapters_built_after_the_optimizer_ask_to_compile_again():
     assert distiller.adapters[0].built
 
 
+@pytest.mark.tensorflow_only
 def test_features_of_unreadable_data_need_shapes_before_training():
     student = subclassed_student()
     distiller = _distiller(losses.FeatureHint("c1", student.conv), student=student)
@@ -439,6 +446,7 @@ def test_a_cached_pipeline_builds_adapters_from_its_spec():
     assert tuple(distiller.adapters[0].kernel.shape) == (3, 8)
 
 
+@pytest.mark.tensorflow_only
 def test_function_taps_describe_themselves_the_same_in_every_process():
     def first_layer(model, inputs):
         return model.layers[0](inputs)
@@ -447,6 +455,7 @@ def test_function_taps_describe_themselves_the_same_in_every_process():
     assert "test_feature_losses" in text and "first_layer" in text and "0x" not in text
 
 
+@pytest.mark.tensorflow_only
 def test_a_checkpoint_of_an_unsaveable_distiller_fails_before_training(tmp_path):
     student = subclassed_student()
     distiller = _distiller(losses.FeatureHint("c1", student.conv), student=student)
