@@ -431,20 +431,26 @@ class Distiller(keras.Model):
 
     def _prepare_features_from_spec(self, x, what):
         """Prepares the features from a tf.data pipeline's element spec,
-        for data whose first batch is not read (a `.cache()`); refuses data
-        that gives no shapes before training."""
-        if self._feature_shapes is not None:
-            return
+        for data whose first batch is not read (a `.cache()`); refuses
+        cached logits, and data that gives no shapes when an adapter needs
+        them."""
         spec = getattr(x, "element_spec", None) if _backend.is_tf_dataset(x) else None
         inputs = spec[0] if isinstance(spec, tuple) else spec
-        inputs, _ = split_cached(inputs) if inputs is not None else (None, None)
+        inputs, cached = split_cached(inputs) if inputs is not None else (None, None)
+        if cached is not None:
+            raise self._no_teacher_features(what)
+        needs_adapter = any(loss.needs_adapter for _, loss in self._feature_losses())
+        if self._feature_shapes is not None or not needs_adapter:
+            return  # Shapes are checked when the step is traced.
         leaves = keras.tree.flatten(inputs) if inputs is not None else []
-        if leaves and all(getattr(leaf, "shape", None) is not None for leaf in leaves):
+        if leaves and all(
+            getattr(leaf, "shape", None) is not None
+            and None not in tuple(leaf.shape)[1:]
+            and leaf.dtype.is_numeric
+            for leaf in leaves
+        ):
             rows = keras.tree.map_structure(
-                lambda leaf: np.zeros(
-                    [2, *(size or 1 for size in leaf.shape[1:])],
-                    leaf.dtype.as_numpy_dtype,
-                ),
+                lambda leaf: np.zeros([2, *leaf.shape[1:]], leaf.dtype.as_numpy_dtype),
                 inputs,
             )
             self._check_features(rows, None, what)
@@ -452,8 +458,9 @@ class Distiller(keras.Model):
         raise ValueError(
             f"{', '.join(self._feature_loss_names())} needs the shapes of the "
             f"features before training, but the first batch of the {what} "
-            "cannot be read ahead (a generator). Pass arrays, a PyDataset or "
-            "a tf.data.Dataset, or build the student and the teacher with "
+            "cannot be read ahead (a generator, or a `.cache()` pipeline "
+            "without fixed shapes). Pass arrays, a PyDataset or a "
+            "tf.data.Dataset, or build the student and the teacher with "
             "`keras.Input` of a fixed shape."
         )
 
@@ -501,6 +508,17 @@ class Distiller(keras.Model):
             raise self._no_teacher_features(what)
         features = self._eager_features(rows)
         self._prepare_features([(t.shape, s.shape) for t, s in features])
+        for (_, teacher, student), place, (t, s) in zip(
+            self._pairs, self._adapter_places, features, strict=True
+        ):
+            adapted = None if place is None else self.adapters[place](s).shape
+            if adapted is not None and tuple(adapted[1:]) != tuple(t.shape[1:]):
+                raise ValueError(
+                    f"The adapter of student layer `{student.name}` maps its "
+                    f"feature to shape {tuple(adapted)}, not to the shape of "
+                    f"teacher layer `{teacher.name}`, {tuple(t.shape)}. Give "
+                    "an adapter whose output has the teacher's shape."
+                )
         for index, loss in self._feature_losses():
             chosen = [features[k] for k in self._pairs_of(index)]
             try:
@@ -754,15 +772,15 @@ class Distiller(keras.Model):
         its gradient tape): an override unpacks it with
         `kd_keras.distiller.split_cached(x)`.
         """
-        del training  # The teacher always runs in inference mode.
         inputs, cached = split_cached(x)
         if self._pairs and self._captured.logits is not y_pred:
-            # Not the logits of the last `call` (a direct call): read the
-            # student's features again.
+            # Not the logits of the last `call` (a direct call, or logits an
+            # override changed): read the student's features again.
             taps = [student for _, _, student in self._pairs]
-            self._captured.set(
-                y_pred, _run_with_features(self.student, taps, inputs, False)[1]
-            )
+            self._captured.logits = y_pred
+            self._captured.student = _run_with_features(
+                self.student, taps, inputs, training
+            )[1]
         regularization = self._regularization()
         teacher_logits = ops.stop_gradient(self._teacher_logits(inputs, cached, y_pred))
         total = self._total_loss(
@@ -842,9 +860,10 @@ class Distiller(keras.Model):
         stops show in the History.
         """
         self._check_first_batch(x, y)
+        given = getattr(callbacks, "callbacks", callbacks) or ()  # Or a CallbackList.
         if self._pairs and any(
             isinstance(c, keras.callbacks.ModelCheckpoint) and not c.save_weights_only
-            for c in callbacks or ()
+            for c in given
         ):
             self.get_config()  # Raises now if it cannot be saved, not after an epoch.
         if validation_data is not None:

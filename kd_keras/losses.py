@@ -605,8 +605,9 @@ class KerasLogitsDistillation(LogitLoss):
 
     def __init__(self, loss, name=None):
         super().__init__(temperature=None, name=name or "keras_logits_distillation")
+        loaded = isinstance(loss, dict)  # Warned of when it was made.
         self.loss = _keras_loss(loss)
-        if any(
+        if not loaded and any(
             getattr(fn, "__name__", None) == "kl_divergence"
             for fn in keras.tree.flatten(self.loss.loss)
         ):
@@ -658,6 +659,8 @@ class FeatureLoss(_Term):
     override `prepare(teacher_shape, student_shape)`, which checks the
     shapes of a pair and returns its adapter layer or None.
     """
+
+    needs_adapter = False  # Whether `prepare` may make an adapter.
 
     def __init__(self, name=None):
         self.name = name or _snake_case(type(self).__name__)
@@ -735,6 +738,7 @@ class FeatureHint(FeatureLoss):
         self.teacher_layer = teacher_layer
         self.student_layer = student_layer
         self.adapter = adapter
+        self.needs_adapter = adapter is not None
 
     def layer_pairs(self):
         return [(self.teacher_layer, self.student_layer)]
@@ -745,7 +749,7 @@ class FeatureHint(FeatureLoss):
             adapter = type(self.adapter).from_config(self.adapter.get_config())
             try:
                 adapted = adapter.compute_output_shape((None, *student_shape[1:]))
-            except Exception:  # Unknown until it runs: checked on a batch.
+            except Exception:  # Unknown until it runs: the Distiller checks it.
                 return adapter
             if tuple(adapted[1:]) != tuple(teacher_shape[1:]):
                 raise ValueError(
@@ -812,10 +816,17 @@ class FeatureHint(FeatureLoss):
 def attention_map(features, p=2.0, size=None):
     """Zagoruyko and Komodakis' spatial attention: the mean over channels of
     |A|^p, resized to `size` (height, width) for images, flattened and
-    L2-normalised per example."""
+    L2-normalised per example. |A| is first divided by its largest value in
+    the example, which the normalisation cancels, so that high powers of
+    large activations do not overflow float32."""
     features = _as_float32(features)
     axis = _features.channel_axis(len(features.shape))
-    maps = ops.mean(ops.power(ops.abs(features), p), axis=axis)
+    magnitudes = ops.abs(features)
+    rows = ops.reshape(magnitudes, (ops.shape(magnitudes)[0], -1))
+    largest = ops.stop_gradient(ops.max(rows, axis=-1))
+    largest = ops.reshape(largest, (-1,) + (1,) * (len(features.shape) - 1))
+    magnitudes = magnitudes / ops.maximum(largest, 1e-30)
+    maps = ops.mean(ops.power(magnitudes, p), axis=axis)
     if size is not None and tuple(maps.shape[1:]) != tuple(size):
         maps = ops.image.resize(
             maps[..., None], size, interpolation="bilinear", data_format="channels_last"
@@ -863,10 +874,13 @@ class AttentionTransfer(FeatureLoss):
                 "Expected `pairs` as a non-empty list of (teacher_layer, "
                 'student_layer), such as [("block2/conv", "conv_1")].'
             )
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 16:
+        if (
+            isinstance(p, bool)
+            or not isinstance(p, numbers.Real)
+            or not 0 < p < math.inf
+        ):
             raise ValueError(
-                "Expected `p` to be a number in (0, 16], such as 2 (higher "
-                f"powers overflow float32). Received: p={p!r}"
+                f"Expected `p` to be a finite number > 0, such as 2. Received: p={p!r}"
             )
         self.pairs = [tuple(pair) for pair in pairs]
         self.p = float(p)

@@ -487,3 +487,100 @@ def test_the_export_of_a_distiller_with_adapters_is_the_student_alone(tmp_path):
     assert exported == student.count_params()
     assert distiller.adapters[0].count_params() > 0
     assert not any("adapter" in v.name for v in loaded.variables)
+
+
+class _ScaledLogits(kd_keras.Distiller):
+    """An override whose `call` returns new logits, not the student's own."""
+
+    def call(self, inputs, training=False):
+        return keras.ops.cast(super().call(inputs, training=training), "float32") * 1.0
+
+
+def test_an_override_that_changes_the_logits_still_trains():
+    teacher, student = cnn(8, "teacher", 1), cnn(4, "student", 2)
+    distiller = _ScaledLogits(
+        teacher,
+        student,
+        losses=losses.FeatureHint("block2/conv", "block2/conv"),
+        name="scaled",
+    )
+    distiller.compile("adam")
+    history = distiller.fit(X, Y, epochs=1, batch_size=16, verbose=0).history
+    assert np.isfinite(history["distillation_loss"][0])
+
+
+@pytest.mark.tensorflow_only
+def test_an_adapter_that_cannot_tell_its_shape_is_checked_on_the_first_batch():
+    class Narrow(keras.layers.Layer):  # No compute_output_shape.
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def compute_output_shape(self, input_shape):
+            raise NotImplementedError
+
+    student = subclassed_student()
+    distiller = _distiller(
+        losses.FeatureHint("c1", student.conv, adapter=Narrow()), student=student
+    )
+    distiller.compile("adam")
+    with pytest.raises(ValueError, match=r"maps its feature to shape \(8, 8, 8, 1\)"):
+        distiller.fit(X, Y, epochs=1, verbose=0)
+
+
+def test_attention_of_high_powers_of_large_activations_does_not_overflow():
+    t = 20.0 * np.abs(rng.normal(size=(2, 4, 4, 3)))
+    s = rng.normal(size=(2, 4, 4, 2))
+    at = losses.AttentionTransfer([("a", "b")], p=16)
+    got = keras.ops.convert_to_numpy(
+        at.per_example([t.astype("float32")], [s.astype("float32")], [None])
+    )
+    np.testing.assert_allclose(got, attention_reference(t, s, 16), rtol=1e-3)
+
+
+@pytest.mark.tensorflow_only
+def test_unreadable_data_without_adapters_or_shapes():
+    import tensorflow as tf
+
+    student = subclassed_student()
+
+    def batches():
+        while True:
+            yield X[:16], Y[:16]
+
+    # Attention transfer makes no adapter: a generator trains.
+    distiller = _distiller(
+        losses.AttentionTransfer([("c1", student.conv)]), student=student
+    )
+    distiller.compile("adam")
+    distiller.fit(batches(), steps_per_epoch=2, epochs=1, verbose=0)
+    # A hint needs its adapter's shapes: a cached pipeline of unknown image
+    # sizes is refused, as is one that carries cached logits.
+    hint = _distiller(losses.FeatureHint("c1", student.conv), student=student)
+    hint.compile("adam")
+    unknown = tf.data.Dataset.from_generator(
+        batches,
+        output_signature=(
+            tf.TensorSpec((None, None, None, 1), tf.float32),
+            tf.TensorSpec((None,), tf.int64),
+        ),
+    )
+    with pytest.raises(ValueError, match=r"cannot be read ahead"):
+        hint.fit(unknown.take(2).cache(), epochs=1, verbose=0)
+    cached = kd_keras.cache_teacher_logits(
+        hint.teacher, tf.data.Dataset.from_tensor_slices((X, Y)).batch(16)
+    ).cache()
+    with pytest.raises(ValueError, match=r"cached teacher logits"):
+        hint.fit(cached, epochs=1, verbose=0)
+
+
+@pytest.mark.tensorflow_only
+def test_a_callback_list_is_accepted():
+    distiller = _distiller(losses.FeatureHint("fc", "fc"))
+    distiller.compile("adam")
+    # Keras takes a CallbackList as it is (History included, by the user).
+    given = keras.callbacks.CallbackList([keras.callbacks.History()], model=distiller)
+    distiller.fit(X, Y, epochs=1, verbose=0, callbacks=given)

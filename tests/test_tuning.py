@@ -480,3 +480,33 @@ def test_a_sweep_over_a_feature_loss_runs_the_teacher_on_the_fly(
         "FeatureHint",
     ]
     assert built._kd_losses[1][1] == best.values["hint_weight"]
+
+
+def test_a_trial_that_picks_a_feature_loss_gets_uncached_data(hypermodel, splits):
+
+    from kd_keras import losses
+
+    def first_layer(model, inputs):
+        return model.layers[0](inputs)
+
+    def loss(hp):  # The default (probed) has no feature loss.
+        if hp.Boolean("hint"):
+            return [losses.SoftTargets(), losses.FeatureHint(first_layer, first_layer)]
+        return losses.SoftTargets()
+
+    model = hypermodel(assistant_builder=None, assistant_sizes=(), losses={"x": loss})
+    assert not model.needs_features
+    hp = keras_tuner.HyperParameters()
+    model.build(hp)
+    hp.values["hint"] = True
+    distiller = model.build(hp)
+    train, val = splits()
+    history = model.fit(
+        hp,
+        distiller,
+        model.cache(train, "train"),
+        validation_data=model.cache(val, "validation"),
+        epochs=1,
+        verbose=0,
+    )
+    assert np.isfinite(history.history["feature_hint_loss"][0])
