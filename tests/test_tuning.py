@@ -388,6 +388,9 @@ def test_a_second_sweep_in_the_same_session_resumes(
     assert best is not None and len(tuning.trials_table(tuner)) == 2
 
 
+# keras-tuner's search space does not depend on the backend: on TensorFlow
+# only, to keep the suite short.
+@pytest.mark.tensorflow_only
 def test_a_sweep_chooses_the_loss_and_its_own_hyperparameters(
     hypermodel, splits, tmp_path
 ):
@@ -442,6 +445,8 @@ def test_loss_choices_must_be_losses(hypermodel):
         hypermodel(losses={"kd": "soft"})
 
 
+# The feature path itself runs on JAX in test_feature_losses.
+@pytest.mark.tensorflow_only
 def test_a_sweep_over_a_feature_loss_runs_the_teacher_on_the_fly(
     hypermodel, splits, tmp_path
 ):
