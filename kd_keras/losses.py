@@ -1,7 +1,9 @@
 """Distillation losses in `keras.ops`, so they run on every Keras backend:
-the temperature softmax and T²·KL(p ‖ q) as functions, and the logit losses
-that a `Distiller` combines (`SoftTargets`, `LogitStandardization`,
-`DecoupledKD`, `DIST`) as serialisable objects."""
+the temperature softmax and T²·KL(p ‖ q) as functions, and the losses that a
+`Distiller` combines as serialisable objects: logit losses (`SoftTargets`,
+`LogitStandardization`, `DecoupledKD`, `DIST`), feature losses
+(`FeatureHint`, `AttentionTransfer`), and wrappers of `keras.distillation`'s
+own."""
 
 import math
 import numbers
