@@ -30,6 +30,22 @@ MIRRORED = textwrap.dedent("""
                                      keras.layers.Dense(4)])
         return mlp(32), mlp(8)
 
+    class Subclassed(keras.Model):  # No input shape: adapters come late.
+        def __init__(self):
+            super().__init__()
+            self.hidden = keras.layers.Dense(8, "relu")
+            self.logits = keras.layers.Dense(4)
+
+        def call(self, x):
+            return self.logits(self.hidden(x))
+
+    def hinted(teacher):
+        keras.utils.set_random_seed(1)
+        student = Subclassed()
+        student(x[:1])
+        hint = kd_keras.losses.FeatureHint(teacher.layers[0], student.hidden)
+        return student, [kd_keras.losses.SoftTargets(), (hint, 0.5)]
+
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8)).astype("float32")
     y = rng.integers(0, 4, 64).astype("int32")
@@ -37,17 +53,25 @@ MIRRORED = textwrap.dedent("""
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     for name, scope in (("one", tf.distribute.get_strategy()),
                         ("mirrored", strategy)):
-        with scope.scope():
-            teacher, student = models()
-            distiller = kd_keras.Distiller(teacher, student, temperature=3.0)
-            distiller.compile(keras.optimizers.SGD(0.1))
-        history = distiller.fit(x, y, batch_size=16, epochs=2, shuffle=False,
-                                verbose=0)
-        results[name] = {
-            "replicas": scope.num_replicas_in_sync,
-            "loss": history.history["loss"],
-            "weights": [w.tolist() for w in student.get_weights()],
-        }
+        for features in (False, True):
+            with scope.scope():
+                teacher, student = models()
+                losses = None
+                if features:
+                    student, losses = hinted(teacher)
+                distiller = kd_keras.Distiller(
+                    teacher, student, temperature=3.0, losses=losses)
+                distiller.compile(keras.optimizers.SGD(0.1))
+            # Outside the scope: late adapters use the Distiller's strategy.
+            history = distiller.fit(x, y, batch_size=16, epochs=2,
+                                    shuffle=False, verbose=0)
+            results[name + ("_features" if features else "")] = {
+                "replicas": scope.num_replicas_in_sync,
+                "loss": history.history["loss"],
+                "weights": [w.tolist() for w in student.get_weights()],
+                "adapters": [type(v._value).__name__
+                             for a in distiller.adapters for v in a.weights],
+            }
     json.dump(results, sys.stdout)
 """)
 
@@ -63,14 +87,13 @@ def test_mirrored_strategy_on_two_devices_matches_one_device():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert results["mirrored"]["replicas"] == 2
-    np.testing.assert_allclose(
-        results["mirrored"]["loss"], results["one"]["loss"], rtol=1e-4
-    )
-    for a, b in zip(
-        results["mirrored"]["weights"], results["one"]["weights"], strict=True
-    ):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for run in ("", "_features"):  # Plain KD; a hint with late adapters.
+        mirrored, one = results["mirrored" + run], results["one" + run]
+        assert mirrored["replicas"] == 2
+        np.testing.assert_allclose(mirrored["loss"], one["loss"], rtol=1e-4)
+        for a, b in zip(mirrored["weights"], one["weights"], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert set(results["mirrored_features"]["adapters"]) == {"MirroredVariable"}
 
 
 @pytest.fixture
