@@ -129,8 +129,10 @@ SHORT = {
 
 
 def _settings():
-    if FLAGS.quick:
-        settings = dict(
+    """The quick or full settings, with `--seeds` and `--trials` applied."""
+    settings = common.settings(
+        FLAGS,
+        quick=dict(
             teacher_examples=20_000,
             teacher_epochs=4,
             tune_examples=5_000,
@@ -139,9 +141,8 @@ def _settings():
             student_epochs=5,
             seeds=2,
             trials=3,
-        )
-    else:
-        settings = dict(
+        ),
+        full=dict(
             teacher_examples=55_000,
             teacher_epochs=8,
             tune_examples=15_000,
@@ -150,10 +151,10 @@ def _settings():
             student_epochs=10,
             seeds=3,
             trials=6,
-        )
-    for name in ("seeds", "trials"):
-        if getattr(FLAGS, name) is not None:
-            settings[name] = getattr(FLAGS, name)
+        ),
+    )
+    if FLAGS.trials is not None:
+        settings["trials"] = FLAGS.trials
     return settings
 
 

@@ -185,6 +185,11 @@ def central_differences():
 
 
 @pytest.fixture(scope="session")
+def keras_and_kd_keras_totals():
+    return _keras_and_kd_keras_totals
+
+
+@pytest.fixture(scope="session")
 def shared_mnist():
     """Where the real MNIST IDX files are; may be missing."""
     return SHARED_MNIST
@@ -247,6 +252,24 @@ def _central_differences(function, value, step=1e-5):
         down[index] -= step
         expected[index] = (function(up) - function(down)) / (2 * step)
     return expected
+
+
+def _keras_and_kd_keras_totals(teacher, student, arguments, x, y):
+    """The total loss of `keras.distillation.Distiller(**arguments)` and of
+    `kd_keras.Distiller(**arguments)` on one batch: a Keras user switches by
+    changing one import."""
+    import kd_keras
+
+    totals = []
+    for module in (keras.distillation, kd_keras):
+        distiller = module.Distiller(teacher, student, **arguments)
+        distiller.compile(
+            optimizer="adam",
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        loss = distiller.compute_loss(x, y, student(x), training=False)
+        totals.append(float(keras.ops.convert_to_numpy(loss)))
+    return totals
 
 
 # Tests that hold on every Keras backend carry the first marker; the others

@@ -221,7 +221,7 @@ def test_a_subclassed_student_by_its_layer_and_by_a_function():
         assert not np.allclose(before, keras.ops.convert_to_numpy(student.conv.kernel))
 
 
-def test_keras_feature_distillation_switches_by_one_import():
+def test_keras_feature_distillation_switches_by_one_import(keras_and_kd_keras_totals):
     teacher, student = cnn(8, "teacher", 1), cnn(4, "student", 2)
     arguments = dict(
         distillation_losses=keras.distillation.FeatureDistillation(
@@ -229,23 +229,7 @@ def test_keras_feature_distillation_switches_by_one_import():
         ),
         student_loss_weight=0.25,
     )
-    totals = []
-    for module in (keras.distillation, kd_keras):
-        distiller = module.Distiller(teacher, student, **arguments)
-        distiller.compile(
-            optimizer="adam",
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-        y_pred = distiller(X[:16])
-        if module is kd_keras:
-            distiller._check_first_batch(X[:16], Y[:16])
-        totals.append(
-            float(
-                keras.ops.convert_to_numpy(
-                    distiller.compute_loss(X[:16], Y[:16], y_pred, training=False)
-                )
-            )
-        )
+    totals = keras_and_kd_keras_totals(teacher, student, arguments, X[:16], Y[:16])
     assert totals[1] == pytest.approx(totals[0], rel=1e-5)
 
 

@@ -343,7 +343,7 @@ def test_a_tuple_of_losses_is_a_list_not_a_pair():
 
 @pytest.mark.parametrize("student_loss_weight", [None, 0.25])
 def test_keras_distillation_arguments_switch_by_one_import(
-    student_loss_weight, tiny_mlp, tiny_data
+    student_loss_weight, tiny_mlp, tiny_data, keras_and_kd_keras_totals
 ):
     # The same arguments as `keras.distillation.Distiller` (its default
     # student_loss_weight too), the same loss. T = 2, not the Distiller's 4,
@@ -357,20 +357,7 @@ def test_keras_distillation_arguments_switch_by_one_import(
     )
     if student_loss_weight is not None:
         arguments["student_loss_weight"] = student_loss_weight
-    totals = []
-    for module in (keras.distillation, kd_keras):
-        distiller = module.Distiller(teacher, student, **arguments)
-        distiller.compile(
-            optimizer="adam",
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        )
-        totals.append(
-            float(
-                keras.ops.convert_to_numpy(
-                    distiller.compute_loss(x, y, student(x), training=False)
-                )
-            )
-        )
+    totals = keras_and_kd_keras_totals(teacher, student, arguments, x, y)
     assert totals[1] == pytest.approx(totals[0], rel=1e-5)
 
 
