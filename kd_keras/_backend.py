@@ -98,6 +98,32 @@ def strategy_scope(model):
     return model.distribute_strategy.scope()
 
 
+def multi_worker(strategy):
+    """True for a `tf.distribute.MultiWorkerMirroredStrategy` spanning
+    several workers."""
+    import tensorflow as tf
+
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
+
+
+def first_replica(strategy, values):
+    """The first local replica's part of each `tf.distribute` distributed
+    value in a structure (other values as they are)."""
+    import tensorflow as tf
+
+    return keras.tree.map_structure(
+        lambda v: (
+            strategy.experimental_local_results(v)[0]
+            if isinstance(v, tf.distribute.DistributedValues)
+            else v
+        ),
+        values,
+    )
+
+
 # Keras internals used below (stable across Keras 3 releases): whether a JAX
 # step is being traced, and the mask a layer attached to a tensor.
 

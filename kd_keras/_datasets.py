@@ -22,7 +22,7 @@ _RANDOM_OP_MARKERS = ("Random", "RngReadAndSkip", "RngSkip")
 _OPAQUE_OP_MARKERS = ("PyFunc", "GeneratorDataset")
 
 
-def _stages(dataset):
+def stages(dataset):
     """Every dataset of the pipeline, from `dataset` back to its sources."""
     stack, seen = [dataset], set()
     while stack:
@@ -56,7 +56,7 @@ def _ops(dataset, markers):
     return sorted(
         {
             node.op
-            for stage in _stages(dataset)
+            for stage in stages(dataset)
             for node in _function_nodes(stage)
             if any(marker in node.op for marker in markers)
         }
@@ -83,13 +83,13 @@ def has_cache(dataset):
     """
     if not _backend.is_tf_dataset(dataset):
         return False
-    return any("Cache" in type(stage).__name__ for stage in _stages(dataset))
+    return any("Cache" in type(stage).__name__ for stage in stages(dataset))
 
 
 def _pipeline_digest(dataset):
     """Identifies what the pipeline's functions compute, constants included."""
     parts = []
-    for stage in _stages(dataset):
+    for stage in stages(dataset):
         parts.append(type(stage).__name__)
         for node in _function_nodes(stage):
             constant = (
@@ -155,7 +155,7 @@ def numpy_batches(data):
         )
 
 
-def _spec(data):
+def spec(data):
     if _backend.is_tf_dataset(data):
         return str(data.element_spec)
     first = next(numpy_batches(data), None)
@@ -172,7 +172,7 @@ def _spec(data):
 
 def _sources(dataset):
     """The pipeline's source datasets (those with no input)."""
-    for stage in _stages(dataset):
+    for stage in stages(dataset):
         try:
             inputs = stage._inputs()
         except (AttributeError, NotImplementedError):
@@ -220,7 +220,7 @@ def fingerprint(dataset):
             continue
         count += len(leaves[0])
         total = (total + sum(_row_hashes(leaves))) % (1 << 64)
-    summary = [_spec(dataset), count, total, batch_size]
+    summary = [spec(dataset), count, total, batch_size]
     if augmented:
         sources = [_source_content(source) for source in _sources(dataset)]
         summary += [_pipeline_digest(dataset), sorted(sources)]

@@ -553,6 +553,48 @@ def load(
     )
 
 
+def synthetic(count, *, batch_size=128, shape=(784,), classes=10):
+    """A deterministic synthetic dataset of any size, made inside tf.data.
+
+    For sizing work at scale (caches, memory, throughput) without storing
+    data: example i is computed from i by integer arithmetic, with no random
+    op, so every pass yields the same batches and nothing is held in memory.
+    Its label is `i % classes`; its float32 values lie in [0, 1): half a
+    pseudo-random pattern of (i, position), half a mark on the positions
+    congruent to the label, so that a classifier can learn it.
+
+    Args:
+        count: number of examples.
+        batch_size: examples per batch (the last may be smaller).
+        shape: shape of one example.
+        classes: number of classes.
+
+    Returns:
+        A batched `tf.data.Dataset` of `(x, y)`, x float32 of
+        `(batch, *shape)`, y int32.
+    """
+    tf = _backend.require_tensorflow("`synthetic` (a tf.data pipeline)")
+    _checks.check_positive_int(count, "count")
+    _checks.check_positive_int(batch_size, "batch_size")
+    _checks.check_positive_int(classes, "classes")
+    size = int(np.prod(shape))
+    positions = tf.range(size, dtype=tf.int64)
+
+    def make(ids):
+        labels = ids % classes
+        mixed = (ids[:, None] * 7919 + positions[None, :] * 104729) % 1009
+        pattern = tf.cast(mixed, tf.float32) / 1009.0
+        mark = tf.cast(positions[None, :] % classes == labels[:, None], tf.float32)
+        x = 0.5 * pattern + 0.49 * mark
+        return tf.reshape(x, [-1, *shape]), tf.cast(labels, tf.int32)
+
+    return (
+        tf.data.Dataset.range(count)
+        .batch(batch_size)
+        .map(make, num_parallel_calls=tf.data.AUTOTUNE)
+    )
+
+
 def to_arrays(dataset):
     """Collects a batched `(x, y)` dataset (a `tf.data.Dataset` or a
     `PyDataset`) into two NumPy arrays."""

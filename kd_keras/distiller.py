@@ -803,7 +803,34 @@ class Distiller(keras.Model):
         if _backend.name() != "tensorflow":
             # Keras' own step calls `compute_loss`.
             return super().train_step(*args, **kwargs)
-        return self._tensorflow_train_step(*args, **kwargs)
+        return self._per_worker(self._tensorflow_train_step(*args, **kwargs))
+
+    def test_step(self, *args, **kwargs):
+        logs = super().test_step(*args, **kwargs)
+        return self._per_worker(logs) if _backend.name() == "tensorflow" else logs
+
+    # Keras 3 on TensorFlow fails under several workers
+    # (`MultiWorkerMirroredStrategy`) in two places: it builds the model
+    # from the mean of a distributed batch, which an eager collective cannot
+    # take, and it reduces scalar logs along axis 0. The Distiller builds
+    # from the first replica's batch (only shapes matter) and gives each
+    # log a batch axis of one, whose mean over workers is the scalar Keras
+    # expects.
+
+    def _per_worker(self, logs):
+        if not _backend.multi_worker(self.distribute_strategy):
+            return logs
+        return keras.tree.map_structure(lambda v: ops.reshape(v, (1,)), logs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if iterator is not None and _backend.multi_worker(self.distribute_strategy):
+            for _, _, batches in iterator:
+                data_batch = _backend.first_replica(
+                    self.distribute_strategy, next(batches)
+                )
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def _tensorflow_train_step(self, data):
         """Keras' TensorFlow step, with the teacher outside the tape.

@@ -8,6 +8,7 @@ import numpy as np
 from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _datasets
+from kd_keras import _logit_files
 from kd_keras.data import ArrayBatches
 from kd_keras.distiller import INPUTS_KEY
 from kd_keras.distiller import TEACHER_LOGITS_KEY
@@ -27,6 +28,19 @@ def _check_no_augmentation(dataset):
             "data. If its Python stages are deterministic, pass "
             "`allow_random=True` to cache it anyway."
         )
+
+
+def _check_not_endless(dataset):
+    if _backend.is_tf_dataset(dataset):
+        import tensorflow as tf
+
+        if int(dataset.cardinality()) == tf.data.INFINITE_CARDINALITY:
+            raise ValueError(
+                "The dataset is endless (a `.repeat()` without a count), so "
+                "the teacher's pass over it would never end. Cache one pass: "
+                "drop the `.repeat()` (Keras starts the cached data again "
+                "every epoch), or bound it with `.take(n)`."
+            )
 
 
 def _one_pass(teacher, dataset, keep_data=True):
@@ -85,15 +99,43 @@ def _tf_dataset(x, y, sample_weight, logits, batch_size, shuffle, seed):
 
 
 def cache_teacher_logits(
-    teacher, dataset, *, batch_size=None, shuffle=True, seed=None, allow_random=False
+    teacher,
+    dataset,
+    *,
+    batch_size=None,
+    shuffle=True,
+    seed=None,
+    allow_random=False,
+    directory=None,
+    dtype="float32",
+    top_k=None,
+    shuffle_buffer=None,
 ):
     """Runs the teacher once and returns a dataset that carries its logits.
 
     `Distiller.fit` recognises the batches of the returned dataset and skips
     the teacher, so an epoch costs about as much as training the student
     alone. The teacher runs once over the dataset, batch by batch, in
-    inference mode. The inputs, labels and logits of that pass are kept in
-    memory, together, and served from there every epoch, reshuffled.
+    inference mode.
+
+    In memory (the default, for data that fit): the inputs, labels and
+    logits of that pass are kept together and served from there every
+    epoch, reshuffled.
+
+    On disk (`directory`, for data that do not fit): only the teacher's
+    logits are stored, written to files as they are computed. Every epoch
+    re-reads the input pipeline, pairs each example with its stored logits
+    and then shuffles the pairs with a buffer of `shuffle_buffer` examples,
+    so memory holds that buffer, not the data. Where the input's batches
+    have one size (all but the last), the shuffle goes by blocks: the
+    batches' order in the buffer, then the examples within each block of
+    `shuffle_buffer` examples; otherwise example by example. Pairing needs a
+    pipeline that yields the same examples in the same order on every pass: one that
+    shuffles (or runs with `deterministic=False`) is refused. A later call,
+    in any process, reuses the files for every batch whose data are
+    unchanged, if the teacher's weights are too, and runs the teacher on the
+    others; so an interrupted write resumes where it stopped. Keep one
+    directory per dataset: a call on other data replaces the files.
 
     A `tf.data.Dataset` gives a `tf.data.Dataset`. Arrays and `PyDataset`s
     give a `kd_keras.data.ArrayBatches`, which needs no TensorFlow and runs
@@ -116,12 +158,29 @@ def cache_teacher_logits(
         shuffle: reshuffle the examples every epoch.
         seed: seed of that shuffle.
         allow_random: set True to cache a pipeline with random ops anyway;
-            each example then keeps the first pass's augmentation for ever.
+            in memory, each example then keeps the first pass's
+            augmentation for ever; on disk, new draws are paired with the
+            logits of the first.
+        directory: a folder for the logits on disk; None keeps everything
+            in memory.
+        dtype: `"float32"` or `"float16"` (half the files) for the logits
+            on disk.
+        top_k: keep, on disk, only the k largest logits of each example,
+            their classes, and one shared value for the other classes,
+            chosen so that the other classes keep their total probability
+            at T = 1 (each gets an equal share). At T = 1 the k classes and
+            the rest keep their exact probabilities; at other temperatures
+            the KD term is approximate, because the other classes' logits
+            are not all equal. None keeps every logit.
+        shuffle_buffer: examples in the shuffle buffer of logits on disk;
+            by default as many as 32 MB of inputs hold (10,000 MNIST
+            digits), at least one batch. Memory holds several times that
+            (about 250 MB for the default buffer).
 
     Returns:
         Batches of `({"inputs": x, "teacher_logits": t}, y)` (with sample
-        weights if the input had them) that `Distiller.fit` and
-        `Distiller.evaluate` accept.
+        weights if the input had them; `t` in float32 whatever `dtype`) that
+        `Distiller.fit` and `Distiller.evaluate` accept.
 
     Example:
 
@@ -129,13 +188,48 @@ def cache_teacher_logits(
     train = kd_keras.data.load("mnist", "train", batch_size=128)
     cached = kd_keras.cache_teacher_logits(teacher, train)
     distiller.fit(cached, epochs=10)
+
+    # Larger data: the logits in float16 files; the inputs are re-read.
+    cached = kd_keras.cache_teacher_logits(
+        teacher, train, directory="logits", dtype="float16"
+    )
     ```
     """
     _checks.check_keras_model(teacher, "teacher")
     _checks.check_emits_logits(teacher, "teacher")
+    _logit_files.check_arguments(dtype, top_k)
+    if batch_size is not None:
+        _checks.check_positive_int(batch_size, "batch_size")
+    if directory is None:
+        given = {"dtype": dtype != "float32", "top_k": top_k is not None}
+        given["shuffle_buffer"] = shuffle_buffer is not None
+        if any(given.values()):
+            names = ", ".join(f"`{name}`" for name, on in given.items() if on)
+            verb = "applies" if sum(given.values()) == 1 else "apply"
+            raise ValueError(
+                f"{names} {verb} to logits stored on disk only. Pass "
+                "`directory=` to store them there, or leave them out to keep "
+                "the cache in memory (every logit in float32, reshuffled in "
+                "full every epoch)."
+            )
+    elif shuffle_buffer is not None:
+        _checks.check_positive_int(shuffle_buffer, "shuffle_buffer")
     dataset = _datasets.as_batches(dataset, batch_size, shuffle=False)
+    _check_not_endless(dataset)
     if not allow_random:
         _check_no_augmentation(dataset)
+    if directory is not None:
+        return _on_disk(
+            teacher,
+            dataset,
+            directory,
+            dtype,
+            top_k,
+            batch_size,
+            shuffle,
+            seed,
+            shuffle_buffer,
+        )
     if isinstance(dataset, ArrayBatches):
         # The arrays are served as they are, without a copy: the teacher
         # runs over them in order.
@@ -153,6 +247,142 @@ def cache_teacher_logits(
     return ArrayBatches(
         inputs, y, sample_weight, batch_size=batch_size, shuffle=shuffle, seed=seed
     )
+
+
+def _on_disk(
+    teacher, dataset, directory, dtype, top_k, batch_size, shuffle, seed, buffer
+):
+    if isinstance(dataset, ArrayBatches):
+        dataset = dataset.with_arrays(
+            dataset.x, dataset.y, dataset.sample_weight, shuffle=False
+        )
+    elif not _backend.is_tf_dataset(dataset):
+        raise ValueError(
+            "Logits on disk are paired with the input pipeline every epoch, "
+            f"which needs a `tf.data.Dataset` or arrays. Received a "
+            f"{type(dataset).__name__}, which cannot be inspected for "
+            "shuffling. Pass a `tf.data.Dataset`, arrays `(x, y)`, or leave "
+            "out `directory` to cache in memory."
+        )
+    _logit_files.check_deterministic(dataset)
+    index, ran = _logit_files.write(teacher, dataset, directory, dtype, top_k)
+    batches = sum(len(s["rows"]) for s in index["shards"])
+    logging.info(
+        "Teacher logits of %d examples in %s: the teacher ran on %d of %d "
+        "batches, the others were reused.",
+        index["examples"],
+        directory,
+        ran,
+        batches,
+    )
+    batch_size = batch_size or index["shards"][0]["rows"][0]
+    if isinstance(dataset, ArrayBatches):
+        records = _logit_files.numpy_records(directory, index)
+        return _StoredBatches(
+            {INPUTS_KEY: dataset.x, TEACHER_LOGITS_KEY: records},
+            dataset.y,
+            dataset.sample_weight,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=seed,
+            layout=_logit_files.layout_of(index),
+        )
+    buffer = buffer or _logit_files.default_buffer(index)
+    return _paired(dataset, directory, index, batch_size, shuffle, seed, buffer)
+
+
+def _paired(dataset, directory, index, batch_size, shuffle, seed, buffer):
+    """The `tf.data` pipeline that pairs the input with its stored logits.
+
+    Batches of one size (all but the last) are paired batch by batch and
+    shuffled in blocks: the batches' order in a buffer of `buffer`
+    examples, then the examples within each block of that many, so that no
+    stage handles examples one by one. Batches of other sizes are paired
+    example by example, and shuffled in a buffer of `buffer` examples.
+    """
+    import tensorflow as tf
+
+    layout = _logit_files.layout_of(index)
+    rows = [count for shard in index["shards"] for count in shard["rows"]]
+    records = _logit_files.tf_records(directory, index)
+    if all(count == rows[0] for count in rows[:-1]):
+        paired = tf.data.Dataset.zip((dataset, records.batch(rows[0])))
+        if shuffle:
+            blocks = max(1, buffer // rows[0])
+            paired = paired.shuffle(blocks, seed=seed, reshuffle_each_iteration=True)
+            draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+            paired = tf.data.Dataset.zip((paired.rebatch(blocks * rows[0]), draws)).map(
+                _permuted
+            )
+        if shuffle or batch_size != rows[0]:
+            paired = paired.rebatch(batch_size)
+    else:
+        paired = tf.data.Dataset.zip((dataset.unbatch(), records)).apply(
+            tf.data.experimental.assert_cardinality(index["examples"])
+        )
+        if shuffle:
+            paired = paired.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        paired = paired.batch(batch_size)
+
+    def join(element, raw):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(element)
+        logits = _logit_files.decode_tf(raw, layout)
+        inputs = {INPUTS_KEY: x, TEACHER_LOGITS_KEY: logits}
+        return keras.utils.pack_x_y_sample_weight(inputs, y, sample_weight)
+
+    options = tf.data.Options()
+    # Under several workers, shard the paired batches, never the files.
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    batches = -(-index["examples"] // batch_size)
+    return (
+        paired.map(join, num_parallel_calls=tf.data.AUTOTUNE)
+        .apply(tf.data.experimental.assert_cardinality(batches))
+        # A fixed prefetch: an autotuned one grows with the epoch.
+        .prefetch(2)
+        .with_options(options)
+    )
+
+
+def _permuted(block, draw):
+    """The examples of a block in a random order drawn from `draw`."""
+    import tensorflow as tf
+
+    count = tf.shape(block[1])[0]
+    seed = tf.stack([draw, tf.constant(0, tf.int64)])
+    order = tf.argsort(tf.random.stateless_uniform([count], seed=seed))
+    return tf.nest.map_structure(lambda t: tf.gather(t, order), block)
+
+
+class _StoredBatches(ArrayBatches):
+    """`ArrayBatches` whose teacher logits are records read from disk,
+    decoded (to float32, and rebuilt from the top k) batch by batch."""
+
+    def __init__(self, x, y, sample_weight, *, layout, **kwargs):
+        super().__init__(x, y, sample_weight, **kwargs)
+        self.layout = layout
+
+    def __getitem__(self, index):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
+            super().__getitem__(index)
+        )
+        logits = _logit_files.decode(x[TEACHER_LOGITS_KEY], self.layout)
+        x = {**x, TEACHER_LOGITS_KEY: logits}
+        return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+
+    def with_arrays(self, x, y=None, sample_weight=None, shuffle=None):
+        if isinstance(x, dict) and TEACHER_LOGITS_KEY in x:
+            return _StoredBatches(
+                x,
+                y,
+                sample_weight,
+                batch_size=self.batch_size,
+                shuffle=self.shuffle if shuffle is None else shuffle,
+                seed=self.seed,
+                layout=self.layout,
+            )
+        return super().with_arrays(x, y, sample_weight, shuffle)
 
 
 def _element_inputs(dataset):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -94,6 +95,185 @@ def test_mirrored_strategy_on_two_devices_matches_one_device():
         for a, b in zip(mirrored["weights"], one["weights"], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert set(results["mirrored_features"]["adapters"]) == {"MirroredVariable"}
+
+
+# A worker of a MultiWorkerMirroredStrategy cluster on 127.0.0.1 (or, with
+# no ports, the same training in one process): a Distiller on the fly, on
+# cached logits in memory and on logits on disk.
+MULTI_WORKER = textwrap.dedent("""
+    import json, os, sys
+    index, ports, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    if ports:
+        os.environ["TF_CONFIG"] = json.dumps({
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports.split(",")]},
+            "task": {"type": "worker", "index": index}})
+    import numpy as np, tensorflow as tf, keras
+    import kd_keras
+
+    strategy = (tf.distribute.MultiWorkerMirroredStrategy() if ports
+                else tf.distribute.get_strategy())
+
+    def mlp(units):
+        return keras.Sequential([keras.Input((8,)),
+                                 keras.layers.Dense(units, "relu"),
+                                 keras.layers.Dense(4)])
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 8)).astype("float32")
+    y = rng.integers(0, 4, 128).astype("int32")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    keras.utils.set_random_seed(0)
+    teacher = mlp(32)
+    trains = {
+        "on_the_fly": data,
+        "cached": kd_keras.cache_teacher_logits(teacher, data, shuffle=False),
+        "disk": kd_keras.cache_teacher_logits(
+            teacher, data, shuffle=False, directory=f"{folder}/{index}"),
+    }
+    results = {"replicas": strategy.num_replicas_in_sync}
+    for name, train in trains.items():
+        # The examples this worker gets (their first value) in one epoch.
+        seen = []
+        for batch in strategy.experimental_distribute_dataset(train):
+            x = batch[0]["inputs"] if isinstance(batch[0], dict) else batch[0]
+            for part in strategy.experimental_local_results(x):
+                seen += part.numpy()[:, 0].tolist()
+        with strategy.scope():
+            keras.utils.set_random_seed(1)
+            student = mlp(8)
+            distiller = kd_keras.Distiller(teacher, student, temperature=3.0)
+            distiller.compile(keras.optimizers.SGD(0.1), metrics=["accuracy"])
+        history = distiller.fit(train, epochs=2, verbose=0)
+        results[name] = {
+            "loss": history.history["loss"],
+            "accuracy": history.history["accuracy"],
+            "evaluate": distiller.evaluate(data, verbose=0, return_dict=True),
+            "weights": [w.tolist() for w in student.get_weights()],
+            "seen": seen,
+        }
+    print(json.dumps(results))
+""")
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _run_all(commands, timeout=240):
+    """Runs the commands together; returns their JSON outputs."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    running = [
+        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for c in commands
+    ]
+    outputs = []
+    try:
+        for process in running:
+            out, err = process.communicate(timeout=timeout)
+            assert process.returncode == 0, err.decode()[-3000:]
+            outputs.append(json.loads(out.decode().strip().splitlines()[-1]))
+    finally:
+        for process in running:
+            process.kill()
+    return outputs
+
+
+def _assert_same_training(runs, reference, names):
+    for run in runs:
+        for name in names:
+            got, expected = run[name], reference[name]
+            np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-5)
+            np.testing.assert_allclose(got["accuracy"], expected["accuracy"])
+            for key, value in expected["evaluate"].items():
+                assert got["evaluate"][key] == pytest.approx(value, rel=1e-5), key
+            for a, b in zip(got["weights"], expected["weights"], strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_multi_worker_strategy_on_two_processes_matches_one_process(tmp_path):
+    ports = ",".join(map(str, _free_ports(2)))
+    script = [sys.executable, "-c", MULTI_WORKER]
+    *workers, single = _run_all(
+        [
+            [*script, "0", ports, str(tmp_path)],
+            [*script, "1", ports, str(tmp_path)],
+            [*script, "0", "", str(tmp_path / "single")],
+        ]
+    )
+    assert [w["replicas"] for w in workers] == [2, 2] and single["replicas"] == 1
+    names = ("on_the_fly", "cached", "disk")
+    _assert_same_training(workers, single, names)
+    for name in names:  # The workers split every batch between them.
+        first, second = (w[name]["seen"] for w in workers)
+        assert len(first) == len(second) == 64
+        assert sorted(first + second) == sorted(single[name]["seen"])
+
+
+# The same Distiller on JAX, on one CPU device and then under
+# keras.distribution.DataParallel over two.
+DATA_PARALLEL = textwrap.dedent("""
+    import json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["KERAS_BACKEND"] = "jax"
+    import numpy as np, keras
+    import kd_keras
+
+    def mlp(units):
+        return keras.Sequential([keras.Input((8,)),
+                                 keras.layers.Dense(units, "relu"),
+                                 keras.layers.Dense(4)])
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 8)).astype("float32")
+    y = rng.integers(0, 4, 128).astype("int32")
+    results = {}
+    for run in ("one", "data_parallel"):
+        if run == "data_parallel":
+            devices = keras.distribution.list_devices("cpu")
+            keras.distribution.set_distribution(
+                keras.distribution.DataParallel(devices=devices))
+        keras.utils.set_random_seed(0)
+        teacher = mlp(32)
+        trains = {
+            "on_the_fly": kd_keras.data.ArrayBatches(x, y, batch_size=32),
+            "cached": kd_keras.cache_teacher_logits(
+                teacher, (x, y), batch_size=32, shuffle=False),
+            "disk": kd_keras.cache_teacher_logits(
+                teacher, (x, y), batch_size=32, shuffle=False,
+                directory=os.path.join(sys.argv[1], run)),
+        }
+        results[run] = {"devices": len(keras.distribution.list_devices("cpu"))}
+        for name, train in trains.items():
+            keras.utils.set_random_seed(1)
+            student = mlp(8)
+            distiller = kd_keras.Distiller(teacher, student, temperature=3.0)
+            distiller.compile(keras.optimizers.SGD(0.1), metrics=["accuracy"])
+            history = distiller.fit(train, epochs=2, verbose=0)
+            results[run][name] = {
+                "loss": history.history["loss"],
+                "accuracy": history.history["accuracy"],
+                "evaluate": distiller.evaluate(
+                    x, y, batch_size=32, verbose=0, return_dict=True),
+                "weights": [w.tolist() for w in student.get_weights()],
+                "sharded_over": len(student.weights[0].value.sharding.device_set),
+            }
+    print(json.dumps(results))
+""")
+
+
+def test_jax_data_parallel_on_two_devices_matches_one_device(tmp_path):
+    (results,) = _run_all([[sys.executable, "-c", DATA_PARALLEL, str(tmp_path)]])
+    one, parallel = results["one"], results["data_parallel"]
+    assert parallel["devices"] == 2
+    names = ("on_the_fly", "cached", "disk")
+    assert [parallel[name]["sharded_over"] for name in names] == [2, 2, 2]
+    _assert_same_training([parallel], one, names)
 
 
 @pytest.fixture

@@ -1,0 +1,401 @@
+"""Teacher logits cached on disk: pairing, float16, top k, reuse, resumption
+and bounded memory."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kd_keras
+from kd_keras import _logit_files
+from kd_keras.distiller import TEACHER_LOGITS_KEY
+
+
+def in_order(x, y, batch_size=16):
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+
+
+def counted(teacher):
+    """Counts the batches the teacher runs on (in `teacher.batches`)."""
+    predict = teacher.predict_on_batch
+    teacher.batches = 0
+
+    def counting(x):
+        teacher.batches += 1
+        return predict(x)
+
+    teacher.predict_on_batch = counting
+    return teacher
+
+
+def collect(cached):
+    """Inputs, labels and logits of one pass, concatenated."""
+    parts = [
+        (inputs["inputs"].numpy(), labels.numpy(), inputs[TEACHER_LOGITS_KEY].numpy())
+        for inputs, labels in cached
+    ]
+    return [np.concatenate(column) for column in zip(*parts, strict=True)]
+
+
+def softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.all_backends
+def test_disk_cache_pairs_every_example_with_its_teacher_logits(
+    tiny_mlp, tiny_data, tmp_path
+):
+    x, y = tiny_data
+    teacher = tiny_mlp(32, seed=1)
+    expected = np.asarray(teacher.predict(x, verbose=0))
+    cached = kd_keras.cache_teacher_logits(
+        teacher, in_order(x, y), directory=tmp_path / "a", shuffle=False
+    )
+    inputs, labels, logits = collect(cached)
+    np.testing.assert_array_equal(inputs, x)
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_array_equal(logits, expected)
+    # Shuffled after the pairing (by blocks where the batches have one size,
+    # else example by example), batched at another size: every example still
+    # carries its own logits, and batches mix the input's batches.
+    uneven = in_order(x[:32], y[:32]).concatenate(in_order(x[32:], y[32:], 10))
+    for name, batches in (("even", in_order(x, y)), ("uneven", uneven)):
+        for batch_size in (16, 10):
+            shuffled = kd_keras.cache_teacher_logits(
+                teacher, batches, directory=tmp_path / name, batch_size=batch_size
+            )
+            orders = []
+            for _epoch in range(2):
+                inputs, labels, logits = collect(shuffled)
+                rows = [int(np.flatnonzero((x == r).all(axis=1))[0]) for r in inputs]
+                assert sorted(rows) == list(range(len(x)))
+                np.testing.assert_array_equal(logits, expected[rows])
+                np.testing.assert_array_equal(labels, y[rows])
+                orders.append(rows)
+            assert orders[0] != orders[1], "reshuffled every epoch"
+            assert len(shuffled) == -(-len(x) // batch_size)
+            assert len({row // 16 for row in orders[0][:batch_size]}) > 1
+    # Arrays give ArrayBatches (any backend) with the same logits.
+    batches = kd_keras.cache_teacher_logits(
+        teacher, (x, y), directory=tmp_path / "b", shuffle=False, batch_size=16
+    )
+    served = np.concatenate(
+        [batches[i][0][TEACHER_LOGITS_KEY] for i in range(len(batches))]
+    )
+    np.testing.assert_array_equal(served, expected)
+
+
+@pytest.mark.all_backends
+def test_float16_halves_the_files_and_rounds_the_logits(tiny_mlp, tiny_data, tmp_path):
+    x, y = tiny_data
+    teacher = tiny_mlp(32, seed=1)
+    expected = np.asarray(teacher.predict(x, verbose=0))
+    sizes = {}
+    for dtype in ("float32", "float16"):
+        folder = tmp_path / dtype
+        cached = kd_keras.cache_teacher_logits(
+            teacher, (x, y), directory=folder, dtype=dtype, shuffle=False
+        )
+        logits = cached[0][0][TEACHER_LOGITS_KEY]
+        assert logits.dtype == np.float32
+        np.testing.assert_array_equal(logits, expected.astype(dtype).astype("float32"))
+        sizes[dtype] = sum(p.stat().st_size for p in folder.glob("*.bin"))
+    assert sizes["float32"] == len(x) * 4 * 4
+    assert sizes["float16"] * 2 == sizes["float32"]
+
+
+def test_top_k_keeps_the_k_probabilities_and_the_rest_s_mass(tmp_path):
+    rng = np.random.default_rng(0)
+    logits = (rng.normal(size=(50, 7)) * 3).astype("float32")
+    layout = _logit_files.Layout((7,), "float32", top_k=3)
+    rebuilt = _logit_files.decode(_logit_files.encode(logits, layout), layout)
+    # NumPy reference: the 3 largest kept; the other 4 share the rest of the
+    # probability at T = 1 equally.
+    p = softmax(logits.astype("float64"))
+    top = np.argsort(-logits, axis=1)[:, :3]
+    kept = np.zeros_like(p, bool)
+    np.put_along_axis(kept, top, True, axis=1)
+    reference = np.where(kept, p, ((1 - (p * kept).sum(1)) / 4)[:, None])
+    np.testing.assert_allclose(softmax(rebuilt.astype("float64")), reference, atol=1e-6)
+    np.testing.assert_array_equal(rebuilt[kept], logits[kept])
+    # TensorFlow decodes the raw records as NumPy does, whatever the class
+    # ids' type (one byte up to 256 classes, two up to 65,536, then four).
+    for classes in (7, 300, 70_000):
+        logits = (rng.normal(size=(3, classes)) * 3).astype("float32")
+        layout = _logit_files.Layout((classes,), "float16", top_k=3)
+        records = _logit_files.encode(logits, layout)
+        rebuilt = _logit_files.decode(records, layout)
+        assert rebuilt.argmax(-1).tolist() == logits.argmax(-1).tolist()
+        raw = tf.constant([r.tobytes() for r in records])
+        np.testing.assert_allclose(
+            _logit_files.decode_tf(raw, layout).numpy(), rebuilt, rtol=1e-6
+        )
+    # A teacher so sure that nothing is left: the rest stays finite, below
+    # the k kept logits.
+    sure = np.array([[80.0, 0.0, -5.0, -9.0]], "float32")
+    layout = _logit_files.Layout((4,), "float32", top_k=1)
+    rebuilt = _logit_files.decode(_logit_files.encode(sure, layout), layout)
+    assert np.isfinite(rebuilt).all() and rebuilt[0, 0] == 80.0
+    assert (rebuilt[0, 1:] < 80.0).all()
+
+
+def test_top_k_cache_trains_a_distiller_with_the_rebuilt_logits(
+    tiny_mlp, tiny_data, tmp_path
+):
+    x, y = tiny_data
+    teacher = tiny_mlp(32, seed=1)
+    cached = kd_keras.cache_teacher_logits(
+        teacher, in_order(x, y), directory=tmp_path, top_k=2, shuffle=False
+    )
+    _, _, logits = collect(cached)
+    layout = _logit_files.Layout((4,), "float32", top_k=2)
+    full = np.asarray(teacher.predict(x, verbose=0))
+    np.testing.assert_allclose(
+        logits,
+        _logit_files.decode(_logit_files.encode(full, layout), layout),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    distiller = kd_keras.Distiller(teacher, tiny_mlp(8, seed=2))
+    distiller.compile("adam")
+    before = distiller.evaluate(cached, verbose=0, return_dict=True)
+    distiller.fit(cached, epochs=3, verbose=0)
+    after = distiller.evaluate(cached, verbose=0, return_dict=True)
+    assert after["distillation_loss"] < before["distillation_loss"]
+
+
+def test_a_second_call_reuses_the_files_until_weights_or_data_change(
+    tiny_mlp, tiny_data, tmp_path
+):
+    x, y = tiny_data
+    teacher = counted(tiny_mlp(32, seed=1))
+    first = collect(
+        kd_keras.cache_teacher_logits(
+            teacher, in_order(x, y), directory=tmp_path, shuffle=False
+        )
+    )
+    assert teacher.batches == 4
+    again = collect(
+        kd_keras.cache_teacher_logits(
+            teacher, in_order(x, y), directory=tmp_path, shuffle=False
+        )
+    )
+    assert teacher.batches == 4, "reused: the teacher did not run"
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # One changed example: only its batch is recomputed.
+    changed = x.copy()
+    changed[20] += 1.0
+    kd_keras.cache_teacher_logits(
+        teacher, in_order(changed, y), directory=tmp_path, shuffle=False
+    )
+    assert teacher.batches == 5
+    # Another teacher (weights changed): every batch, and the old files go.
+    teacher.layers[-1].bias.assign(teacher.layers[-1].bias + 1.0)
+    recomputed = collect(
+        kd_keras.cache_teacher_logits(
+            teacher, in_order(changed, y), directory=tmp_path, shuffle=False
+        )
+    )
+    assert teacher.batches == 9
+    np.testing.assert_allclose(
+        recomputed[2], np.asarray(teacher.predict(changed, verbose=0)), rtol=1e-6
+    )
+    index = _logit_files.read_index(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.bin")) == sorted(
+        s["file"] for s in index["shards"]
+    )
+    # Other settings (float16) are another cache: recomputed.
+    kd_keras.cache_teacher_logits(
+        teacher, in_order(changed, y), directory=tmp_path, dtype="float16"
+    )
+    assert teacher.batches == 13
+
+
+def test_an_interrupted_write_resumes_where_it_stopped(
+    tiny_mlp, tiny_data, tmp_path, monkeypatch
+):
+    x, y = tiny_data
+    monkeypatch.setattr(_logit_files, "SHARD_BYTES", 2 * 16 * 4 * 4)  # 2 batches.
+    teacher = counted(tiny_mlp(32, seed=1))
+    predict = teacher.predict_on_batch
+
+    def stops_on_the_fourth_batch(inputs):
+        if teacher.batches == 3:
+            raise KeyboardInterrupt
+        return predict(inputs)
+
+    teacher.predict_on_batch = stops_on_the_fourth_batch
+    with pytest.raises(KeyboardInterrupt):
+        kd_keras.cache_teacher_logits(
+            teacher, in_order(x, y), directory=tmp_path, shuffle=False
+        )
+    index = _logit_files.read_index(tmp_path)
+    assert not index["complete"] and index["examples"] == 32  # One shard kept.
+    teacher.predict_on_batch = predict
+    resumed = collect(
+        kd_keras.cache_teacher_logits(
+            teacher, in_order(x, y), directory=tmp_path, shuffle=False
+        )
+    )
+    assert teacher.batches == 3 + 2, "the first shard's two batches were reused"
+    np.testing.assert_array_equal(resumed[2], np.asarray(teacher.predict(x, verbose=0)))
+    assert _logit_files.read_index(tmp_path)["complete"]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_disk_cache_refuses_what_it_cannot_pair(tiny_mlp, tiny_data, tmp_path):
+    x, y = tiny_data
+    teacher = tiny_mlp(32, seed=1)
+    data = tf.data.Dataset.from_tensor_slices((x, y))
+    with pytest.raises(ValueError, match="shuffles.*remove the shuffle"):
+        kd_keras.cache_teacher_logits(
+            teacher, data.shuffle(64).batch(16), directory=tmp_path
+        )
+    loose = data.batch(16).map(
+        lambda a, b: (a, b), num_parallel_calls=2, deterministic=False
+    )
+    with pytest.raises(ValueError, match="deterministic=True"):
+        kd_keras.cache_teacher_logits(teacher, loose, directory=tmp_path)
+    options = tf.data.Options()
+    options.deterministic = False
+    with pytest.raises(ValueError, match="Options.deterministic"):
+        kd_keras.cache_teacher_logits(
+            teacher, data.batch(16).with_options(options), directory=tmp_path
+        )
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return x, y
+
+    with pytest.raises(ValueError, match="tf.data.Dataset.*arrays"):
+        kd_keras.cache_teacher_logits(teacher, Batches(), directory=tmp_path)
+    with pytest.raises(ValueError, match="below the number of classes"):
+        kd_keras.cache_teacher_logits(teacher, (x, y), directory=tmp_path, top_k=4)
+    with pytest.raises(ValueError, match="dtype"):
+        kd_keras.cache_teacher_logits(teacher, (x, y), directory=tmp_path, dtype="int8")
+    with pytest.raises(ValueError, match="`top_k`.*Pass `directory=`"):
+        kd_keras.cache_teacher_logits(teacher, (x, y), top_k=2)
+    with pytest.raises(ValueError, match="shuffle_buffer"):
+        kd_keras.cache_teacher_logits(
+            teacher, (x, y), directory=tmp_path, shuffle_buffer=0
+        )
+    with pytest.raises(ValueError, match="endless.*take"):
+        kd_keras.cache_teacher_logits(
+            teacher, data.batch(16).repeat(), directory=tmp_path
+        )
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        kd_keras.cache_teacher_logits(teacher, (x, y), directory=tmp_path / "file")
+    assert not list(tmp_path.glob("*.bin")), "nothing was written"
+
+
+def test_endless_data_is_refused_in_memory_too(tiny_mlp, tiny_data):
+    x, y = tiny_data
+    endless = in_order(x, y).repeat()
+    with pytest.raises(ValueError, match="endless.*take"):
+        kd_keras.cache_teacher_logits(tiny_mlp(32, seed=1), endless)
+
+
+def test_float16_refuses_logits_beyond_its_range(tiny_data, tmp_path):
+    x, y = tiny_data
+    keras.utils.set_random_seed(0)
+    loud = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(4), keras.layers.Rescaling(1e5)]
+    )
+    with pytest.raises(ValueError, match="float16.*65504.*float32"):
+        kd_keras.cache_teacher_logits(loud, (x, y), directory=tmp_path, dtype="float16")
+    kd_keras.cache_teacher_logits(loud, (x, y), directory=tmp_path)
+
+
+def test_writers_sharing_a_folder_leave_each_other_s_files(
+    tiny_mlp, tiny_data, tmp_path, monkeypatch
+):
+    x, y = tiny_data
+    teacher = tiny_mlp(32, seed=1)
+    # Another host, and a live process of this one, are writing in the same
+    # folder; a killed process of this host left its file behind.
+    host = socket.gethostname()
+    dead_pid = subprocess.Popen(["true"])
+    dead_pid.wait()
+    others = [
+        tmp_path / "logits.otherhost.123.0123abcd.tmp",
+        tmp_path / f"logits.{host}.{os.getppid()}.0123abcd.tmp",
+    ]
+    abandoned = tmp_path / f"logits.{host}.{dead_pid.pid}.0123abcd.tmp"
+    for path in (*others, abandoned):
+        path.write_bytes(b"half a shard")
+    kd_keras.cache_teacher_logits(teacher, (x, y), directory=tmp_path)
+    assert all(path.read_bytes() == b"half a shard" for path in others)
+    assert sorted(tmp_path.glob("*.tmp")) == sorted(others)
+
+
+# Runs in a process of its own, so that its peak memory is its own.
+MEMORY = textwrap.dedent("""
+    import json, resource, sys
+    import keras, tensorflow as tf
+    import kd_keras
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    count, directory = int(sys.argv[1]), sys.argv[2] or None
+    data = kd_keras.data.synthetic(count, batch_size=500)
+    keras.utils.set_random_seed(0)
+    def mlp(units):
+        return keras.Sequential([keras.Input((784,)),
+                                 keras.layers.Dense(units, "relu"),
+                                 keras.layers.Dense(10)])
+    teacher, student = mlp(64), mlp(8)
+    distiller = kd_keras.Distiller(teacher, student)
+    distiller.compile("sgd")
+    before = rss()
+    cached = kd_keras.cache_teacher_logits(
+        teacher, data, directory=directory, shuffle_buffer=2000)
+    distiller.fit(cached, epochs=1, verbose=0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    json.dump({"raise": peak - before}, sys.stdout)
+""")
+
+
+def test_disk_cache_memory_stays_bounded_whatever_the_data_size(tmp_path):
+    count = 80_000  # 251 MB of float32 inputs; 3.2 MB of logits.
+    run = subprocess.run(
+        [sys.executable, "-c", MEMORY, str(count), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
+    raised = json.loads(run.stdout)["raise"]
+    inputs, logits = count * 784 * 4, count * 10 * 4
+    assert raised < logits + 120e6, raised
+    assert raised < inputs / 2, raised
+    # Another process reuses the files: the same teacher (same seed) does
+    # not run.
+    keras.utils.set_random_seed(0)
+    teacher = counted(
+        keras.Sequential(
+            [
+                keras.Input((784,)),
+                keras.layers.Dense(64, "relu"),
+                keras.layers.Dense(10),
+            ]
+        )
+    )
+    data = kd_keras.data.synthetic(count, batch_size=500)
+    kd_keras.cache_teacher_logits(teacher, data, directory=tmp_path)
+    assert teacher.batches == 0
+    assert _logit_files.read_index(tmp_path)["examples"] == count
