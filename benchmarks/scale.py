@@ -76,7 +76,11 @@ def _resident():
 
 
 def _peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The process's peak resident memory: VmHWM, not ru_maxrss, which Linux
+    carries over from the parent process across fork and exec."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
 
 
 def mlp(hidden, inputs=784, classes=10):

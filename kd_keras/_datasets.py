@@ -50,6 +50,10 @@ def _function_nodes(stage):
             yield from library_function.node_def
 
 
+def _ours(stage):
+    return getattr(stage, "_name", None) == SHUFFLE_STAGE
+
+
 def _ops(dataset, markers):
     if not _backend.is_tf_dataset(dataset):
         return []
@@ -57,6 +61,7 @@ def _ops(dataset, markers):
         {
             node.op
             for stage in stages(dataset)
+            if not _ours(stage)
             for node in _function_nodes(stage)
             if any(marker in node.op for marker in markers)
         }
@@ -118,6 +123,30 @@ def _row_hashes(leaves):
     ]
 
 
+# The name of the random stages that `cache_teacher_logits` shuffles with:
+# they only reorder examples, like a `shuffle`.
+SHUFFLE_STAGE = "kd_keras_shuffle"
+
+
+def _endless(stage):
+    try:
+        return int(stage.cardinality()) == -1  # tf.data.INFINITE_CARDINALITY
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def check_not_endless(dataset):
+    """Raises if the `tf.data` pipeline never ends (a `.repeat()` without a
+    count), since one pass over it would not either."""
+    if _backend.is_tf_dataset(dataset) and _endless(dataset):
+        raise ValueError(
+            "The dataset is endless (a `.repeat()` without a count), so a "
+            "pass over it would never end. Pass one pass: drop the "
+            "`.repeat()` (Keras starts the data again every epoch), or bound "
+            "it with `.take(n)`."
+        )
+
+
 def check_batches(data):
     """Raises unless `data` is a batched `tf.data.Dataset` or `PyDataset`."""
     if not (_backend.is_tf_dataset(data) or isinstance(data, keras.utils.PyDataset)):
@@ -177,7 +206,7 @@ def _sources(dataset):
             inputs = stage._inputs()
         except (AttributeError, NotImplementedError):
             inputs = []
-        if not inputs:
+        if not inputs and not _ours(stage) and not _endless(stage):
             yield stage
 
 

@@ -64,8 +64,13 @@ def architecture(model):
 
 
 def weights(model):
-    """Identifies a trained model by its architecture and weights."""
-    hasher = hashlib.sha256(architecture(model).encode())
+    """Identifies a trained model by its architecture and weights (by its
+    class and weights where it has no config: a subclassed model)."""
+    try:
+        identity = architecture(model)
+    except NotImplementedError:
+        identity = f"{type(model).__module__}.{type(model).__qualname__}"
+    hasher = hashlib.sha256(identity.encode())
     for weight in model.get_weights():
         hasher.update(np.ascontiguousarray(weight).tobytes())
     return hasher.hexdigest()[:16]

@@ -4,6 +4,8 @@ lets an interrupted run resume only if its settings are unchanged."""
 import json
 import os
 import pathlib
+import socket
+import uuid
 
 from absl import logging
 
@@ -27,13 +29,19 @@ def _builtin(value):
     return str(value)
 
 
+def unique_token():
+    """`host.pid.random`: part of a temporary file's name that no other
+    writer uses, also on other hosts sharing a file system."""
+    return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
 def write_json(path, payload):
     """Writes JSON so that a reader never sees half a file, even when
     several processes write the same path (each through its own temporary
     file)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f"{path.name}.{unique_token()}.tmp")
     temporary.write_text(json.dumps(payload, indent=2, default=_builtin) + "\n")
     os.replace(temporary, path)
 

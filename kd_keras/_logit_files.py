@@ -19,11 +19,12 @@ largest logits, their class ids and one fill value for the other classes.
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import pathlib
 import socket
-import uuid
 
+from absl import logging
 import keras
 import numpy as np
 
@@ -198,84 +199,124 @@ def decode_tf(raw, layout):
     values = tf.cast(field("values"), tf.float32)
     if layout.top_k is None:
         return values
-    fill = field("fill")[..., None]
-    indices = tf.cast(field("indices"), tf.int32)
-    spread = tf.one_hot(indices, layout.classes, dtype=tf.float32)
-    return fill + tf.reduce_sum(spread * (values - fill)[..., None], axis=-2)
+    # Every class gets the fill value, then the k kept classes their own
+    # (a scatter: memory of the logits, not of k copies of them).
+    fill, indices = field("fill"), tf.cast(field("indices"), tf.int64)
+    shape = tf.concat([tf.shape(fill, tf.int64), [layout.classes]], axis=0)
+    rows = tf.reshape(tf.range(tf.size(fill, tf.int64)), [-1, 1])
+    flat_indices = tf.reshape(indices, [-1, layout.top_k])
+    positions = tf.stack(
+        [tf.broadcast_to(rows, tf.shape(flat_indices)), flat_indices], axis=-1
+    )
+    logits = tf.fill([tf.size(fill, tf.int64), layout.classes], 0.0)
+    logits += tf.reshape(fill, [-1, 1])
+    logits = tf.tensor_scatter_nd_update(
+        logits, tf.reshape(positions, [-1, 2]), tf.reshape(values, [-1])
+    )
+    return tf.reshape(logits, shape)
 
 
 def _batch_digest(x, y, sample_weight):
+    """Identifies a batch's content (strings by their text)."""
     hasher = hashlib.blake2b(digest_size=8)
     for leaf in keras.tree.flatten((x, y, sample_weight)):
         if leaf is None:
             continue
         leaf = np.ascontiguousarray(leaf)
         hasher.update(f"{leaf.dtype.str}{leaf.shape}".encode())
-        hasher.update(memoryview(leaf).cast("B"))
+        if leaf.dtype == object:
+            for item in leaf.ravel():
+                data = item if isinstance(item, bytes) else str(item).encode()
+                hasher.update(len(data).to_bytes(8, "little") + data)
+        else:
+            hasher.update(memoryview(leaf).cast("B"))
     return hasher.hexdigest()
 
 
-def teacher_fingerprint(teacher):
+def teacher_batch(teacher, x, position):
+    """The teacher's float32 logits on a batch, inputs and logits checked
+    finite."""
+    for leaf in keras.tree.flatten(x):
+        _checks.check_finite(leaf, f"inputs of batch {position + 1}")
+    logits = np.asarray(teacher.predict_on_batch(x), "float32")
+    _checks.check_finite(logits, f"teacher's logits on batch {position + 1}")
+    return logits
+
+
+def read_index(folder):
+    """The index of a cache folder, or None (none there, another version,
+    or unreadable: a write cut short on a file system without atomic
+    renames)."""
     try:
-        return _fingerprints.weights(teacher)
-    except (NotImplementedError, TypeError, ValueError):
-        # A subclassed model without a config: its class and weights.
-        hasher = hashlib.sha256(type(teacher).__qualname__.encode())
-        for weight in teacher.get_weights():
-            hasher.update(np.ascontiguousarray(weight).tobytes())
-        return hasher.hexdigest()[:16]
-
-
-def read_index(directory):
-    index = _io.read_json(pathlib.Path(directory) / INDEX)
+        index = _io.read_json(pathlib.Path(folder) / INDEX)
+    except (ValueError, OSError) as error:
+        logging.warning("Ignoring the unreadable %s in %s: %s", INDEX, folder, error)
+        return None
     return index if index and index.get("version") == VERSION else None
 
 
 class _Previous:
-    """Records of an earlier write, by batch position, to reuse where the
-    batch's digest is unchanged (for the same stamp: teacher, data spec,
-    dtype and top_k)."""
+    """What an earlier call wrote in the folder, for the same stamp
+    (teacher, data spec, dtype and top_k): its shards, and the records of
+    each batch by position, to reuse where the batch's digest is
+    unchanged."""
 
-    def __init__(self, directory, index, stamp):
-        self.directory, self.batches, self.files = directory, [], {}
+    def __init__(self, folder, index, stamp):
+        self.folder, self.batches, self.files, self.shards = folder, [], {}, []
         self.layout = None
         if index is None or {k: index.get(k) for k in stamp} != stamp:
             return
         self.layout = layout_of(index)
-        for shard in index["shards"]:
+        self.shards = index["shards"]
+        for shard in self.shards:
             start = 0
             for digest, rows in zip(shard["digests"], shard["rows"], strict=True):
                 self.batches.append((digest, shard["file"], start, rows))
                 start += rows
 
+    def _file(self, name, rows):
+        """The shard's records (memory-mapped), or None if the file is
+        missing or of the wrong size (cut short)."""
+        if name not in self.files:
+            path = self.folder / name
+            size = rows * self.layout.record.itemsize
+            if not path.is_file() or path.stat().st_size != size:
+                return None
+            self.files[name] = np.memmap(path, self.layout.record, mode="r")
+        return self.files[name]
+
     def records(self, position, digest):
         if position >= len(self.batches) or self.batches[position][0] != digest:
             return None
-        _, name, start, rows = self.batches[position]
-        if name not in self.files:
-            path = self.directory / name
-            if not path.is_file():
-                return None
-            self.files[name] = np.memmap(path, self.layout.record, mode="r")
-        records = self.files[name][start : start + rows]
-        return np.array(records) if len(records) == rows else None
+        name = self.batches[position][1]
+        shard = next(s for s in self.shards if s["file"] == name)
+        records = self._file(name, sum(shard["rows"]))
+        if records is None:
+            return None
+        _, _, start, rows = self.batches[position]
+        return np.array(records[start : start + rows])
+
+    def same_shard(self, number, digests):
+        """The earlier shard `number` if it holds exactly these batches and
+        its file is whole; else None."""
+        if number >= len(self.shards) or self.shards[number]["digests"] != digests:
+            return None
+        shard = self.shards[number]
+        return (
+            shard if self._file(shard["file"], sum(shard["rows"])) is not None else None
+        )
 
 
-def _temporary_name():
-    """A name no other writer uses: this host, this process, a random part."""
-    return f"logits.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-
-
-def _remove_abandoned(directory):
+def _remove_abandoned(folder):
     """Removes the temporary files of writers on this host that died (a
     killed process cannot clean up); other hosts' files are left alone."""
     host = socket.gethostname()
-    for path in directory.glob("logits.*.tmp"):
-        parts = path.name.split(".")
-        if len(parts) != 5 or parts[1] != host or not parts[2].isdigit():
+    for path in folder.glob("logits.*.tmp"):
+        writer, pid, _ = path.name[len("logits.") : -len(".tmp")].rsplit(".", 2)
+        if writer != host or not pid.isdigit():
             continue
         try:
-            os.kill(int(parts[2]), 0)
+            os.kill(int(pid), 0)
         except ProcessLookupError:
             path.unlink(missing_ok=True)
         except PermissionError:
@@ -283,31 +324,58 @@ def _remove_abandoned(directory):
 
 
 def write(teacher, dataset, directory, dtype, top_k):
-    """Writes (or reuses, or resumes) the logits of `dataset` in `directory`.
+    """Writes (or reuses, or resumes) the logits of `dataset`.
 
-    Returns `(index, teacher_batches)`: the finished index and how many
-    batches the teacher ran on.
+    Each dataset gets a folder of its own in `directory`, named by the
+    digest of its first batch, so that several datasets (train and
+    validation) can share `directory`.
+
+    Returns `(folder, index, teacher_batches)`: the dataset's folder, its
+    finished index and how many batches the teacher ran on.
     """
     directory = _io.make_folder(directory, "directory")
-    _remove_abandoned(directory)
+    if _checks.num_classes(teacher):  # Else on the first logits.
+        check_top_k(top_k, _checks.num_classes(teacher))
+    replay = []
+    if not _datasets.has_cache(dataset):  # A partial read could truncate it.
+        replay = [
+            _batch_digest(*b)
+            for b in itertools.islice(_datasets.numpy_batches(dataset), 2)
+        ]
+    batches = enumerate(_datasets.numpy_batches(dataset))
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("The dataset is empty: there is nothing to cache.")
+    folder = _io.make_folder(
+        directory / f"data-{_batch_digest(*first[1])}", "directory"
+    )
+    _remove_abandoned(folder)
     stamp = {
-        "teacher": teacher_fingerprint(teacher),
+        "teacher": _fingerprints.weights(teacher),
         "spec": _datasets.spec(dataset),
         "dtype": dtype,
         "top_k": top_k,
     }
-    previous = _Previous(directory, read_index(directory), stamp)
-    writer = _Writer(directory, stamp, previous.layout)
+    previous = _Previous(folder, read_index(folder), stamp)
+    writer = _Writer(folder, stamp, previous)
     try:
-        for position, (x, y, sample_weight) in enumerate(
-            _datasets.numpy_batches(dataset)
-        ):
+        for position, (x, y, sample_weight) in itertools.chain([first], batches):
             if not position:
                 _checks.check_batched(x, teacher, "teacher", "dataset")
             digest = _batch_digest(x, y, sample_weight)
+            if position < len(replay) and digest != replay[position]:
+                raise ValueError(
+                    f"Batch {position + 1} of the dataset differs from one "
+                    "pass to the next (the pipeline reorders or draws at "
+                    "random), so examples cannot be paired with stored "
+                    "logits. Make the pipeline deterministic: no shuffle, no "
+                    "random ops, `deterministic=True`; "
+                    "`cache_teacher_logits(..., shuffle=True)` shuffles "
+                    "after the pairing."
+                )
             records = previous.records(position, digest)
             if records is None:
-                logits = _teacher_logits(teacher, x, position)
+                logits = teacher_batch(teacher, x, position)
                 writer.teacher_batches += 1
                 if writer.layout is None:
                     check_top_k(top_k, logits.shape[-1])
@@ -317,67 +385,105 @@ def write(teacher, dataset, directory, dtype, top_k):
                 leaves = keras.tree.flatten((x, y, sample_weight))
                 writer.example_bytes = sum(
                     leaf.nbytes for leaf in leaves if leaf is not None
-                ) // max(1, len(records))
+                ) // len(records)
             writer.add(records, digest)
-        if writer.layout is None:
-            raise ValueError("The dataset is empty: there is nothing to cache.")
         writer.close_shard()
     finally:
         writer.abandon()
     finished = writer.summary(complete=True)
-    _io.write_json(directory / INDEX, finished)
+    _io.write_json(folder / INDEX, finished)
     kept = {s["file"] for s in writer.shards}
-    for path in directory.glob("logits-*.bin"):
+    for path in folder.glob("logits-*.bin"):
         if path.name not in kept:
             path.unlink(missing_ok=True)
-    return finished, writer.teacher_batches
+    return folder, finished, writer.teacher_batches
 
 
 class _Writer:
-    """Appends records to a temporary file and turns it into a shard (named
-    by what it holds) every `SHARD_BYTES`, rewriting the index after each."""
+    """Groups batches into shards of about `SHARD_BYTES` of records.
 
-    def __init__(self, directory, stamp, layout):
-        self.directory, self.stamp, self.layout = directory, stamp, layout
+    A shard whose batches are exactly those of the earlier shard at its
+    place is kept as it is, never rewritten; any other is written to a
+    temporary file and renamed to a name that hashes what it holds. The
+    index is rewritten after each new shard, listing the earlier shards not
+    yet reached as well, so a call cut short loses no finished work.
+    """
+
+    def __init__(self, folder, stamp, previous):
+        self.folder, self.stamp, self.previous = folder, stamp, previous
+        self.layout = previous.layout
         self.shards, self.teacher_batches, self.example_bytes = [], 0, None
-        self.temporary = directory / _temporary_name()
+        self.temporary = folder / f"logits.{_io.unique_token()}.tmp"
         self.handle = None
+        self.digests, self.rows, self.reused = [], [], []
 
-    def summary(self, complete):
+    def summary(self, complete, shards=None):
+        shards = self.shards if shards is None else shards
         return {
             "version": VERSION,
             **self.stamp,
             "shape": list(self.layout.shape),
-            "shards": self.shards,
-            "examples": sum(sum(s["rows"]) for s in self.shards),
+            "shards": shards,
+            "examples": sum(sum(s["rows"]) for s in shards),
             "example_bytes": self.example_bytes,
             "complete": complete,
         }
 
     def add(self, records, digest):
-        if self.handle is None:
-            if not self.shards:
-                size = len(records) * self.layout.record.itemsize
-                self.batches_per_shard = max(1, SHARD_BYTES // size)
-            self.handle = open(self.temporary, "wb")  # noqa: SIM115 (closed below)
-            self.digests, self.rows = [], []
-        self.handle.write(records.tobytes())
+        if not self.shards and not self.digests:
+            size = len(records) * self.layout.record.itemsize
+            self.batches_per_shard = max(1, SHARD_BYTES // size)
         self.digests.append(digest)
         self.rows.append(len(records))
+        if self.handle is None and self._as_earlier():
+            self.reused.append(records)  # Held only until the shard diverges.
+        else:
+            if self.handle is None:
+                self._start_file()
+            self.handle.write(records.tobytes())
         if len(self.digests) == self.batches_per_shard:
             self.close_shard()
 
+    def _as_earlier(self):
+        """True while the shard so far holds the batches the earlier shard
+        at its place began with."""
+        earlier = self.previous.shards[len(self.shards) :][:1]
+        return bool(earlier) and (
+            earlier[0]["digests"][: len(self.digests)] == self.digests
+        )
+
+    def _start_file(self):
+        self.handle = open(self.temporary, "wb")  # noqa: SIM115 (closed below)
+        for records in self.reused:
+            self.handle.write(records.tobytes())
+        self.reused = []
+
     def close_shard(self):
-        if self.handle is None:
+        if not self.digests:
             return
-        # A shard's name hashes what it holds, so an unchanged shard keeps
-        # its name and a changed one never overwrites a file being read.
-        name = f"logits-{_fingerprints.digest(self.stamp, self.digests)}.bin"
-        self.handle.close()
-        self.handle = None
-        os.replace(self.temporary, self.directory / name)
-        self.shards.append({"file": name, "digests": self.digests, "rows": self.rows})
-        _io.write_json(self.directory / INDEX, self.summary(complete=False))
+        kept = None
+        if self.handle is None:
+            kept = self.previous.same_shard(len(self.shards), self.digests)
+            if kept is None:
+                self._start_file()
+        if kept is not None:
+            self.shards.append(kept)
+        else:
+            name = f"logits-{_fingerprints.digest(self.stamp, self.digests)}.bin"
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            self.handle = None
+            os.replace(self.temporary, self.folder / name)
+            self.shards.append(
+                {"file": name, "digests": self.digests, "rows": self.rows}
+            )
+            later = self.previous.shards[len(self.shards) :]
+            _io.write_json(
+                self.folder / INDEX,
+                self.summary(complete=False, shards=self.shards + later),
+            )
+        self.digests, self.rows, self.reused = [], [], []
 
     def abandon(self):
         """Drops an unfinished shard (after an error or an interruption)."""
@@ -385,14 +491,6 @@ class _Writer:
             self.handle.close()
             self.handle = None
         self.temporary.unlink(missing_ok=True)
-
-
-def _teacher_logits(teacher, x, position):
-    for leaf in keras.tree.flatten(x):
-        _checks.check_finite(leaf, f"inputs of batch {position + 1}")
-    logits = np.asarray(teacher.predict_on_batch(x), "float32")
-    _checks.check_finite(logits, f"teacher's logits on batch {position + 1}")
-    return logits
 
 
 def default_buffer(index):

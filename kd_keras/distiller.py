@@ -814,13 +814,13 @@ class Distiller(keras.Model):
     # from the mean of a distributed batch, which an eager collective cannot
     # take, and it reduces scalar logs along axis 0. The Distiller builds
     # from the first replica's batch (only shapes matter) and gives each
-    # log a batch axis of one, whose mean over workers is the scalar Keras
+    # log a leading axis of one, whose mean over workers is the value Keras
     # expects.
 
     def _per_worker(self, logs):
         if not _backend.multi_worker(self.distribute_strategy):
             return logs
-        return keras.tree.map_structure(lambda v: ops.reshape(v, (1,)), logs)
+        return keras.tree.map_structure(lambda v: ops.expand_dims(v, 0), logs)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         if iterator is not None and _backend.multi_worker(self.distribute_strategy):

@@ -30,19 +30,6 @@ def _check_no_augmentation(dataset):
         )
 
 
-def _check_not_endless(dataset):
-    if _backend.is_tf_dataset(dataset):
-        import tensorflow as tf
-
-        if int(dataset.cardinality()) == tf.data.INFINITE_CARDINALITY:
-            raise ValueError(
-                "The dataset is endless (a `.repeat()` without a count), so "
-                "the teacher's pass over it would never end. Cache one pass: "
-                "drop the `.repeat()` (Keras starts the cached data again "
-                "every epoch), or bound it with `.take(n)`."
-            )
-
-
 def _one_pass(teacher, dataset, keep_data=True):
     """Runs the teacher over one pass of the dataset.
 
@@ -56,10 +43,7 @@ def _one_pass(teacher, dataset, keep_data=True):
     for index, (x, y, sample_weight) in enumerate(_datasets.numpy_batches(dataset)):
         if not index:
             _checks.check_batched(x, teacher, "teacher", "dataset")
-        for leaf in keras.tree.flatten(x):
-            _checks.check_finite(leaf, f"inputs of batch {index + 1}")
-        logits.append(np.asarray(teacher.predict_on_batch(x), "float32"))
-        _checks.check_finite(logits[-1], f"teacher's logits on batch {index + 1}")
+        logits.append(_logit_files.teacher_batch(teacher, x, index))
         if keep_data:
             parts.append((x, y, sample_weight))
     if not logits:
@@ -131,11 +115,12 @@ def cache_teacher_logits(
     batches' order in the buffer, then the examples within each block of
     `shuffle_buffer` examples; otherwise example by example. Pairing needs a
     pipeline that yields the same examples in the same order on every pass: one that
-    shuffles (or runs with `deterministic=False`) is refused. A later call,
-    in any process, reuses the files for every batch whose data are
-    unchanged, if the teacher's weights are too, and runs the teacher on the
-    others; so an interrupted write resumes where it stopped. Keep one
-    directory per dataset: a call on other data replaces the files.
+    shuffles (or runs with `deterministic=False`) is refused, and so is one
+    whose first batch differs between two reads. Each dataset gets a folder
+    of its own in `directory`, named by the digest of its first batch. A
+    later call, in any process, reuses the files for every batch whose data
+    are unchanged, if the teacher's weights are too, and runs the teacher on
+    the others; so an interrupted write resumes where it stopped.
 
     A `tf.data.Dataset` gives a `tf.data.Dataset`. Arrays and `PyDataset`s
     give a `kd_keras.data.ArrayBatches`, which needs no TensorFlow and runs
@@ -156,7 +141,9 @@ def cache_teacher_logits(
         batch_size: batch size of the returned dataset. Defaults to the
             input's (128 for arrays).
         shuffle: reshuffle the examples every epoch.
-        seed: seed of that shuffle.
+        seed: seed of that shuffle. On disk, None takes a seed from the
+            data, so that every process (every worker of a cluster)
+            shuffles alike.
         allow_random: set True to cache a pipeline with random ops anyway;
             in memory, each example then keeps the first pass's
             augmentation for ever; on disk, new draws are paired with the
@@ -168,14 +155,15 @@ def cache_teacher_logits(
         top_k: keep, on disk, only the k largest logits of each example,
             their classes, and one shared value for the other classes,
             chosen so that the other classes keep their total probability
-            at T = 1 (each gets an equal share). At T = 1 the k classes and
-            the rest keep their exact probabilities; at other temperatures
-            the KD term is approximate, because the other classes' logits
-            are not all equal. None keeps every logit.
-        shuffle_buffer: examples in the shuffle buffer of logits on disk;
-            by default as many as 32 MB of inputs hold (10,000 MNIST
-            digits), at least one batch. Memory holds several times that
-            (about 250 MB for the default buffer).
+            at T = 1 (each gets an equal share). The k classes and the rest
+            as a whole keep their exact probabilities at T = 1, but the KD
+            term is approximate, the more so at higher T, because the other
+            classes' logits were not all equal. None keeps every logit.
+        shuffle_buffer: examples in the shuffle buffer of a `tf.data`
+            pipeline paired with logits on disk; by default as many as 32 MB
+            of inputs hold (10,000 MNIST digits), at least one batch. Memory
+            holds several times that (about 250 MB for the default buffer).
+            Arrays are reshuffled in full.
 
     Returns:
         Batches of `({"inputs": x, "teacher_logits": t}, y)` (with sample
@@ -214,8 +202,13 @@ def cache_teacher_logits(
             )
     elif shuffle_buffer is not None:
         _checks.check_positive_int(shuffle_buffer, "shuffle_buffer")
+        if not shuffle:
+            raise ValueError(
+                "`shuffle_buffer` sizes the shuffle, but `shuffle=False`. "
+                "Leave out one of them."
+            )
     dataset = _datasets.as_batches(dataset, batch_size, shuffle=False)
-    _check_not_endless(dataset)
+    _datasets.check_not_endless(dataset)
     if not allow_random:
         _check_no_augmentation(dataset)
     if directory is not None:
@@ -265,19 +258,22 @@ def _on_disk(
             "out `directory` to cache in memory."
         )
     _logit_files.check_deterministic(dataset)
-    index, ran = _logit_files.write(teacher, dataset, directory, dtype, top_k)
+    folder, index, ran = _logit_files.write(teacher, dataset, directory, dtype, top_k)
     batches = sum(len(s["rows"]) for s in index["shards"])
     logging.info(
         "Teacher logits of %d examples in %s: the teacher ran on %d of %d "
         "batches, the others were reused.",
         index["examples"],
-        directory,
+        folder,
         ran,
         batches,
     )
     batch_size = batch_size or index["shards"][0]["rows"][0]
+    if seed is None:
+        # Every process (every worker) shuffles alike.
+        seed = int(folder.name[len("data-") :], 16) % (1 << 31)
     if isinstance(dataset, ArrayBatches):
-        records = _logit_files.numpy_records(directory, index)
+        records = _logit_files.numpy_records(folder, index)
         return _StoredBatches(
             {INPUTS_KEY: dataset.x, TEACHER_LOGITS_KEY: records},
             dataset.y,
@@ -288,10 +284,10 @@ def _on_disk(
             layout=_logit_files.layout_of(index),
         )
     buffer = buffer or _logit_files.default_buffer(index)
-    return _paired(dataset, directory, index, batch_size, shuffle, seed, buffer)
+    return _paired(dataset, folder, index, batch_size, shuffle, seed, buffer)
 
 
-def _paired(dataset, directory, index, batch_size, shuffle, seed, buffer):
+def _paired(dataset, folder, index, batch_size, shuffle, seed, buffer):
     """The `tf.data` pipeline that pairs the input with its stored logits.
 
     Batches of one size (all but the last) are paired batch by batch and
@@ -304,15 +300,21 @@ def _paired(dataset, directory, index, batch_size, shuffle, seed, buffer):
 
     layout = _logit_files.layout_of(index)
     rows = [count for shard in index["shards"] for count in shard["rows"]]
-    records = _logit_files.tf_records(directory, index)
-    if all(count == rows[0] for count in rows[:-1]):
+    records = _logit_files.tf_records(folder, index)
+    if all(count == rows[0] for count in rows[:-1]) and rows[-1] <= rows[0]:
         paired = tf.data.Dataset.zip((dataset, records.batch(rows[0])))
         if shuffle:
             blocks = max(1, buffer // rows[0])
-            paired = paired.shuffle(blocks, seed=seed, reshuffle_each_iteration=True)
-            draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+            paired = paired.shuffle(
+                blocks, seed=seed, reshuffle_each_iteration=True, name=SHUFFLE_STAGE
+            )
+            # Named, so that kd_keras' own inspection of pipelines knows
+            # these random stages for a shuffle, not an augmentation.
+            draws = tf.data.Dataset.random(
+                seed=seed, rerandomize_each_iteration=True, name=SHUFFLE_STAGE
+            )
             paired = tf.data.Dataset.zip((paired.rebatch(blocks * rows[0]), draws)).map(
-                _permuted
+                _permuted, name=SHUFFLE_STAGE
             )
         if shuffle or batch_size != rows[0]:
             paired = paired.rebatch(batch_size)
@@ -343,6 +345,9 @@ def _paired(dataset, directory, index, batch_size, shuffle, seed, buffer):
         .prefetch(2)
         .with_options(options)
     )
+
+
+SHUFFLE_STAGE = _datasets.SHUFFLE_STAGE
 
 
 def _permuted(block, draw):

@@ -3,6 +3,7 @@ and bounded memory."""
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 import kd_keras
+from kd_keras import _datasets
 from kd_keras import _logit_files
 from kd_keras.distiller import TEACHER_LOGITS_KEY
 
@@ -44,6 +46,12 @@ def collect(cached):
     return [np.concatenate(column) for column in zip(*parts, strict=True)]
 
 
+def folder_of(directory):
+    """The folder `cache_teacher_logits` keeps a dataset's logits in."""
+    (folder,) = pathlib.Path(directory).glob("data-*")
+    return folder
+
+
 def softmax(z):
     e = np.exp(z - z.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
@@ -67,7 +75,12 @@ def test_disk_cache_pairs_every_example_with_its_teacher_logits(
     # else example by example), batched at another size: every example still
     # carries its own logits, and batches mix the input's batches.
     uneven = in_order(x[:32], y[:32]).concatenate(in_order(x[32:], y[32:], 10))
-    for name, batches in (("even", in_order(x, y)), ("uneven", uneven)):
+    larger_last = in_order(x[:32], y[:32]).concatenate(in_order(x[32:], y[32:], 32))
+    for name, batches in (
+        ("even", in_order(x, y)),
+        ("uneven", uneven),
+        ("larger_last", larger_last),
+    ):
         for batch_size in (16, 10):
             shuffled = kd_keras.cache_teacher_logits(
                 teacher, batches, directory=tmp_path / name, batch_size=batch_size
@@ -107,7 +120,7 @@ def test_float16_halves_the_files_and_rounds_the_logits(tiny_mlp, tiny_data, tmp
         logits = cached[0][0][TEACHER_LOGITS_KEY]
         assert logits.dtype == np.float32
         np.testing.assert_array_equal(logits, expected.astype(dtype).astype("float32"))
-        sizes[dtype] = sum(p.stat().st_size for p in folder.glob("*.bin"))
+        sizes[dtype] = sum(p.stat().st_size for p in folder.glob("*/*.bin"))
     assert sizes["float32"] == len(x) * 4 * 4
     assert sizes["float16"] * 2 == sizes["float32"]
 
@@ -209,8 +222,8 @@ def test_a_second_call_reuses_the_files_until_weights_or_data_change(
     np.testing.assert_allclose(
         recomputed[2], np.asarray(teacher.predict(changed, verbose=0)), rtol=1e-6
     )
-    index = _logit_files.read_index(tmp_path)
-    assert sorted(p.name for p in tmp_path.glob("*.bin")) == sorted(
+    index = _logit_files.read_index(folder_of(tmp_path))
+    assert sorted(p.name for p in folder_of(tmp_path).glob("*.bin")) == sorted(
         s["file"] for s in index["shards"]
     )
     # Other settings (float16) are another cache: recomputed.
@@ -238,7 +251,7 @@ def test_an_interrupted_write_resumes_where_it_stopped(
         kd_keras.cache_teacher_logits(
             teacher, in_order(x, y), directory=tmp_path, shuffle=False
         )
-    index = _logit_files.read_index(tmp_path)
+    index = _logit_files.read_index(folder_of(tmp_path))
     assert not index["complete"] and index["examples"] == 32  # One shard kept.
     teacher.predict_on_batch = predict
     resumed = collect(
@@ -248,8 +261,90 @@ def test_an_interrupted_write_resumes_where_it_stopped(
     )
     assert teacher.batches == 3 + 2, "the first shard's two batches were reused"
     np.testing.assert_array_equal(resumed[2], np.asarray(teacher.predict(x, verbose=0)))
-    assert _logit_files.read_index(tmp_path)["complete"]
-    assert not list(tmp_path.glob("*.tmp"))
+    assert _logit_files.read_index(folder_of(tmp_path))["complete"]
+    assert not list(folder_of(tmp_path).glob("*.tmp"))
+
+
+def test_an_interrupted_reuse_keeps_the_finished_cache_untouched(
+    tiny_mlp, tiny_data, tmp_path, monkeypatch
+):
+    x, y = tiny_data
+    monkeypatch.setattr(_logit_files, "SHARD_BYTES", 2 * 16 * 4 * 4)  # 2 batches.
+    teacher = counted(tiny_mlp(32, seed=1))
+    kd_keras.cache_teacher_logits(teacher, in_order(x, y), directory=tmp_path)
+    files = {p: p.stat().st_ino for p in folder_of(tmp_path).glob("*.bin")}
+    index = _logit_files.read_index(folder_of(tmp_path))
+    digest = _logit_files._batch_digest
+    calls = []
+
+    def stops_on_the_fourth_batch(*batch):
+        calls.append(1)
+        if len(calls) == 2 + 4:  # Two batches replayed, then the pass.
+            raise KeyboardInterrupt
+        return digest(*batch)
+
+    monkeypatch.setattr(_logit_files, "_batch_digest", stops_on_the_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        kd_keras.cache_teacher_logits(teacher, in_order(x, y), directory=tmp_path)
+    monkeypatch.setattr(_logit_files, "_batch_digest", digest)
+    assert _logit_files.read_index(folder_of(tmp_path)) == index
+    kd_keras.cache_teacher_logits(teacher, in_order(x, y), directory=tmp_path)
+    assert teacher.batches == 4, "the teacher ran once, on the first call only"
+    # Reuse rewrites nothing: the same files (inodes).
+    assert {p: p.stat().st_ino for p in folder_of(tmp_path).glob("*.bin")} == files
+
+
+def test_datasets_sharing_a_directory_keep_their_own_logits(
+    tiny_mlp, tiny_data, tmp_path
+):
+    x, y = tiny_data
+    teacher = tiny_mlp(32, seed=1)
+    train = kd_keras.cache_teacher_logits(
+        teacher, in_order(x[:48], y[:48]), directory=tmp_path, shuffle=False
+    )
+    validation = kd_keras.cache_teacher_logits(
+        teacher, in_order(x[48:], y[48:]), directory=tmp_path, shuffle=False
+    )
+    expected = np.asarray(teacher.predict(x, verbose=0))
+    np.testing.assert_allclose(collect(train)[2], expected[:48], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        collect(validation)[2], expected[48:], rtol=1e-5, atol=1e-6
+    )
+    assert len(list(tmp_path.glob("data-*"))) == 2
+    # Empty data is refused before anything is touched.
+    files = sorted(tmp_path.glob("*/*"))
+    with pytest.raises(ValueError, match="empty"):
+        kd_keras.cache_teacher_logits(
+            teacher, in_order(x[:0], y[:0]), directory=tmp_path
+        )
+    assert sorted(tmp_path.glob("*/*")) == files
+
+
+def test_a_disk_cache_is_no_augmentation_to_kd_keras_own_checks(
+    tiny_mlp, tiny_data, tmp_path
+):
+    x, y = tiny_data
+    teacher = tiny_mlp(32, seed=1)
+    cached = kd_keras.cache_teacher_logits(teacher, in_order(x, y), directory=tmp_path)
+    # Its shuffle draws at random, but only reorders: not an augmentation,
+    # and its fingerprint is that of its content (it used to never return).
+    assert _datasets.augmentation_ops(cached) == []
+    assert _datasets.fingerprint(cached) == _datasets.fingerprint(cached)
+    inputs = kd_keras.teachers.without_teacher_logits(cached)
+    assert kd_keras.teachers.is_cached(kd_keras.cache_teacher_logits(teacher, inputs))
+
+
+def test_batch_digests_read_strings_by_their_text():
+    texts = np.array(["a cat", "a dog"], dtype=object)
+    same = np.array(["".join(["a ", w]) for w in ("cat", "dog")], dtype=object)
+    assert same[0] is not texts[0]
+    other = np.array(["a cat", "a cow"], dtype=object)
+    assert _logit_files._batch_digest(texts, None, None) == _logit_files._batch_digest(
+        same, None, None
+    )
+    assert _logit_files._batch_digest(texts, None, None) != _logit_files._batch_digest(
+        other, None, None
+    )
 
 
 def test_disk_cache_refuses_what_it_cannot_pair(tiny_mlp, tiny_data, tmp_path):
@@ -291,6 +386,18 @@ def test_disk_cache_refuses_what_it_cannot_pair(tiny_mlp, tiny_data, tmp_path):
         kd_keras.cache_teacher_logits(
             teacher, (x, y), directory=tmp_path, shuffle_buffer=0
         )
+    with pytest.raises(ValueError, match="shuffle=False"):
+        kd_keras.cache_teacher_logits(
+            teacher, (x, y), directory=tmp_path, shuffle=False, shuffle_buffer=64
+        )
+    # Reordered on every pass, though no stage says so: caught by reading the
+    # first batches twice.
+    halves = [data.take(32), data.skip(32)]
+    mixed = tf.data.Dataset.sample_from_datasets(
+        halves, rerandomize_each_iteration=True
+    ).batch(16)
+    with pytest.raises(ValueError, match="differs from one pass to the next"):
+        kd_keras.cache_teacher_logits(teacher, mixed, directory=tmp_path)
     with pytest.raises(ValueError, match="endless.*take"):
         kd_keras.cache_teacher_logits(
             teacher, data.batch(16).repeat(), directory=tmp_path
@@ -324,19 +431,23 @@ def test_writers_sharing_a_folder_leave_each_other_s_files(
 ):
     x, y = tiny_data
     teacher = tiny_mlp(32, seed=1)
+    kd_keras.cache_teacher_logits(teacher, (x, y), directory=tmp_path)
+    tmp_path = folder_of(tmp_path)
     # Another host, and a live process of this one, are writing in the same
-    # folder; a killed process of this host left its file behind.
-    host = socket.gethostname()
+    # folder; a killed process of this host (its name holds dots) left its
+    # file behind.
+    host = "node1.cluster.local"
+    monkeypatch.setattr(socket, "gethostname", lambda: host)
     dead_pid = subprocess.Popen(["true"])
     dead_pid.wait()
     others = [
-        tmp_path / "logits.otherhost.123.0123abcd.tmp",
+        tmp_path / "logits.otherhost.lan.123.0123abcd.tmp",
         tmp_path / f"logits.{host}.{os.getppid()}.0123abcd.tmp",
     ]
     abandoned = tmp_path / f"logits.{host}.{dead_pid.pid}.0123abcd.tmp"
     for path in (*others, abandoned):
         path.write_bytes(b"half a shard")
-    kd_keras.cache_teacher_logits(teacher, (x, y), directory=tmp_path)
+    kd_keras.cache_teacher_logits(teacher, (x, y), directory=tmp_path.parent)
     assert all(path.read_bytes() == b"half a shard" for path in others)
     assert sorted(tmp_path.glob("*.tmp")) == sorted(others)
 
@@ -365,8 +476,13 @@ MEMORY = textwrap.dedent("""
     cached = kd_keras.cache_teacher_logits(
         teacher, data, directory=directory, shuffle_buffer=2000)
     distiller.fit(cached, epochs=1, verbose=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    json.dump({"raise": peak - before}, sys.stdout)
+    # VmHWM, not ru_maxrss: Linux carries the parent's peak into ru_maxrss
+    # across fork and exec (the whole test session's), not into VmHWM.
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f
+                    if line.startswith("VmHWM:"))
+    json.dump({"raise": peak - before, "before": before, "peak": peak,
+               "cached": type(cached).__name__}, sys.stdout)
 """)
 
 
@@ -379,10 +495,11 @@ def test_disk_cache_memory_stays_bounded_whatever_the_data_size(tmp_path):
         check=True,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
-    raised = json.loads(run.stdout)["raise"]
+    measured = json.loads(run.stdout)
+    raised = measured["raise"]
     inputs, logits = count * 784 * 4, count * 10 * 4
-    assert raised < logits + 120e6, raised
-    assert raised < inputs / 2, raised
+    assert raised < logits + 120e6, measured
+    assert raised < inputs / 2, measured
     # Another process reuses the files: the same teacher (same seed) does
     # not run.
     keras.utils.set_random_seed(0)
@@ -398,4 +515,4 @@ def test_disk_cache_memory_stays_bounded_whatever_the_data_size(tmp_path):
     data = kd_keras.data.synthetic(count, batch_size=500)
     kd_keras.cache_teacher_logits(teacher, data, directory=tmp_path)
     assert teacher.batches == 0
-    assert _logit_files.read_index(tmp_path)["examples"] == count
+    assert _logit_files.read_index(folder_of(tmp_path))["examples"] == count
