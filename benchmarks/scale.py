@@ -124,8 +124,7 @@ def worker(mode, examples, epochs, cache_dir):
     if directory is None:
         result["size_bytes"] = examples * (784 + 10) * 4 + examples * 4
     else:
-        index = _logit_files.read_index(directory)
-        result["size_bytes"] = _logit_files.size(directory, index)
+        result["size_bytes"] = _logit_files.size(directory)
         start = time.perf_counter()
         kd_keras.cache_teacher_logits(teacher, data, directory=directory, **options)
         result["reuse_s"] = time.perf_counter() - start
@@ -222,7 +221,7 @@ def accuracy_part(chosen):
             predictions = distiller.student.predict(x_test, verbose=0)
             accuracies[mode].append(float((predictions.argmax(-1) == y_test).mean()))
         if options:
-            sizes[mode] = _logit_files.size(folder, _logit_files.read_index(folder))
+            sizes[mode] = _logit_files.size(folder)
         shutil.rmtree(folder, ignore_errors=True)
         print(mode, accuracies[mode], flush=True)
     # The KD term's error from the top-k rebuild, on the test digits, against

@@ -526,8 +526,6 @@ def numpy_records(directory, index):
     )
 
 
-def size(directory, index):
-    """Bytes of the shards."""
-    return sum(
-        (pathlib.Path(directory) / s["file"]).stat().st_size for s in index["shards"]
-    )
+def size(directory):
+    """Bytes of the logits files in `directory` (every dataset's folder)."""
+    return sum(p.stat().st_size for p in pathlib.Path(directory).glob("*/logits-*.bin"))

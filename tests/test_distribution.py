@@ -97,10 +97,23 @@ def test_mirrored_strategy_on_two_devices_matches_one_device():
     assert set(results["mirrored_features"]["adapters"]) == {"MirroredVariable"}
 
 
+# The models and data of the two scripts below (after their imports).
+MODELS_AND_DATA = textwrap.dedent("""
+    def mlp(units):
+        return keras.Sequential([keras.Input((8,)),
+                                 keras.layers.Dense(units, "relu"),
+                                 keras.layers.Dense(4)])
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 8)).astype("float32")
+    y = rng.integers(0, 4, 128).astype("int32")
+""")
+
 # A worker of a MultiWorkerMirroredStrategy cluster on 127.0.0.1 (or, with
 # no ports, the same training in one process): a Distiller on the fly, on
 # cached logits in memory and on logits on disk.
-MULTI_WORKER = textwrap.dedent("""
+MULTI_WORKER = (
+    textwrap.dedent("""
     import json, os, sys
     index, ports, folder = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     if ports:
@@ -112,15 +125,9 @@ MULTI_WORKER = textwrap.dedent("""
 
     strategy = (tf.distribute.MultiWorkerMirroredStrategy() if ports
                 else tf.distribute.get_strategy())
-
-    def mlp(units):
-        return keras.Sequential([keras.Input((8,)),
-                                 keras.layers.Dense(units, "relu"),
-                                 keras.layers.Dense(4)])
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(128, 8)).astype("float32")
-    y = rng.integers(0, 4, 128).astype("int32")
+""")
+    + MODELS_AND_DATA
+    + textwrap.dedent("""
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
     keras.utils.set_random_seed(0)
     teacher = mlp(32)
@@ -157,6 +164,7 @@ MULTI_WORKER = textwrap.dedent("""
         }
     print(json.dumps(results))
 """)
+)
 
 
 def _free_ports(count):
@@ -226,21 +234,16 @@ def test_multi_worker_strategy_on_two_processes_matches_one_process(tmp_path):
 
 # The same Distiller on JAX, on one CPU device and then under
 # keras.distribution.DataParallel over two.
-DATA_PARALLEL = textwrap.dedent("""
+DATA_PARALLEL = (
+    textwrap.dedent("""
     import json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     os.environ["KERAS_BACKEND"] = "jax"
     import numpy as np, keras
     import kd_keras
-
-    def mlp(units):
-        return keras.Sequential([keras.Input((8,)),
-                                 keras.layers.Dense(units, "relu"),
-                                 keras.layers.Dense(4)])
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(128, 8)).astype("float32")
-    y = rng.integers(0, 4, 128).astype("int32")
+""")
+    + MODELS_AND_DATA
+    + textwrap.dedent("""
     results = {}
     for run in ("one", "data_parallel"):
         if run == "data_parallel":
@@ -274,6 +277,7 @@ DATA_PARALLEL = textwrap.dedent("""
             }
     print(json.dumps(results))
 """)
+)
 
 
 def test_jax_data_parallel_on_two_devices_matches_one_device(tmp_path):
