@@ -138,7 +138,17 @@ def _endless(stage):
 def check_not_endless(dataset):
     """Raises if the `tf.data` pipeline never ends (a `.repeat()` without a
     count), since one pass over it would not either."""
-    if _backend.is_tf_dataset(dataset) and _endless(dataset):
+    if not _backend.is_tf_dataset(dataset):
+        return
+    # An endless repeat under a filter has an unknown cardinality, not -1.
+    kinds = [(type(stage).__name__, stage) for stage in stages(dataset)]
+    unknown = int(dataset.cardinality()) == -2  # tf.data.UNKNOWN_CARDINALITY
+    repeats = any(
+        kind == "_RepeatDataset" and int(getattr(stage, "_count", 0)) == -1
+        for kind, stage in kinds
+    )
+    bounded = any("Take" in kind for kind, _ in kinds)
+    if _endless(dataset) or (unknown and repeats and not bounded):
         raise ValueError(
             "The dataset is endless (a `.repeat()` without a count), so a "
             "pass over it would never end. Pass one pass: drop the "

@@ -65,7 +65,8 @@ def architecture(model):
 
 def weights(model):
     """Identifies a trained model by its architecture and weights (by its
-    class and weights where it has no config: a subclassed model)."""
+    class and weights where it has no config: a subclassed model, whose
+    constructor arguments are then not seen)."""
     try:
         identity = architecture(model)
     except NotImplementedError:

@@ -268,6 +268,7 @@ class _Previous:
             return
         self.layout = layout_of(index)
         self.shards = index["shards"]
+        self.by_file = {shard["file"]: shard for shard in self.shards}
         for shard in self.shards:
             start = 0
             for digest, rows in zip(shard["digests"], shard["rows"], strict=True):
@@ -289,8 +290,7 @@ class _Previous:
         if position >= len(self.batches) or self.batches[position][0] != digest:
             return None
         name = self.batches[position][1]
-        shard = next(s for s in self.shards if s["file"] == name)
-        records = self._file(name, sum(shard["rows"]))
+        records = self._file(name, sum(self.by_file[name]["rows"]))
         if records is None:
             return None
         _, _, start, rows = self.batches[position]
@@ -312,9 +312,10 @@ def _remove_abandoned(folder):
     killed process cannot clean up); other hosts' files are left alone."""
     host = socket.gethostname()
     for path in folder.glob("logits.*.tmp"):
-        writer, pid, _ = path.name[len("logits.") : -len(".tmp")].rsplit(".", 2)
-        if writer != host or not pid.isdigit():
-            continue
+        parts = path.name[len("logits.") : -len(".tmp")].rsplit(".", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue  # Another host's, or not one of ours.
+        pid = parts[1]
         try:
             os.kill(int(pid), 0)
         except ProcessLookupError:
@@ -323,56 +324,69 @@ def _remove_abandoned(folder):
             pass  # Alive, another user's.
 
 
+def _example_bytes(x, y, sample_weight):
+    """Bytes of one example (strings by their length)."""
+    leaves = [
+        leaf for leaf in keras.tree.flatten((x, y, sample_weight)) if leaf is not None
+    ]
+    total = sum(
+        sum(len(item) for item in leaf.ravel()) if leaf.dtype == object else leaf.nbytes
+        for leaf in leaves
+    )
+    return max(1, total // len(leaves[0]))
+
+
 def write(teacher, dataset, directory, dtype, top_k):
     """Writes (or reuses, or resumes) the logits of `dataset`.
 
-    Each dataset gets a folder of its own in `directory`, named by the
-    digest of its first batch, so that several datasets (train and
-    validation) can share `directory`.
+    Each dataset and setting gets a folder of its own in `directory`, named
+    by the digests of the dataset's first batch and of the settings
+    (teacher, dtype, top_k), so that several datasets (train and
+    validation) and settings share `directory` without touching each
+    other's files.
 
-    Returns `(folder, index, teacher_batches)`: the dataset's folder, its
-    finished index and how many batches the teacher ran on.
+    Returns `(folder, index, teacher_batches)`: the folder, its finished
+    index and how many batches the teacher ran on.
     """
     directory = _io.make_folder(directory, "directory")
     if _checks.num_classes(teacher):  # Else on the first logits.
         check_top_k(top_k, _checks.num_classes(teacher))
-    replay = []
-    if not _datasets.has_cache(dataset):  # A partial read could truncate it.
-        replay = [
-            _batch_digest(*b)
-            for b in itertools.islice(_datasets.numpy_batches(dataset), 2)
-        ]
-    batches = enumerate(_datasets.numpy_batches(dataset))
-    first = next(batches, None)
-    if first is None:
-        raise ValueError("The dataset is empty: there is nothing to cache.")
-    folder = _io.make_folder(
-        directory / f"data-{_batch_digest(*first[1])}", "directory"
-    )
-    _remove_abandoned(folder)
     stamp = {
         "teacher": _fingerprints.weights(teacher),
         "spec": _datasets.spec(dataset),
         "dtype": dtype,
         "top_k": top_k,
     }
-    previous = _Previous(folder, read_index(folder), stamp)
+    batches = _datasets.numpy_batches(dataset)
+    head = list(itertools.islice(batches, 2))
+    if not head:
+        raise ValueError("The dataset is empty: there is nothing to cache.")
+    digests = [_batch_digest(*batch) for batch in head]
+    if not _datasets.has_cache(dataset):  # A partial read could truncate it.
+        replay = itertools.islice(_datasets.numpy_batches(dataset), 2)
+        if [_batch_digest(*batch) for batch in replay] != digests:
+            raise ValueError(
+                "The dataset's first batches differ from one pass to the next "
+                "(the pipeline reorders or draws at random), so examples "
+                "cannot be paired with stored logits. Make the pipeline "
+                "deterministic: no shuffle, no random ops, "
+                "`deterministic=True`; `cache_teacher_logits(..., "
+                "shuffle=True)` shuffles after the pairing."
+            )
+    name = f"data-{digests[0]}-{_fingerprints.digest(stamp)}"
+    folder = _io.make_folder(directory / name, "directory")
+    _remove_abandoned(folder)
+    old_index = read_index(folder)
+    previous = _Previous(folder, old_index, stamp)
     writer = _Writer(folder, stamp, previous)
     try:
-        for position, (x, y, sample_weight) in itertools.chain([first], batches):
+        for position, (x, y, sample_weight) in enumerate(
+            itertools.chain(head, batches)
+        ):
             if not position:
                 _checks.check_batched(x, teacher, "teacher", "dataset")
+                writer.example_bytes = _example_bytes(x, y, sample_weight)
             digest = _batch_digest(x, y, sample_weight)
-            if position < len(replay) and digest != replay[position]:
-                raise ValueError(
-                    f"Batch {position + 1} of the dataset differs from one "
-                    "pass to the next (the pipeline reorders or draws at "
-                    "random), so examples cannot be paired with stored "
-                    "logits. Make the pipeline deterministic: no shuffle, no "
-                    "random ops, `deterministic=True`; "
-                    "`cache_teacher_logits(..., shuffle=True)` shuffles "
-                    "after the pairing."
-                )
             records = previous.records(position, digest)
             if records is None:
                 logits = teacher_batch(teacher, x, position)
@@ -381,21 +395,16 @@ def write(teacher, dataset, directory, dtype, top_k):
                     check_top_k(top_k, logits.shape[-1])
                     writer.layout = Layout(tuple(logits.shape[1:]), dtype, top_k)
                 records = encode(logits, writer.layout)
-            if not position:
-                leaves = keras.tree.flatten((x, y, sample_weight))
-                writer.example_bytes = sum(
-                    leaf.nbytes for leaf in leaves if leaf is not None
-                ) // len(records)
             writer.add(records, digest)
         writer.close_shard()
     finally:
         writer.abandon()
     finished = writer.summary(complete=True)
-    _io.write_json(folder / INDEX, finished)
-    kept = {s["file"] for s in writer.shards}
-    for path in folder.glob("logits-*.bin"):
-        if path.name not in kept:
-            path.unlink(missing_ok=True)
+    if _io.as_json(finished) != old_index:  # A finished cache may be read-only.
+        _io.write_json(folder / INDEX, finished)
+        listed = {s["file"] for s in (old_index or {}).get("shards", [])}
+        for stale in listed - {s["file"] for s in writer.shards}:
+            (folder / stale).unlink(missing_ok=True)
     return folder, finished, writer.teacher_batches
 
 
@@ -430,9 +439,6 @@ class _Writer:
         }
 
     def add(self, records, digest):
-        if not self.shards and not self.digests:
-            size = len(records) * self.layout.record.itemsize
-            self.batches_per_shard = max(1, SHARD_BYTES // size)
         self.digests.append(digest)
         self.rows.append(len(records))
         if self.handle is None and self._as_earlier():
@@ -441,7 +447,8 @@ class _Writer:
             if self.handle is None:
                 self._start_file()
             self.handle.write(records.tobytes())
-        if len(self.digests) == self.batches_per_shard:
+        # By bytes, so that batches of any size make shards of one size.
+        if sum(self.rows) * self.layout.record.itemsize >= SHARD_BYTES:
             self.close_shard()
 
     def _as_earlier(self):

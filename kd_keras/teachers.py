@@ -116,11 +116,14 @@ def cache_teacher_logits(
     `shuffle_buffer` examples; otherwise example by example. Pairing needs a
     pipeline that yields the same examples in the same order on every pass: one that
     shuffles (or runs with `deterministic=False`) is refused, and so is one
-    whose first batch differs between two reads. Each dataset gets a folder
-    of its own in `directory`, named by the digest of its first batch. A
-    later call, in any process, reuses the files for every batch whose data
-    are unchanged, if the teacher's weights are too, and runs the teacher on
-    the others; so an interrupted write resumes where it stopped.
+    whose first two batches differ between two reads (unless it holds a
+    `.cache()`, which a partial read could truncate). Each dataset and
+    setting gets a folder of its own in `directory`, named by digests of the
+    first batch and of the teacher, dtype and top_k. A later call, in any
+    process, reuses the files for every batch whose data are unchanged and
+    runs the teacher on the others; so an interrupted write resumes where it
+    stopped. A returned pipeline whose input has grown since fails rather
+    than pairs examples with the logits of others.
 
     A `tf.data.Dataset` gives a `tf.data.Dataset`. Arrays and `PyDataset`s
     give a `kd_keras.data.ArrayBatches`, which needs no TensorFlow and runs
@@ -143,7 +146,8 @@ def cache_teacher_logits(
         shuffle: reshuffle the examples every epoch.
         seed: seed of that shuffle. On disk, None takes a seed from the
             data, so that every process (every worker of a cluster)
-            shuffles alike.
+            shuffles alike; `keras.utils.set_random_seed` does not change
+            it, so pass `seed` to vary it.
         allow_random: set True to cache a pipeline with random ops anyway;
             in memory, each example then keeps the first pass's
             augmentation for ever; on disk, new draws are paired with the
@@ -271,7 +275,7 @@ def _on_disk(
     batch_size = batch_size or index["shards"][0]["rows"][0]
     if seed is None:
         # Every process (every worker) shuffles alike.
-        seed = int(folder.name[len("data-") :], 16) % (1 << 31)
+        seed = int(folder.name.split("-")[1], 16) % (1 << 31)
     if isinstance(dataset, ArrayBatches):
         records = _logit_files.numpy_records(folder, index)
         return _StoredBatches(
@@ -302,7 +306,10 @@ def _paired(dataset, folder, index, batch_size, shuffle, seed, buffer):
     rows = [count for shard in index["shards"] for count in shard["rows"]]
     records = _logit_files.tf_records(folder, index)
     if all(count == rows[0] for count in rows[:-1]) and rows[-1] <= rows[0]:
-        paired = tf.data.Dataset.zip((dataset, records.batch(rows[0])))
+        # Asserted, so that an input that grew since the caching fails
+        # rather than pairs its examples with the logits of others.
+        inputs = dataset.apply(tf.data.experimental.assert_cardinality(len(rows)))
+        paired = tf.data.Dataset.zip((inputs, records.batch(rows[0])))
         if shuffle:
             blocks = max(1, buffer // rows[0])
             paired = paired.shuffle(
@@ -319,9 +326,10 @@ def _paired(dataset, folder, index, batch_size, shuffle, seed, buffer):
         if shuffle or batch_size != rows[0]:
             paired = paired.rebatch(batch_size)
     else:
-        paired = tf.data.Dataset.zip((dataset.unbatch(), records)).apply(
+        inputs = dataset.unbatch().apply(
             tf.data.experimental.assert_cardinality(index["examples"])
         )
+        paired = tf.data.Dataset.zip((inputs, records))
         if shuffle:
             paired = paired.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         paired = paired.batch(batch_size)

@@ -134,6 +134,9 @@ def test_changed_data_retrains(chain, teacher, splits, tmp_path):
     assert [r["reused"] for r in report] == [False]
 
 
+# Counts trainings, which no backend changes: on TensorFlow only, to keep the
+# suite short.
+@pytest.mark.tensorflow_only
 def test_path_search_trains_each_shared_prefix_once(
     tiny_mlp, teacher, splits, tmp_path
 ):
