@@ -181,9 +181,11 @@ def cache_teacher_logits(
     cached = kd_keras.cache_teacher_logits(teacher, train)
     distiller.fit(cached, epochs=10)
 
-    # Larger data: the logits in float16 files; the inputs are re-read.
+    # Larger data: streamed, unshuffled input, re-read every epoch; the
+    # logits in float16 files.
+    stream = kd_keras.data.load("mnist", "train", batch_size=128, in_memory=False)
     cached = kd_keras.cache_teacher_logits(
-        teacher, train, directory="logits", dtype="float16"
+        teacher, stream, directory="logits", dtype="float16"
     )
     ```
     """
