@@ -123,6 +123,9 @@ def test_attention_maps_of_other_sizes_are_resized_to_the_smaller():
     assert same.shape == (2,) and np.all(same < other / 5)
 
 
+# On TensorFlow only, to keep the suite short: the feature term's value and
+# gradient tests run on every backend.
+@pytest.mark.tensorflow_only
 def test_hints_train_adapters_that_stay_out_of_the_student(tmp_path):
     teacher, student = cnn(8, "teacher", 1), cnn(4, "student", 2)
     student_weights = len(student.weights)

@@ -55,6 +55,9 @@ def hypermodel(tiny_mlp):
     return hypermodel
 
 
+# On TensorFlow only, to keep the suite short: a sweep runs on JAX in
+# tests/test_backends.py (without TensorFlow), and trials below run on JAX.
+@pytest.mark.tensorflow_only
 def test_a_tiny_sweep_returns_the_best_hyperparameters(
     counting_teacher, hypermodel, splits, tiny_mlp, tmp_path
 ):
