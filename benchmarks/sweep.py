@@ -82,10 +82,9 @@ def main(argv):
         best_student = tuner.get_best_models(1)[0].student
         trials = tuning.trials_table(tuner)
         pathlib.Path(FLAGS.output_dir).mkdir(parents=True, exist_ok=True)
-        shutil.copy(
-            workdir / "sweep" / "sweep.png",
-            pathlib.Path(FLAGS.output_dir) / f"sweep_{_mode()}.png",
-        )
+        figure = workdir / "sweep" / "sweep.png"
+        if figure.exists():  # Drawn only where matplotlib is installed.
+            shutil.copy(figure, pathlib.Path(FLAGS.output_dir) / f"sweep_{_mode()}.png")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     keras.utils.set_random_seed(0)
