@@ -142,13 +142,13 @@ def check_not_endless(dataset):
         return
     # An endless repeat under a filter has an unknown cardinality, not -1.
     kinds = [(type(stage).__name__, stage) for stage in stages(dataset)]
-    unknown = int(dataset.cardinality()) == -2  # tf.data.UNKNOWN_CARDINALITY
+    cardinality = int(dataset.cardinality())  # -1 infinite, -2 unknown.
     repeats = any(
         kind == "_RepeatDataset" and int(getattr(stage, "_count", 0)) == -1
         for kind, stage in kinds
     )
     bounded = any("Take" in kind for kind, _ in kinds)
-    if _endless(dataset) or (unknown and repeats and not bounded):
+    if cardinality == -1 or (cardinality == -2 and repeats and not bounded):
         raise ValueError(
             "The dataset is endless (a `.repeat()` without a count), so a "
             "pass over it would never end. Pass one pass: drop the "

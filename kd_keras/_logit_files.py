@@ -1,17 +1,19 @@
 """Teacher logits stored on disk, for data that do not fit in memory.
 
-A directory holds an index, `kd_keras_logits.json`, and shards,
-`logits-<hash>.bin`: raw little-endian records, one per example, in the
-order the input pipeline yields its examples. The inputs are not stored;
-every epoch re-reads the pipeline and pairs it with the records.
+Each dataset and setting has a folder in the user's directory,
+`data-<first batch digest>-<settings digest>`, holding an index,
+`kd_keras_logits.json`, and shards, `logits-<hash>.bin`: raw little-endian
+records, one per example, in the order the input pipeline yields its
+examples. The inputs are not stored; every epoch re-reads the pipeline and
+pairs it with the records.
 
 The index records the teacher (a fingerprint of its architecture and
 weights), the record layout, and for every shard the digests of the input
 batches its logits were computed from. Writing goes shard by shard, and the
-index is rewritten after each one, so a call that finds an index reuses
-every batch whose position and digest are unchanged (the same teacher, the
-same layout) and runs the teacher only on the others: that is how a second
-call reuses a finished cache, and how an interrupted write resumes.
+index is rewritten after each new one, so a call that finds an index reuses
+every batch whose position and digest are unchanged and runs the teacher
+only on the others: that is how a second call reuses a finished cache, and
+how an interrupted write resumes.
 
 A record holds the logits (float32 or float16) or, with `top_k`, the k
 largest logits, their class ids and one fill value for the other classes.
@@ -208,8 +210,7 @@ def decode_tf(raw, layout):
     positions = tf.stack(
         [tf.broadcast_to(rows, tf.shape(flat_indices)), flat_indices], axis=-1
     )
-    logits = tf.fill([tf.size(fill, tf.int64), layout.classes], 0.0)
-    logits += tf.reshape(fill, [-1, 1])
+    logits = tf.repeat(tf.reshape(fill, [-1, 1]), layout.classes, axis=1)
     logits = tf.tensor_scatter_nd_update(
         logits, tf.reshape(positions, [-1, 2]), tf.reshape(values, [-1])
     )
@@ -286,15 +287,21 @@ class _Previous:
             self.files[name] = np.memmap(path, self.layout.record, mode="r")
         return self.files[name]
 
-    def records(self, position, digest):
+    def matches(self, position, digest):
+        """True if the batch at `position` is unchanged and its records are
+        in a whole file."""
         if position >= len(self.batches) or self.batches[position][0] != digest:
-            return None
+            return False
         name = self.batches[position][1]
-        records = self._file(name, sum(self.by_file[name]["rows"]))
-        if records is None:
-            return None
-        _, _, start, rows = self.batches[position]
-        return np.array(records[start : start + rows])
+        return self._file(name, sum(self.by_file[name]["rows"])) is not None
+
+    def rows(self, position):
+        return self.batches[position][3]
+
+    def records(self, position):
+        """The records of an unchanged batch (read from its file)."""
+        _, name, start, rows = self.batches[position]
+        return np.array(self.files[name][start : start + rows])
 
     def same_shard(self, number, digests):
         """The earlier shard `number` if it holds exactly these batches and
@@ -387,15 +394,17 @@ def write(teacher, dataset, directory, dtype, top_k):
                 _checks.check_batched(x, teacher, "teacher", "dataset")
                 writer.example_bytes = _example_bytes(x, y, sample_weight)
             digest = _batch_digest(x, y, sample_weight)
-            records = previous.records(position, digest)
-            if records is None:
-                logits = teacher_batch(teacher, x, position)
-                writer.teacher_batches += 1
-                if writer.layout is None:
-                    check_top_k(top_k, logits.shape[-1])
-                    writer.layout = Layout(tuple(logits.shape[1:]), dtype, top_k)
-                records = encode(logits, writer.layout)
-            writer.add(records, digest)
+            if previous.matches(position, digest):
+                # Read only if its shard changes: a kept shard is not read.
+                writer.add(digest, previous.rows(position), position)
+                continue
+            logits = teacher_batch(teacher, x, position)
+            writer.teacher_batches += 1
+            if writer.layout is None:
+                check_top_k(top_k, logits.shape[-1])
+                writer.layout = Layout(tuple(logits.shape[1:]), dtype, top_k)
+            records = encode(logits, writer.layout)
+            writer.add(digest, len(records), records)
         writer.close_shard()
     finally:
         writer.abandon()
@@ -438,15 +447,17 @@ class _Writer:
             "complete": complete,
         }
 
-    def add(self, records, digest):
+    def add(self, digest, rows, records):
+        """Adds a batch: its records, or the position of an unchanged
+        earlier batch whose records are read only if they must be copied."""
         self.digests.append(digest)
-        self.rows.append(len(records))
+        self.rows.append(rows)
         if self.handle is None and self._as_earlier():
-            self.reused.append(records)  # Held only until the shard diverges.
+            self.reused.append(records)  # Until the shard diverges.
         else:
             if self.handle is None:
                 self._start_file()
-            self.handle.write(records.tobytes())
+            self._write(records)
         # By bytes, so that batches of any size make shards of one size.
         if sum(self.rows) * self.layout.record.itemsize >= SHARD_BYTES:
             self.close_shard()
@@ -459,10 +470,15 @@ class _Writer:
             earlier[0]["digests"][: len(self.digests)] == self.digests
         )
 
+    def _write(self, records):
+        if isinstance(records, int):  # An unchanged earlier batch.
+            records = self.previous.records(records)
+        self.handle.write(records.tobytes())
+
     def _start_file(self):
         self.handle = open(self.temporary, "wb")  # noqa: SIM115 (closed below)
         for records in self.reused:
-            self.handle.write(records.tobytes())
+            self._write(records)
         self.reused = []
 
     def close_shard(self):

@@ -310,8 +310,16 @@ def test_an_interrupted_reuse_keeps_the_finished_cache_untouched(
         kd_keras.cache_teacher_logits(teacher, in_order(x, y), directory=tmp_path)
     monkeypatch.setattr(_logit_files, "_batch_digest", digest)
     assert _logit_files.read_index(folder_of(tmp_path)) == index
+    reads = []
+    records = _logit_files._Previous.records
+    monkeypatch.setattr(
+        _logit_files._Previous,
+        "records",
+        lambda self, position: reads.append(position) or records(self, position),
+    )
     kd_keras.cache_teacher_logits(teacher, in_order(x, y), directory=tmp_path)
     assert teacher.batches == 4, "the teacher ran once, on the first call only"
+    assert reads == [], "kept shards are not even read"
     # Reuse rewrites nothing: the same files (inodes).
     assert {p: p.stat().st_ino for p in folder_of(tmp_path).glob("*.bin")} == files
 
