@@ -1,22 +1,22 @@
-"""Distilling an ensemble into one model, on MNIST.
+"""An ensemble distilled into one model, on Fashion-MNIST.
 
-Hinton et al. (2015) distilled a 10-model speech ensemble into one model of
-the members' size, which kept most of the ensemble's gain (frame accuracy:
-single 58.9%, ensemble 61.1%, distilled 60.8%, i.e. 86% of the gain). This
-script trains 5 MLPs of the same architecture with different seeds, combines
-them with `kd_keras.EnsembleTeacher` (mean probabilities), and distils the
-ensemble into a sixth model of the same architecture. Per seed it reports the
-test accuracy of a single member (the mean over members), of the ensemble and
-of the distilled model, and the share of the ensemble's gain the distilled
-model keeps: (distilled − member) / (ensemble − member).
+Hinton et al. (2015) distilled an ensemble of 10 speech models into one model
+of the same size, which kept 86% of the ensemble's gain over a single model
+(58.9% → 61.1% frame accuracy, distilled 60.8%). Here 5 MLPs 784-256-10
+(trained from other seeds) form a `kd_keras.EnsembleTeacher` (mean
+probabilities), distilled into one MLP of the same size. Methods, tuned alike
+by the harness of `fair.py`: scratch (one MLP on the labels) and KD from the
+ensemble (T, λ). The share of the gain kept is (distilled − scratch) /
+(ensemble − scratch), per seed.
 
-    python benchmarks/ensemble.py --quick      # under 10 minutes
-    python benchmarks/ensemble.py              # full
+    python benchmarks/ensemble.py --quick      # under 10 minutes on 2 cores
+    python benchmarks/ensemble.py              # full, under 60 minutes
 """
 
 from absl import app
 from absl import flags
-import common  # Before Keras: it sets the backend from --backend.
+import common
+import fair  # Before Keras: it sets the backend from --backend.
 import keras
 import numpy as np
 
@@ -25,97 +25,101 @@ from kd_keras import models
 from kd_keras import training
 
 FLAGS = flags.FLAGS
-common.define_run_flags()
-flags.DEFINE_integer("members", 5, "Models in each ensemble.")
-flags.DEFINE_float("temperature", 4.0, "Distillation temperature.")
-flags.DEFINE_float("distillation_weight", 0.9, "Weight of the KD term.")
-
-HIDDEN = (512, 512)
-
-
-def _settings():
-    return common.settings(
-        FLAGS,
-        quick=dict(train_split="train[:10000]", epochs=4, seeds=2),
-        full=dict(train_split="train[:55000]", epochs=10, seeds=3),
-    )
+fair.define_flags(default_trials=(3, 8))
+HIDDEN = (256,)
+MEMBERS = 5
+SETTINGS = dict(
+    quick=dict(train_examples=10_000, tune_examples=5_000, epochs=4, trials=3),
+    full=dict(train_examples=55_000, tune_examples=15_000, epochs=10, trials=8),
+)
 
 
-def _run_seed(seed, splits, settings):
-    train, val, test = splits
-    members = []
-    for index in range(FLAGS.members):
-        keras.utils.set_random_seed(1000 * seed + index)
-        member = models.mlp(HIDDEN, name=f"member_{index}")
-        training.train(member, train, val, epochs=settings["epochs"], verbose=0)
-        members.append(member)
-    ensemble = kd_keras.EnsembleTeacher(members, mode="probs")
-    keras.utils.set_random_seed(1000 * seed + FLAGS.members)
-    student = models.mlp(HIDDEN, name="distilled")
-    common.distill(FLAGS, ensemble, student, splits, settings["epochs"])
-    member = float(np.mean([training.test_accuracy(m, test) for m in members]))
-    whole = training.test_accuracy(ensemble, test)
-    distilled = training.test_accuracy(student, test)
-    return {
-        "member": member,
-        "ensemble": whole,
-        "distilled": distilled,
-        "gain_kept": (distilled - member) / (whole - member)
-        if whole != member
-        else float("nan"),
-    }
+def mlp(name="student"):
+    return models.mlp(HIDDEN, name=name)
 
 
 def main(argv):
     del argv
-    settings = _settings()
-    splits = common.mnist_splits(FLAGS, settings["train_split"])
-    with training.Stopwatch() as timer:
-        runs = [_run_seed(seed, splits, settings) for seed in range(settings["seeds"])]
-    rows = [
-        {
-            "model": label,
-            "test_accuracy_percent": common.percent_mean_std(
-                [run[key] for run in runs]
-            ),
-            "per_seed": " / ".join(f"{100 * run[key]:.2f}" for run in runs),
-        }
-        for key, label in (
-            ("member", "single member (mean of members)"),
-            ("ensemble", f"ensemble of {FLAGS.members}"),
-            ("distilled", "distilled single model"),
-        )
-    ]
-    rows.append(
-        {
-            "model": "share of the ensemble's gain kept",
-            "test_accuracy_percent": common.percent_mean_std(
-                [run["gain_kept"] for run in runs]
-            ),
-            "per_seed": " / ".join(f"{100 * run['gain_kept']:.0f}%" for run in runs),
-        }
-    )
     mode = "quick" if FLAGS.quick else "full"
+    settings = SETTINGS[mode]
+    study = fair.Study.from_flags("ensemble", FLAGS, settings)
+    epochs = settings["epochs"]
+    with training.Stopwatch() as timer:
+
+        def member(index):
+            def build():
+                keras.utils.set_random_seed(100 + index)
+                model = mlp(f"member_{index}")
+                training.train(
+                    model,
+                    study.data.batches("train", shuffle=True, seed=100 + index),
+                    epochs=epochs,
+                    verbose=0,
+                )
+                return model
+
+            return study.model(f"member_{index}", build)
+
+        members = [member(i) for i in range(MEMBERS)]
+        ensemble = kd_keras.EnsembleTeacher(members, mode="probs")
+
+        def distilled(hp, split, seed):
+            return fair.distill(
+                ensemble, mlp(), study, split, seed, hp, key="ensemble", epochs=epochs
+            )
+
+        rows = study.compare(
+            [
+                fair.scratch(mlp, study, epochs),
+                fair.Method(
+                    "KD from the ensemble", distilled, fair.temperature_and_weight
+                ),
+            ]
+        )
+    whole = study.data.accuracy(ensemble, "test")
+    single = [study.data.accuracy(m, "test") for m in members]
+    scratch, kd = (np.asarray(study.accuracies[r["method"]]) for r in rows)
+    kept = (kd - scratch[: len(kd)]) / (whole - scratch[: len(kd)])
+    extra = common.markdown_table(
+        [
+            {
+                "model": "each member (mean)",
+                "test_accuracy_percent": common.percent_mean_std(single),
+            },
+            {
+                "model": f"ensemble of {MEMBERS}",
+                "test_accuracy_percent": f"{100 * whole:.2f}",
+            },
+            {
+                "model": "share of the ensemble's gain kept by KD",
+                "test_accuracy_percent": f"{100 * kept.mean():.0f}% ± "
+                f"{100 * kept.std(ddof=1):.0f}% (Hinton et al.: 86%)",
+            },
+        ],
+        ["model", "test_accuracy_percent"],
+    )
     heading = (
-        f"Ensemble distillation on MNIST ({mode}: {FLAGS.members} × MLP "
-        f"{HIDDEN}, {settings['train_split']}, {settings['epochs']} epochs "
-        f"each, probs-mode ensemble, T={FLAGS.temperature:g}, "
-        f"λ={FLAGS.distillation_weight:g}, {settings['seeds']} seeds; "
-        f"{timer.seconds / 60:.1f} min). Hinton et al.'s speech ensemble: "
-        "58.9% → 61.1%, distilled 60.8% (86% of the gain)."
+        f"Ensemble → one model on Fashion-MNIST ({mode}: {MEMBERS} × MLP "
+        f"784-256-10, {epochs} epochs on {settings['train_examples']:,} images, "
+        f"mean probabilities; student of the same size; {study.trials} "
+        f"Bayesian trials per method on {settings['tune_examples']:,} images, "
+        f"scored on 5,000 validation images; {timer.seconds / 60:.1f} min)"
     )
-    common.write_report(
+    out = study.report(
         FLAGS,
-        f"ensemble_{mode}",
         heading,
-        common.markdown_table(rows, ["model", "test_accuracy_percent", "per_seed"]),
-        {
-            "settings": settings,
-            "rows": rows,
-            "runs": runs,
-            "minutes": timer.seconds / 60,
-        },
+        rows,
+        extra,
+        dict(
+            settings=settings,
+            ensemble_test_accuracy=whole,
+            member_test_accuracy=single,
+            share_kept=kept.tolist(),
+            minutes=timer.seconds / 60,
+        ),
     )
+    fair.plot_rows(rows, out / f"ensemble_{mode}.png", "MLP 784-256-10, Fashion-MNIST")
+    print(f"\nWrote {out}/ensemble_{mode}.{{md,json,png}}")
 
 
 if __name__ == "__main__":

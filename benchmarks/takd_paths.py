@@ -1,195 +1,165 @@
-"""Teacher-assistant distillation on the plain CNN ladder, on MNIST.
+"""Teacher assistants (TAKD) on Fashion-MNIST: tuned, and every path.
 
-Mirzadeh et al. (2020) distil a plain CNN of depth 10 into one of depth 2,
-directly (KD) or through assistants of depth 8, 6 and 4 (TAKD). This script
-trains, for each seed, the depth-10 teacher, the depth-2 student from scratch,
-and every distillation path from 10 to 2 through the ordered subsets of
-{8, 6, 4} with `kd_keras.assistants.search_paths` (shared prefixes trained
-once). Widths are scaled (`--width`) to fit a CPU.
+Mirzadeh et al. (2020) distil a large teacher into a small student through
+an assistant of middle size (TAKD), and report that the best single
+assistant is the one whose accuracy is nearest the mean of the teacher's and
+the student's. Plain CNNs (width 0.25) of the ladder in `ladder.py`: teacher
+depth 10, student depth 2, assistants 8, 6 and 4. Methods, tuned alike by
+the harness of `fair.py`:
 
-Rows, like the paper's Table 1: no KD, KD (teacher → student), TAKD (through
-the assistant `suggest_assistant` picks from the validation accuracies:
-nearest the mean of teacher and student), and every path; test accuracy,
-mean ± std over seeds. Writes markdown, JSON and a PNG of the paths to
-benchmarks/results/.
+- scratch; KD from the teacher (T, λ);
+- TAKD (the assistant, T, λ), each step with the same T and λ.
 
-    python benchmarks/takd_paths.py --quick      # under 10 minutes
+Then every path (T→S, T→8→S, ..., T→8→6→4→S) is trained once (seed 0) with
+TAKD's chosen T and λ, and the mean-accuracy rule's assistant, chosen on
+validation accuracies, is checked against the best path.
+
+    python benchmarks/takd_paths.py --quick      # under 10 minutes on 2 cores
     python benchmarks/takd_paths.py              # full, under 60 minutes
 """
 
-import pathlib
-import tempfile
-
 from absl import app
 from absl import flags
-import common  # Before Keras: it sets the backend from --backend.
+import common
+import fair  # Before Keras: it sets the backend from --backend.
 import keras
-import numpy as np
+import ladder
 
 from kd_keras import assistants
-from kd_keras import models
 from kd_keras import training
-from kd_keras.apps import plots
 
 FLAGS = flags.FLAGS
-common.define_run_flags()
-flags.DEFINE_float("width", 0.25, "Width multiplier of the ladder.")
-flags.DEFINE_float(
-    "temperature",
-    10.0,
-    "Distillation temperature (the paper's plain-CNN runs use T = 10).",
-)
-flags.DEFINE_float("distillation_weight", 0.9, "Weight of the KD term.")
-
-TEACHER, ASSISTANTS, STUDENT = 10, (8, 6, 4), 2
+fair.define_flags(default_trials=(2, 6))
+TEACHER = 10
+ASSISTANTS = (8, 6, 4)
 
 
-def _settings():
-    return common.settings(
-        FLAGS,
-        quick=dict(train_split="train[:3000]", epochs=3, teacher_epochs=4, seeds=2),
-        full=dict(train_split="train[:10000]", epochs=6, teacher_epochs=8, seeds=3),
-    )
+def takd(study, teacher):
+    epochs = ladder.SETTINGS[study.mode]["student_epochs"]
+
+    def space(hp):
+        fair.temperature_and_weight(hp)
+        return hp.Choice("assistant", list(ASSISTANTS))
+
+    def train(hp, split, seed):
+        depth = space(hp)
+        settings = dict(epochs=epochs)
+        assistant = fair.distill(
+            teacher,
+            ladder.cnn(depth, f"assistant_{depth}"),
+            study,
+            split,
+            seed,
+            hp,
+            key=f"teacher_{TEACHER}",
+            **settings,
+        )
+        key = ("assistant", depth, tuple(sorted(hp.values.items())))
+        return fair.distill(
+            assistant, ladder.student(), study, split, seed, hp, key=key, **settings
+        )
+
+    return fair.Method("TAKD", train, space)
 
 
-def _cnn(depth, name):
-    return models.plain_cnn(depth, width=FLAGS.width, name=name)
-
-
-def _run_seed(seed, splits, settings, workdir):
-    train, val, test = splits
-
-    keras.utils.set_random_seed(seed)
-    teacher = _cnn(TEACHER, "teacher")
-    training.train(teacher, train, val, epochs=settings["teacher_epochs"], verbose=0)
-    keras.utils.set_random_seed(seed)
-    scratch = _cnn(STUDENT, "student")
-    training.train(scratch, train, val, epochs=settings["epochs"], verbose=0)
+def every_path(study, teacher, chosen):
+    """Every path, seed 0, on the training split with TAKD's T and λ."""
+    settings = ladder.SETTINGS[study.mode]
+    keras.utils.set_random_seed(0)
     result = assistants.search_paths(
         teacher,
-        {str(d): (lambda d=d: _cnn(d, f"assistant_{d}")) for d in ASSISTANTS},
-        lambda: _cnn(STUDENT, "student"),
-        train,
-        val,
-        test_data=test,
-        temperature=FLAGS.temperature,
-        distillation_weight=FLAGS.distillation_weight,
-        epochs=settings["epochs"],
-        workdir=workdir / f"seed{seed}",
-        seed=seed,
+        {str(d): (lambda d=d: ladder.cnn(d, f"assistant_{d}")) for d in ASSISTANTS},
+        ladder.student,
+        study.data.batches("train", shuffle=True),
+        study.data.batches("val"),
+        test_data=study.data.batches("test"),
+        temperature=chosen["temperature"],
+        distillation_weight=chosen["distillation_weight"],
+        epochs=settings["student_epochs"],
+        workdir=study.workdir / "paths",
+        seed=0,
     )
+    keras.utils.set_random_seed(0)
+    scratch = ladder.scratch(study).train(None, "train", 0)
     suggestion = assistants.suggest_assistant(
         {str(d): result.assistant_accuracies[(str(d),)] for d in ASSISTANTS},
-        teacher_accuracy=training.test_accuracy(teacher, val),
-        student_accuracy=training.test_accuracy(scratch, val),
+        teacher_accuracy=study.data.accuracy(teacher, "val"),
+        student_accuracy=study.data.accuracy(scratch, "val"),
     )
-    return {
-        "teacher_test_accuracy": training.test_accuracy(teacher, test),
-        "scratch_test_accuracy": training.test_accuracy(scratch, test),
-        "paths": {row["path"]: row for row in result.table},
-        "suggested_assistant": suggestion["assistant"],
-        "trainings": result.trainings,
-        "naive_trainings": result.naive_trainings,
-        "teacher_params": teacher.count_params(),
-        "student_params": scratch.count_params(),
-    }
+    return result, suggestion
 
 
 def main(argv):
     del argv
-    settings = _settings()
-    splits = common.mnist_splits(FLAGS, settings["train_split"])
-    runs = []
-    with training.Stopwatch() as timer, tempfile.TemporaryDirectory() as tmp:
-        for seed in range(settings["seeds"]):
-            runs.append(_run_seed(seed, splits, settings, pathlib.Path(tmp)))
-    paths = list(runs[0]["paths"])
-
-    def path_accuracies(path):
-        return [run["paths"][path]["student_test_accuracy"] for run in runs]
-
-    takd = [
-        run["paths"][f"teacher → {run['suggested_assistant']} → student"][
-            "student_test_accuracy"
-        ]
-        for run in runs
-    ]
-    summary = [
-        {
-            "row": f"teacher (depth {TEACHER})",
-            "test_accuracy_percent": common.percent_mean_std(
-                [r["teacher_test_accuracy"] for r in runs]
-            ),
-        },
-        {
-            "row": f"no KD (depth {STUDENT} from scratch)",
-            "test_accuracy_percent": common.percent_mean_std(
-                [r["scratch_test_accuracy"] for r in runs]
-            ),
-        },
-        {
-            "row": "KD (teacher → student)",
-            "test_accuracy_percent": common.percent_mean_std(
-                path_accuracies("teacher → student")
-            ),
-        },
-        {
-            "row": "TAKD (suggested assistant: "
-            + "/".join(r["suggested_assistant"] for r in runs)
-            + ")",
-            "test_accuracy_percent": common.percent_mean_std(takd),
-        },
-    ]
-    every_path = sorted(
-        (
-            {
-                "path": path,
-                "steps": runs[0]["paths"][path]["steps"],
-                "test_accuracy_percent": common.percent_mean_std(path_accuracies(path)),
-                "mean": float(np.mean(path_accuracies(path))),
-            }
-            for path in paths
-        ),
-        key=lambda row: -row["mean"],
+    study = ladder.study("takd_paths", FLAGS)
+    settings = ladder.SETTINGS[study.mode]
+    with training.Stopwatch() as timer:
+        teacher = ladder.teacher(study, TEACHER)
+        rows = study.compare(
+            [
+                ladder.scratch(study),
+                ladder.kd_from(study, TEACHER, teacher),
+                takd(study, teacher),
+            ]
+        )
+        result, suggestion = every_path(study, teacher, study.chosen["TAKD"])
+    by_path = {row["path"]: row for row in result.table}
+    rule_path = f"teacher → {suggestion['assistant']} → student"
+    best_single = max(
+        (row for row in result.table if row["steps"] == 2),
+        key=lambda row: row["student_val_accuracy"],
     )
-    mode = "quick" if FLAGS.quick else "full"
+    paths_table = [
+        {
+            "path": row["path"],
+            "steps": row["steps"],
+            "val_accuracy_percent": f"{100 * row['student_val_accuracy']:.2f}",
+            "test_accuracy_percent": f"{100 * row['student_test_accuracy']:.2f}",
+        }
+        for row in result.table
+    ]
+    teacher_accuracy = study.data.accuracy(teacher, "test")
+    extra = (
+        f"Every path, seed 0, TAKD's T and λ (sorted by validation accuracy; "
+        f"{result.trainings + result.reused} distillations instead of "
+        f"{result.naive_trainings} without shared prefixes):\n\n"
+        + common.markdown_table(
+            paths_table,
+            ["path", "steps", "val_accuracy_percent", "test_accuracy_percent"],
+        )
+        + f"\n\nMean-accuracy rule (on validation): assistant "
+        f"{suggestion['assistant']} → {rule_path}: "
+        f"{100 * by_path[rule_path]['student_test_accuracy']:.2f}% test; best "
+        f"single-assistant path on validation: {best_single['path']}: "
+        f"{100 * best_single['student_test_accuracy']:.2f}% test; best path on "
+        f"validation: {result.table[0]['path']}: "
+        f"{100 * result.table[0]['student_test_accuracy']:.2f}% test."
+    )
     heading = (
-        f"TAKD paths on MNIST ({mode}: plain CNN width {FLAGS.width:g}, "
-        f"{settings['train_split']}, teacher {settings['teacher_epochs']} "
-        f"epochs, every step {settings['epochs']} epochs, "
-        f"T={FLAGS.temperature:g}, λ={FLAGS.distillation_weight:g}, "
-        f"{settings['seeds']} seeds; {runs[0]['trainings']} distillations per "
-        f"seed instead of {runs[0]['naive_trainings']} without shared "
-        f"prefixes; {timer.seconds / 60:.1f} min in all)"
+        f"TAKD on Fashion-MNIST ({study.mode}: plain CNNs width {ladder.WIDTH}, "
+        f"teacher depth {TEACHER} {100 * teacher_accuracy:.2f}% test, "
+        f"student depth 2, {settings['student_epochs']} epochs per step on "
+        f"{settings['train_examples']:,} images; {study.trials} Bayesian trials "
+        f"per method on {settings['tune_examples']:,} images, scored on 5,000 "
+        f"validation images; {timer.seconds / 60:.1f} min)"
     )
-    markdown = (
-        common.markdown_table(summary, ["row", "test_accuracy_percent"])
-        + "\n\nEvery path (test accuracy %, mean ± std over seeds):\n\n"
-        + common.markdown_table(every_path, ["path", "steps", "test_accuracy_percent"])
-    )
-    out = common.write_report(
+    out = study.report(
         FLAGS,
-        f"takd_paths_{mode}",
         heading,
-        markdown,
-        {
-            "settings": {**settings, **common.distillation_flags(FLAGS)},
-            "summary": summary,
-            "paths": every_path,
-            "runs": runs,
-            "minutes": timer.seconds / 60,
-        },
+        rows,
+        extra,
+        dict(
+            settings=settings,
+            teacher_test_accuracy=teacher_accuracy,
+            paths=result.table,
+            suggestion=suggestion,
+            minutes=timer.seconds / 60,
+        ),
     )
-    plots.plot_paths(
-        [
-            {"path": row["path"], "test accuracy (mean over seeds)": row["mean"]}
-            for row in every_path
-        ],
-        metric="test accuracy (mean over seeds)",
-        path=out / f"takd_paths_{mode}.png",
-        title=f"Plain CNN {TEACHER} → {STUDENT} on MNIST, every path",
+    fair.plot_rows(
+        rows, out / f"takd_paths_{study.mode}.png", "Depth-2 student, Fashion-MNIST"
     )
-    print(f"\nWrote {out}/takd_paths_{mode}.{{md,json,png}}")
+    print(f"\nWrote {out}/takd_paths_{study.mode}.{{md,json,png}}")
 
 
 if __name__ == "__main__":

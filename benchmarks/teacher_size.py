@@ -1,137 +1,77 @@
-"""Is a larger teacher a better teacher? Student accuracy against teacher size.
+"""Teacher size against teaching ability, on Fashion-MNIST.
 
-Mirzadeh et al. (2020) and Cho & Hariharan (2019) found that as the teacher
-grows, a fixed small student first gains, then loses: the gap becomes too
-large for the student to follow. This script keeps a plain CNN student of
-depth 2 fixed and distils it, on MNIST, from plain CNN teachers of depth 4, 6,
-8 and 10 (widths scaled by `--width`), each trained on the labels first. It
-prints test accuracy (mean ± std over seeds) against teacher size, with the
-student from scratch for reference, and writes JSON and a PNG.
+Mirzadeh et al. (2020) found that a larger teacher is not always a better
+teacher: past some size, the student distilled from it gets worse. Plain CNNs
+of depth 4, 6, 8 and 10 (width 0.25; BatchNorm, and a one-epoch warm-up of
+the learning rate so that depth 10 trains stably) teach the depth-2 plain
+CNN. Every teacher's T and λ are tuned alike by the harness of `fair.py`.
+The depth-10 teacher is also trained with two more seeds, to show that it
+trains stably.
 
-    python benchmarks/teacher_size.py --quick      # under 10 minutes
+    python benchmarks/teacher_size.py --quick      # under 10 minutes on 2 cores
     python benchmarks/teacher_size.py              # full, under 60 minutes
 """
 
 from absl import app
 from absl import flags
-import common  # Before Keras: it sets the backend from --backend.
-import keras
-import numpy as np
+import fair  # Before Keras: it sets the backend from --backend.
+import ladder
 
-from kd_keras import models
 from kd_keras import training
-from kd_keras.apps import plots
 
 FLAGS = flags.FLAGS
-common.define_run_flags()
-flags.DEFINE_float("width", 0.25, "Width multiplier of every plain CNN.")
-flags.DEFINE_float("temperature", 10.0, "Distillation temperature.")
-flags.DEFINE_float("distillation_weight", 0.9, "Weight of the KD term.")
-
-TEACHER_DEPTHS, STUDENT_DEPTH = (4, 6, 8, 10), 2
-
-
-def _settings():
-    return common.settings(
-        FLAGS,
-        quick=dict(train_split="train[:3000]", teacher_epochs=4, epochs=4, seeds=2),
-        full=dict(train_split="train[:15000]", teacher_epochs=10, epochs=8, seeds=3),
-    )
-
-
-def _run_seed(seed, splits, settings):
-    train, val, test = splits
-    rows = {}
-    keras.utils.set_random_seed(seed)
-    scratch = models.plain_cnn(STUDENT_DEPTH, width=FLAGS.width)
-    training.train(scratch, train, val, epochs=settings["epochs"], verbose=0)
-    rows["scratch"] = {"student": training.test_accuracy(scratch, test)}
-    for depth in TEACHER_DEPTHS:
-        keras.utils.set_random_seed(seed)
-        teacher = models.plain_cnn(depth, width=FLAGS.width)
-        training.train(
-            teacher, train, val, epochs=settings["teacher_epochs"], verbose=0
-        )
-        keras.utils.set_random_seed(seed)
-        student = models.plain_cnn(STUDENT_DEPTH, width=FLAGS.width)
-        common.distill(FLAGS, teacher, student, splits, settings["epochs"])
-        rows[depth] = {
-            "params": teacher.count_params(),
-            "teacher": training.test_accuracy(teacher, test),
-            "student": training.test_accuracy(student, test),
-        }
-    return rows
+fair.define_flags(default_trials=(2, 6))
 
 
 def main(argv):
     del argv
-    settings = _settings()
-    splits = common.mnist_splits(FLAGS, settings["train_split"])
+    study = ladder.study("teacher_size", FLAGS)
+    settings = ladder.SETTINGS[study.mode]
     with training.Stopwatch() as timer:
-        runs = [_run_seed(seed, splits, settings) for seed in range(settings["seeds"])]
-
-    def cell(key, field):
-        values = [run[key][field] for run in runs]
-        mean, std = common.mean_std(100.0 * np.asarray(values))
-        return mean, std, common.percent_mean_std(values)
-
-    table = [
-        {
-            "teacher": "none (student from scratch)",
-            "teacher_params": "",
-            "teacher_test_accuracy": "",
-            "student_test_accuracy": cell("scratch", "student")[2],
-        }
-    ]
-    means, stds = [], []
-    for depth in TEACHER_DEPTHS:
-        mean, std, text = cell(depth, "student")
-        means.append(mean)
-        stds.append(std)
-        table.append(
-            {
-                "teacher": f"plain CNN depth {depth}",
-                "teacher_params": runs[0][depth]["params"],
-                "teacher_test_accuracy": cell(depth, "teacher")[2],
-                "student_test_accuracy": text,
-            }
+        teachers = {depth: ladder.teacher(study, depth) for depth in ladder.TEACHERS}
+        rows = study.compare(
+            [
+                ladder.scratch(study),
+                *(ladder.kd_from(study, d, t) for d, t in teachers.items()),
+            ]
         )
-    mode = "quick" if FLAGS.quick else "full"
+        deepest = max(ladder.TEACHERS)
+        stability = [
+            study.data.accuracy(ladder.teacher(study, deepest, seed), "test")
+            for seed in range(fair.SEEDS)
+        ]
+    for row, depth in zip(rows[1:], teachers, strict=True):
+        row["teacher_params"] = teachers[depth].count_params()
+        row["teacher_test_accuracy"] = round(
+            100 * study.data.accuracy(teachers[depth], "test"), 2
+        )
+    mode = study.mode
     heading = (
-        f"Teacher size on MNIST ({mode}: student plain CNN depth "
-        f"{STUDENT_DEPTH}, width {FLAGS.width:g}, {settings['train_split']}, "
-        f"teachers {settings['teacher_epochs']} epochs, students "
-        f"{settings['epochs']} epochs, T={FLAGS.temperature:g}, "
-        f"λ={FLAGS.distillation_weight:g}, {settings['seeds']} seeds; "
-        f"{timer.seconds / 60:.1f} min)"
+        f"Teacher size on Fashion-MNIST ({mode}: plain CNNs width "
+        f"{ladder.WIDTH}, teachers {settings['teacher_epochs']} epochs with a "
+        f"warm-up, student depth 2 {settings['student_epochs']} epochs, on "
+        f"{settings['train_examples']:,} images; {study.trials} Bayesian trials "
+        f"per method on {settings['tune_examples']:,} images, scored on 5,000 "
+        f"validation images; {timer.seconds / 60:.1f} min)"
     )
-    markdown = common.markdown_table(
-        table,
-        ["teacher", "teacher_params", "teacher_test_accuracy", "student_test_accuracy"],
+    extra = (
+        f"Stability: the depth-{deepest} teacher's test accuracy over "
+        f"{fair.SEEDS} seeds: "
+        + " / ".join(f"{100 * a:.2f}" for a in stability)
+        + f"% ({fair.common.percent_mean_std(stability)})."
     )
-    out = common.write_report(
+    out = study.report(
         FLAGS,
-        f"teacher_size_{mode}",
         heading,
-        markdown,
-        {
-            "settings": {**settings, **common.distillation_flags(FLAGS)},
-            "table": table,
-            "runs": [{str(k): v for k, v in run.items()} for run in runs],
-            "minutes": timer.seconds / 60,
-        },
+        rows,
+        extra,
+        dict(settings=settings, stability=stability, minutes=timer.seconds / 60),
     )
-    params = [runs[0][d]["params"] for d in TEACHER_DEPTHS]
-    plots.plot_curve(
-        np.log10(params),
-        means,
-        "teacher parameters (log10)",
-        "student test accuracy %",
-        errors=stds,
-        xticks=[f"d{d}\n{p:,}" for d, p in zip(TEACHER_DEPTHS, params, strict=True)],
-        path=out / f"teacher_size_{mode}.png",
-        title=f"Student (plain CNN depth {STUDENT_DEPTH}) by teacher size; "
-        f"scratch {cell('scratch', 'student')[2]}",
+    fair.plot_rows(
+        rows,
+        out / f"teacher_size_{mode}.png",
+        "Depth-2 student on Fashion-MNIST, by teacher",
+        short={r["method"]: r["method"].replace("KD from depth ", "T") for r in rows},
     )
     print(f"\nWrote {out}/teacher_size_{mode}.{{md,json,png}}")
 
