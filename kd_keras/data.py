@@ -1,14 +1,16 @@
-"""Data: tensorflow-datasets loading, offline MNIST import, the shipped
-sample, jitter, class filters, and batches of in-memory arrays.
+"""Data: tensorflow-datasets loading, offline import of MNIST-format IDX
+sets (MNIST, Fashion-MNIST), the shipped sample, jitter, class filters, and
+batches of in-memory arrays.
 
 Every pipeline yields `(image, label)` batches with float32 images in [0, 1]
-of shape `(28, 28, 1)` for MNIST, and int32 labels. The `tf.data` pipelines
-need TensorFlow, which is imported when one is built; `ArrayBatches` and the
-IDX reader work on any Keras backend without it.
+of shape `(28, 28, 1)` for MNIST and Fashion-MNIST, and int32 labels. The
+`tf.data` pipelines need TensorFlow, which is imported when one is built;
+`ArrayBatches` and the IDX reader work on any Keras backend without it.
 """
 
 import contextlib
 import gzip
+import hashlib
 import os
 import pathlib
 import re
@@ -26,13 +28,31 @@ from kd_keras import _datasets
 SAMPLE_PATH = pathlib.Path(__file__).parent / "sample_data" / "mnist_sample.npz"
 SAMPLE_NAME = "mnist_sample"
 
-# The four MNIST files, as LeCun distributed them.
+# The four files of an MNIST-format IDX set, named as LeCun distributed
+# MNIST; Fashion-MNIST kept the names.
 MNIST_FILES = {
     "train_data": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
     "test_data": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
+# The tfds names `import_idx` writes: (title, tfds builder class, SHA-256
+# of the uncompressed train-labels file of the real set). The two sets' files
+# have the same names, so only their contents tell them apart.
+_IDX_SETS = {
+    "mnist": (
+        "MNIST",
+        "MNIST",
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    ),
+    "fashion_mnist": (
+        "Fashion-MNIST",
+        "FashionMNIST",
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    ),
+}
+# The tfds names `import_idx` accepts, and their titles.
+IDX_DATASETS = {name: title for name, (title, _, _) in _IDX_SETS.items()}
 _IDX_DTYPES = {
     0x08: np.uint8,
     0x09: np.int8,
@@ -68,8 +88,8 @@ def read_idx_header(path):
         if len(head) != 4 or head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES:
             raise ValueError(
                 f"{path} is not an IDX file: its first bytes are {head!r}, "
-                "expected 00 00 <type> <rank>. Pass the MNIST files "
-                "train-images-idx3-ubyte(.gz) and the like."
+                "expected 00 00 <type> <rank>. Pass MNIST-format IDX files "
+                "such as train-images-idx3-ubyte(.gz)."
             )
         rank = head[3]
         dims = _read(f, 4 * rank, path)
@@ -100,7 +120,8 @@ def _find_idx_files(idx_dir):
     idx_dir = pathlib.Path(idx_dir)
     if not idx_dir.is_dir():
         raise ValueError(
-            f"Expected a folder holding the four MNIST IDX files. Received: "
+            "Expected a folder holding the four IDX files of an MNIST-format "
+            f"set (MNIST, Fashion-MNIST). Received: "
             f"idx_dir={str(idx_dir)!r}, which is not a folder."
         )
     found, missing = {}, []
@@ -121,13 +142,13 @@ def _find_idx_files(idx_dir):
             missing.append(stem + "[.gz]")
     if missing:
         raise ValueError(
-            f"{idx_dir} lacks {', '.join(missing)}. Put the four MNIST IDX "
-            "files (gzipped or not) in one folder."
+            f"{idx_dir} lacks {', '.join(missing)}. Put the four IDX files "
+            "of an MNIST-format set (gzipped or not) in one folder."
         )
     return found
 
 
-def _check_mnist_files(files):
+def _check_idx_files(files):
     """Checks headers; returns the number of examples per split."""
     counts = {}
     for split in ("train", "test"):
@@ -137,7 +158,8 @@ def _check_mnist_files(files):
         if len(image_shape) != 3 or image_shape[1:] != (28, 28):
             raise ValueError(
                 f"{files[split + '_data']} holds arrays of shape "
-                f"{image_shape}, expected (N, 28, 28) MNIST images."
+                f"{image_shape}, expected (N, 28, 28) images of an "
+                "MNIST-format set."
             )
         if label_shape != image_shape[:1]:
             raise ValueError(
@@ -148,13 +170,41 @@ def _check_mnist_files(files):
     return counts
 
 
-def _local_mnist_builder(files, counts, data_dir):
-    """The tfds MNIST builder, reading the given files instead of the web."""
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.image_classification import mnist
+def _check_idx_name(name):
+    if name not in _IDX_SETS:
+        raise ValueError(
+            "Expected `name` to be a tfds name of an MNIST-format set: "
+            f"{', '.join(map(repr, _IDX_SETS))}. Received: name={name!r}"
+        )
 
-    class LocalMNIST(mnist.MNIST, skip_registration=True):
-        name = "mnist"
+
+def _sha256(path):
+    """The SHA-256 of a file's uncompressed bytes."""
+    with _open(path) as f:
+        return hashlib.sha256(_read(f, -1, path)).hexdigest()
+
+
+def _check_not_the_other_set(files, name):
+    """Raises if the files are the real set of another name (MNIST imported
+    as Fashion-MNIST, or the reverse); custom sets pass."""
+    digest = _sha256(files["train_labels"])
+    for other, (title, _, known) in _IDX_SETS.items():
+        if other != name and digest == known:
+            raise ValueError(
+                f"{files['train_labels'].parent} holds the {title} files, "
+                f"not {IDX_DATASETS[name]}: received name={name!r}. Import "
+                f"them with name={other!r} (`kd-keras data --name {other}`), "
+                f"or pass the {IDX_DATASETS[name]} files."
+            )
+
+
+def _local_idx_builder(builder_class, tfds_name, files, counts, data_dir):
+    """A tfds builder of the MNIST family, reading the given files instead
+    of the web."""
+    import tensorflow_datasets as tfds
+
+    class LocalIDX(builder_class, skip_registration=True):
+        name = tfds_name
 
         def _split_generators(self, dl_manager):
             paths = dl_manager.extract({k: str(v) for k, v in files.items()})
@@ -170,38 +220,47 @@ def _local_mnist_builder(files, counts, data_dir):
                 for split in ("train", "test")
             ]
 
-    return LocalMNIST(data_dir=str(data_dir))
+    return LocalIDX(data_dir=str(data_dir))
 
 
-def import_mnist(idx_dir, data_dir):
-    """Imports local MNIST IDX files into a tensorflow-datasets folder.
+def import_idx(idx_dir, data_dir, name="mnist"):
+    """Imports a local MNIST-format IDX set into a tensorflow-datasets folder.
 
-    Afterwards `load("mnist", split, data_dir=data_dir)` (and
-    `tfds.load("mnist", data_dir=data_dir)`) read them with no network. The
-    files are the four of LeCun's distribution, gzipped or not. Importing
-    again into a folder that holds them already does nothing.
+    Afterwards `load(name, split, data_dir=data_dir)` (and
+    `tfds.load(name, data_dir=data_dir)`) read it with no network. The set
+    is four IDX files, gzipped or not, named as in LeCun's MNIST, which
+    Fashion-MNIST's files follow. Importing again into a folder that holds
+    the set already does nothing.
 
     Args:
         idx_dir: folder with `train-images-idx3-ubyte(.gz)`,
             `train-labels-idx1-ubyte(.gz)`, `t10k-images-idx3-ubyte(.gz)` and
             `t10k-labels-idx1-ubyte(.gz)`.
         data_dir: the tensorflow-datasets data folder to write to.
+        name: the tfds name to import the set as: `"mnist"` or
+            `"fashion_mnist"`. The real MNIST files under `"fashion_mnist"`,
+            or the reverse, are refused; other IDX data is imported as given.
 
     Returns:
         A dict `{"train": n_train, "test": n_test}` of example counts.
 
     Example:
 
-    >>> import_mnist("~/Downloads/mnist", "~/tensorflow_datasets")
+    >>> import_idx("~/Downloads/fashion", "~/tensorflow_datasets", "fashion_mnist")
     {'train': 60000, 'test': 10000}
     """
+    _check_idx_name(name)
     import tensorflow_datasets as tfds
+    from tensorflow_datasets.image_classification import mnist
 
     idx_dir = pathlib.Path(os.path.expanduser(str(idx_dir)))
     data_dir = pathlib.Path(os.path.expanduser(str(data_dir)))
     files = _find_idx_files(idx_dir)
-    counts = _check_mnist_files(files)
-    builder = _local_mnist_builder(files, counts, data_dir)
+    # Before the whole files are read: the labels tell the set apart.
+    _check_not_the_other_set(files, name)
+    counts = _check_idx_files(files)
+    builder_class = getattr(mnist, _IDX_SETS[name][1])
+    builder = _local_idx_builder(builder_class, name, files, counts, data_dir)
     with tempfile.TemporaryDirectory() as scratch:
         builder.download_and_prepare(
             download_dir=scratch,
@@ -214,15 +273,27 @@ def import_mnist(idx_dir, data_dir):
     }
 
 
-def read_mnist(idx_dir):
-    """Reads the four MNIST IDX files of a folder into NumPy arrays.
+def import_mnist(idx_dir, data_dir):
+    """Imports local MNIST IDX files: `import_idx(idx_dir, data_dir, "mnist")`.
 
-    Needs no TensorFlow, so it is the way to MNIST on a JAX or PyTorch
+    Example:
+
+    >>> import_mnist("~/Downloads/mnist", "~/tensorflow_datasets")
+    {'train': 60000, 'test': 10000}
+    """
+    return import_idx(idx_dir, data_dir, name="mnist")
+
+
+def read_mnist(idx_dir):
+    """Reads the four files of an MNIST-format IDX set into NumPy arrays.
+
+    Any such set: MNIST, Fashion-MNIST, or your own data in their format.
+    Needs no TensorFlow, so it is the way to these sets on a JAX or PyTorch
     machine without it.
 
     Args:
-        idx_dir: folder with the four files of LeCun's distribution,
-            gzipped or not (see `import_mnist`).
+        idx_dir: folder with the four files, named as in LeCun's MNIST,
+            gzipped or not (see `import_idx`).
 
     Returns:
         `((x_train, y_train), (x_test, y_test))`: uint8 images of shape
@@ -231,12 +302,12 @@ def read_mnist(idx_dir):
 
     Example:
 
-    >>> (x_train, y_train), _ = read_mnist("~/Downloads/mnist")
+    >>> (x_train, y_train), _ = read_mnist("~/Downloads/fashion_mnist")
     >>> x_train.shape
     (60000, 28, 28)
     """
     files = _find_idx_files(os.path.expanduser(str(idx_dir)))
-    _check_mnist_files(files)
+    _check_idx_files(files)
     return tuple(
         (read_idx(files[split + "_data"]), read_idx(files[split + "_labels"]))
         for split in ("train", "test")
@@ -478,10 +549,10 @@ def load(
 
     Args:
         name: a tensorflow-datasets image classification name such as
-            `"mnist"`, or `"mnist_sample"` for the sample shipped with the
-            package.
+            `"mnist"` or `"fashion_mnist"` (see `import_idx`), or
+            `"mnist_sample"` for the sample shipped with the package.
         split: a tfds split such as `"train"`, `"test"` or `"train[:90%]"`.
-        data_dir: the tensorflow-datasets data folder (see `import_mnist`).
+        data_dir: the tensorflow-datasets data folder (see `import_idx`).
         batch_size: examples per batch.
         shuffle: reshuffle every epoch.
         seed: seed of the shuffle and jitter.
@@ -535,11 +606,14 @@ def load(
             AssertionError,
             OSError,
         ) as error:
+            hint_name = name if name in IDX_DATASETS else "NAME"
             raise ValueError(
                 f"Could not load {name!r} split {split!r} from "
-                f"data_dir={data_dir!r}: {error}. For MNIST with no network, "
-                "import the IDX files first: `kd-keras data --idx_dir DIR "
-                "--data_dir DATA_DIR` (or `kd_keras.data.import_mnist`)."
+                f"data_dir={data_dir!r}: {error}. For "
+                f"{' or '.join(IDX_DATASETS.values())} with no network, import "
+                f"the IDX files first: `kd-keras data --name {hint_name} "
+                "--idx_dir DIR --data_dir DATA_DIR` (or "
+                "`kd_keras.data.import_idx`)."
             ) from error
     return pipeline(
         examples,

@@ -1,3 +1,4 @@
+import gzip
 import os
 import pathlib
 
@@ -193,6 +194,33 @@ def keras_and_kd_keras_totals():
 def shared_mnist():
     """Where the real MNIST IDX files are; may be missing."""
     return SHARED_MNIST
+
+
+def _write_idx(path, array):
+    """Writes a uint8 array as a gzipped IDX file."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        d.to_bytes(4, "big") for d in array.shape
+    )
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture
+def small_idx_set(tmp_path):
+    """A small MNIST-format set of random images: the four gzipped IDX files
+    in tmp_path/idx. Returns the folder and `{"train": (x, y), "test": (x,
+    y)}`, 20 training and 10 test uint8 images with their labels."""
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, prefix, count in (("train", "train", 20), ("test", "t10k", 10)):
+        x = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        y = rng.integers(0, 10, count, dtype=np.uint8)
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", x)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", y)
+        arrays[split] = (x, y)
+    return folder, arrays
 
 
 @pytest.fixture

@@ -137,6 +137,37 @@ def test_data_command_imports_mnist(shared_mnist, mnist_data_dir, capsys):
     assert "60000" in out and "10000" in out
 
 
+def test_data_command_imports_fashion_mnist_and_names_the_flags(
+    small_idx_set, tmp_path, capsys
+):
+    folder, _ = small_idx_set
+    tfds_dir = tmp_path / "tfds"
+    assert (
+        run(
+            "data",
+            "--name=fashion_mnist",
+            f"--idx_dir={folder}",
+            f"--data_dir={tfds_dir}",
+        )
+        == 0
+    )
+    assert (
+        f"Fashion-MNIST is ready in {tfds_dir}: pass --dataset fashion_mnist "
+        f"--data_dir {tfds_dir}"
+    ) in capsys.readouterr().out
+
+
+def test_train_on_fashion_mnist_after_the_data_command(small_idx_set, tmp_path):
+    folder, _ = small_idx_set
+    tfds_dir, model = tmp_path / "tfds", tmp_path / "model.keras"
+    run("data", "--name=fashion_mnist", f"--idx_dir={folder}", f"--data_dir={tfds_dir}")
+    train = ["--epochs=1", "--verbose=0", "--hidden=8", f"--output={model}"]
+    assert (
+        run("train", "--dataset=fashion_mnist", f"--data_dir={tfds_dir}", *train) == 0
+    )
+    assert model.is_file()
+
+
 def test_teacher_snapshots_and_student_early_stop_from_the_cli(tmp_path, capsys):
     common = ["--dataset=mnist_sample", "--verbose=0", "--batch_size=512"]
     teacher = tmp_path / "teacher.keras"

@@ -1,4 +1,5 @@
 import gzip
+import shutil
 
 import numpy as np
 import pytest
@@ -77,6 +78,55 @@ def test_import_names_the_missing_files(tmp_path):
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
     with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte"):
         data.import_mnist(tmp_path, tmp_path / "tfds")
+
+
+def as_pairs(images, labels):
+    """The (label, image bytes) pairs of a split, in a fixed order: tfds
+    stores the examples in an order of its own."""
+    return sorted(zip(labels.tolist(), [i.tobytes() for i in images], strict=True))
+
+
+def test_an_idx_set_imported_as_fashion_mnist_loads_by_that_name(
+    small_idx_set, tmp_path
+):
+    folder, arrays = small_idx_set
+    counts = data.import_idx(folder, tmp_path / "tfds", name="fashion_mnist")
+    assert counts == {"train": 20, "test": 10}
+    train = data.load(
+        "fashion_mnist", "train", data_dir=tmp_path / "tfds", download=False
+    )
+    images, labels = data.to_arrays(train)
+    pixels = np.round(images[..., 0] * 255).astype(np.uint8)
+    assert as_pairs(pixels, labels) == as_pairs(*arrays["train"])
+
+
+def test_import_idx_refuses_names_it_cannot_import(small_idx_set, tmp_path):
+    folder, _ = small_idx_set
+    with pytest.raises(ValueError, match="'mnist', 'fashion_mnist'.*name='kmnist'"):
+        data.import_idx(folder, tmp_path / "tfds", name="kmnist")
+
+
+@pytest.mark.parametrize(
+    "real, name, fix",
+    [("mnist", "fashion_mnist", "mnist"), ("fashion_mnist", "mnist", "fashion_mnist")],
+)
+def test_the_real_set_under_the_other_name_is_refused_naming_the_fix(
+    real, name, fix, small_idx_set, shared_mnist, tmp_path
+):
+    # The labels tell the sets apart and are checked first, so the small
+    # label file of the real set stands in for the whole set.
+    labels = shared_mnist.parent / real / "train-labels-idx1-ubyte.gz"
+    if not labels.is_file():
+        pytest.skip(f"{labels} is missing")
+    folder, _ = small_idx_set
+    shutil.copy(labels, folder / labels.name)
+    with pytest.raises(ValueError, match=f"name={name!r}.*with name={fix!r}"):
+        data.import_idx(folder, tmp_path / "tfds", name=name)
+
+
+def test_loading_missing_fashion_mnist_names_its_import(tmp_path):
+    with pytest.raises(ValueError, match="kd-keras data --name fashion_mnist"):
+        data.load("fashion_mnist", "test", data_dir=tmp_path, download=False)
 
 
 def test_sample_is_a_small_real_mnist_subset(shared_mnist):

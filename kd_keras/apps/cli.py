@@ -129,7 +129,12 @@ def _flag(name, help, **options):
 # groups it uses anew, so that its own defaults (`set_defaults`) never leak
 # into another's, as they would through argparse's shared parent parsers.
 DATASET = (
-    _flag("--dataset", "tfds name, or 'mnist_sample' (shipped).", default="mnist"),
+    _flag(
+        "--dataset",
+        "tfds name such as mnist or fashion_mnist (see `data`), or "
+        "mnist_sample (shipped).",
+        default="mnist",
+    ),
     _flag("--batch_size", "Batch size.", type=_positive_int, default=128),
 )
 SPLITS = (
@@ -329,7 +334,16 @@ REPRODUCE = (
 )
 IDX = (
     _flag(
-        "--idx_dir", "Folder of the four MNIST IDX files.", type=_folder, required=True
+        "--idx_dir",
+        "Folder of the four IDX files of MNIST or Fashion-MNIST.",
+        type=_folder,
+        required=True,
+    ),
+    _flag(
+        "--name",
+        "tfds name to import the files as (then --dataset NAME).",
+        choices=("mnist", "fashion_mnist"),
+        default="mnist",
     ),
 )
 FITTING = (DATASET, SPLITS, DATA_DIR, SEED, FAMILY, EPOCHS, OPTIMIZER, VERBOSE, LOGDIR)

@@ -513,16 +513,19 @@ def reproduce(args):
 
 
 def data(args):
-    """Imports local MNIST IDX files into a tensorflow-datasets folder.
+    """Imports local MNIST or Fashion-MNIST IDX files into a tfds folder.
 
-    Afterwards `--dataset mnist --data_dir DIR` works with no network."""
+    Afterwards `--dataset NAME --data_dir DIR` works with no network."""
     from kd_keras import data as data_lib
 
-    counts = data_lib.import_mnist(args.idx_dir, args.data_dir)
+    counts = data_lib.import_idx(args.idx_dir, args.data_dir, name=args.name)
     print(
         text_table(
             [{"split": k, "examples": v} for k, v in counts.items()],
             ["split", "examples"],
         )
     )
-    print(f"\nMNIST is ready in {args.data_dir}: pass --data_dir {args.data_dir}")
+    print(
+        f"\n{data_lib.IDX_DATASETS[args.name]} is ready in {args.data_dir}: "
+        f"pass --dataset {args.name} --data_dir {args.data_dir}"
+    )
