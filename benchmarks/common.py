@@ -31,7 +31,6 @@ import numpy as np  # noqa: E402
 
 from kd_keras import data  # noqa: E402
 from kd_keras import store  # noqa: E402
-from kd_keras import training  # noqa: E402
 from kd_keras.apps.tables import markdown_table  # noqa: E402, F401
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -145,31 +144,6 @@ def settings(flag_values, quick, full):
     if flag_values.seeds is not None:
         chosen["seeds"] = flag_values.seeds
     return chosen
-
-
-def distillation_flags(flag_values):
-    """The plain-CNN benchmarks' width, temperature and weight, as JSON."""
-    return {
-        "width": flag_values.width,
-        "temperature": flag_values.temperature,
-        "distillation_weight": flag_values.distillation_weight,
-    }
-
-
-def distill(flag_values, teacher, student, splits, epochs):
-    """Distils with the benchmark's `--temperature` and
-    `--distillation_weight`, validating on the splits' validation data."""
-    train, val, _ = splits
-    training.distill(
-        teacher,
-        student,
-        train,
-        val,
-        temperature=flag_values.temperature,
-        distillation_weight=flag_values.distillation_weight,
-        epochs=epochs,
-        verbose=0,
-    )
 
 
 VALIDATION_EXAMPLES = 5_000

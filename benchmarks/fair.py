@@ -185,9 +185,16 @@ class _Search(keras_tuner.Tuner):
         return {"val_accuracy": self.study.data.accuracy(student, "val")}
 
 
+# Settings that `kd_keras.tuning.DistillationHyperModel` declares with one
+# value in these studies: not worth a column.
+FIXED = ("assistant_size", "loss")
+
+
 def _settings_text(values):
     return ", ".join(
-        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in values.items()
+        if k not in FIXED
     )
 
 
@@ -204,7 +211,7 @@ def paired_difference(accuracies, baseline):
     return mean, mean - half, mean + half
 
 
-def _difference_text(difference):
+def difference_text(difference):
     mean, low, high = difference
     return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
@@ -327,7 +334,7 @@ class Study:
                     "test_accuracy_percent": common.percent_mean_std(values),
                     f"vs_{baseline}_points_95ci": "—"
                     if difference is None
-                    else _difference_text(difference),
+                    else difference_text(difference),
                     "chosen_on_validation": _settings_text(
                         self.chosen.get(method.name, {})
                     ),
