@@ -27,8 +27,6 @@ from kd_keras import models
 from kd_keras import training
 
 FLAGS = flags.FLAGS
-fair.define_flags(default_trials=(3, 8))
-
 SETTINGS = dict(
     quick=dict(
         train_examples=15_000,
@@ -38,13 +36,14 @@ SETTINGS = dict(
         trials=3,
     ),
     full=dict(
-        train_examples=55_000,
-        tune_examples=15_000,
+        train_examples=30_000,
+        tune_examples=10_000,
         teacher_epochs=8,
         student_epochs=15,
         trials=8,
     ),
 )
+fair.define_flags(SETTINGS)
 
 
 def student():
@@ -67,12 +66,12 @@ def methods(study, settings):
         return teacher
 
     final = study.model("teacher", train_teacher)
-    study.teachers = {teacher_epochs: final}
+    teachers = {teacher_epochs: final}
 
     def teacher_at(epoch):
-        if epoch not in study.teachers:
-            study.teachers[epoch] = callbacks.TeacherSnapshots.load(snapshots, epoch)
-        return study.teachers[epoch]
+        if epoch not in teachers:
+            teachers[epoch] = callbacks.TeacherSnapshots.load(snapshots, epoch)
+        return teachers[epoch]
 
     def method(name, early_student, early_teacher):
         def space(hp):
@@ -94,7 +93,7 @@ def methods(study, settings):
             )
             return fair.distill(
                 teacher_at(epoch),
-                student(),
+                student,
                 study,
                 split,
                 seed,
@@ -106,7 +105,7 @@ def methods(study, settings):
 
         return fair.Method(name, train, space)
 
-    return [
+    return teacher_at, [
         fair.scratch(student, study, epochs),
         method("KD", False, False),
         method("student early stop", True, False),
@@ -117,25 +116,27 @@ def methods(study, settings):
 
 def main(argv):
     del argv
-    mode = "quick" if FLAGS.quick else "full"
-    settings = SETTINGS[mode]
-    study = fair.Study.from_flags("early_stop", FLAGS, settings)
+    study = fair.Study.from_flags("early_stop", FLAGS, SETTINGS)
+    settings = study.settings
     with training.Stopwatch() as timer:
-        rows = study.compare(methods(study, settings))
-        teacher_accuracy = {
-            epoch: study.data.accuracy(model, "test")
-            for epoch, model in sorted(study.teachers.items())
-        }
+        teacher_at, candidates = methods(study, settings)
+        rows = study.compare(candidates)
+    # The teacher's final epoch, and the snapshots the methods chose.
+    epochs = sorted(
+        {settings["teacher_epochs"]}
+        | {c["teacher_epoch"] for c in study.chosen.values() if "teacher_epoch" in c}
+    )
+    teacher_accuracy = {e: study.data.accuracy(teacher_at(e), "test") for e in epochs}
     heading = (
-        f"Early stops on Fashion-MNIST ({mode}: teacher CNN 32-64-128, "
+        f"Early stops on Fashion-MNIST ({study.mode}: teacher CNN 32-64-128, "
         f"{settings['teacher_epochs']} epochs, "
         f"{100 * teacher_accuracy[settings['teacher_epochs']]:.2f}% test; "
         f"student MLP 784-32-10, {settings['student_epochs']} epochs on "
-        f"{settings['train_examples']:,} images; {study.trials} Bayesian trials "
-        f"per method on {settings['tune_examples']:,} images, scored on 5,000 "
-        f"validation images; {timer.seconds / 60:.1f} min)"
+        f"{settings['train_examples']:,} images; {study.budget_text()}; "
+        f"{timer.seconds / 60:.1f} min)"
     )
-    snapshots = "Test accuracy of the teacher's snapshots used: " + ", ".join(
+    snapshots = "Test accuracy of the teacher at its last epoch and at the "
+    snapshots += "snapshots chosen: " + ", ".join(
         f"epoch {e}: {100 * a:.2f}%" for e, a in teacher_accuracy.items()
     )
     out = study.report(
@@ -143,18 +144,13 @@ def main(argv):
         heading,
         rows,
         snapshots,
-        dict(
-            settings=settings,
-            teacher_test_accuracy=teacher_accuracy,
-            minutes=timer.seconds / 60,
-        ),
+        dict(teacher_test_accuracy=teacher_accuracy, minutes=timer.seconds / 60),
     )
     fair.plot_rows(
         rows,
-        out / f"early_stop_{mode}.png",
+        out / f"early_stop_{study.mode}.png",
         "Student MLP 784-32-10 on Fashion-MNIST, early stops",
     )
-    print(f"\nWrote {out}/early_stop_{mode}.{{md,json,png}}")
 
 
 if __name__ == "__main__":

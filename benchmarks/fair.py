@@ -1,22 +1,29 @@
-"""The fair-comparison harness of the Fashion-MNIST studies.
+"""The fair-comparison harness of the studies.
 
 Every study compares methods of training one student: from scratch, plain
 KD, and the heuristics. For a fair comparison each method is treated alike:
 
 - its free settings (T and λ, a KD-cutoff epoch, a teacher snapshot, an
-  assistant...) are chosen by keras-tuner (a Bayesian search) with the same
-  number of trials for every method, each trial training on a tuning subset
-  of the training images and scored on a validation split (the last 5,000
-  training images), never on the test set;
+  assistant...) are chosen by keras-tuner with the same number of trials for
+  every method (a Bayesian search after 3 random trials, seeded alike, so
+  methods with the same space start from the same points). Each trial trains
+  on a tuning subset of the training images for the final runs' epochs and
+  is scored on a validation split (the last 5,000 training images), never
+  on the test set;
 - the chosen settings then train the student on the training split once per
-  seed, and the test set is read once per run, at the end;
-- at least 3 seeds, and 5 for a method whose paired difference from scratch
-  is under two standard deviations of those differences;
-- each method is reported as mean ± std of its test accuracy, and as its
-  paired difference from scratch (same seeds) with a 95% t interval.
+  seed; each seed fixes the student's initial weights and the order of its
+  batches alike for every method, so differences are paired;
+- 3 seeds, or 5 when some method's paired difference from scratch on the
+  *validation* split is under two standard deviations of those differences
+  (then every method gets 5, so that all rows share their seeds);
+- the test set is read once per final run, at the end, and nothing is chosen
+  from it. Each method is reported as mean ± std of its test accuracy, and as
+  its paired difference from scratch with a 95% t interval.
 
-Interrupted studies resume: keras-tuner keeps each search's state, and
-finished runs and trained teachers are kept in the study's work folder.
+Interrupted studies resume from their work folder: keras-tuner keeps each
+search's state, and finished runs and trained teachers are kept beside it.
+The folder records the settings and each method's search space, and a rerun
+with other settings is refused rather than mixed with old results.
 """
 
 import dataclasses
@@ -40,31 +47,26 @@ FASHION_MNIST = common.REPO.parent / "shared" / "data" / "fashion_mnist"
 OBJECTIVE = keras_tuner.Objective("val_accuracy", "max")
 SEEDS = 3
 MORE_SEEDS = 5
+RANDOM_STARTS = 3
 TEMPERATURES = [1.0, 2.0, 4.0, 8.0, 16.0]
-# Fashion-MNIST's classes, for the figures.
-CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
+WEIGHTS = [0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95]
+# Bump when a change to the harness makes old runs incomparable.
+VERSION = 2
+
+# Trials and runs log nothing below warnings (StudentEarlyStop's switch).
+logging.set_verbosity(logging.WARNING)
 
 
-def define_flags(default_trials, idx_dir=FASHION_MNIST, dataset="Fashion-MNIST"):
-    """The flags of every study. `default_trials` is `(quick, full)`."""
+def define_flags(settings, idx_dir=FASHION_MNIST, dataset="Fashion-MNIST"):
+    """The flags of every study; `settings` maps "quick" and "full" to the
+    study's settings, whose "trials" are the default of `--trials`."""
     common.define_backend_flag()
     flags.DEFINE_bool("quick", False, "A smaller run, under 10 minutes on 2 cores.")
     flags.DEFINE_integer(
         "trials",
         None,
-        f"Tuner trials per method (default: {default_trials[0]} quick, "
-        f"{default_trials[1]} full).",
+        f"Tuner trials per method (default: {settings['quick']['trials']} "
+        f"quick, {settings['full']['trials']} full).",
     )
     flags.DEFINE_string("idx_dir", str(idx_dir), f"Folder of the {dataset} IDX files.")
     flags.DEFINE_string(
@@ -78,15 +80,11 @@ def define_flags(default_trials, idx_dir=FASHION_MNIST, dataset="Fashion-MNIST")
     )
 
 
-# Trials and runs log nothing below warnings (StudentEarlyStop's switch).
-logging.set_verbosity(logging.WARNING)
-
-
 def temperature_and_weight(hp):
     """The KD settings every distilling method tunes: T and λ."""
     return (
         hp.Choice("temperature", TEMPERATURES),
-        hp.Float("distillation_weight", 0.05, 0.95, step=0.15),
+        hp.Choice("distillation_weight", WEIGHTS),
     )
 
 
@@ -104,25 +102,27 @@ class Method:
     train: object
     space: object = None
 
+    def space_config(self):
+        """The declared settings, as JSON, for the work folder's stamp."""
+        if self.space is None:
+            return None
+        hp = keras_tuner.HyperParameters()
+        self.space(hp)
+        return [p.get_config() for p in hp.space]
+
 
 class Data:
-    """Fashion-MNIST (or any MNIST-format IDX set) as the studies split it.
+    """An MNIST-format IDX set (Fashion-MNIST, MNIST) as the studies split it.
 
     `train`: the first `train_examples` training images; `tune`: the first
     `tune_examples` of them; `val`: the last 5,000 training images, disjoint
     from both; `test`: the 10,000 test images.
     """
 
-    KEEP = 3  # Cached transfer sets kept at once.
+    KEEP = 3  # Transfer sets with cached logits kept at once (memory).
 
     def __init__(self, idx_dir, train_examples, tune_examples, batch_size=128):
-        (x, y), (x_test, y_test) = data.read_mnist(idx_dir)
-
-        def scale(images):
-            return (images.astype("float32") / 255.0)[..., None]
-
-        x, x_test = scale(x), scale(x_test)
-        y, y_test = y.astype("int32"), y_test.astype("int32")
+        (x, y), (x_test, y_test) = common.mnist_arrays(idx_dir)
         held_out = len(y) - common.VALIDATION_EXAMPLES
         if train_examples > held_out:
             raise ValueError(
@@ -143,17 +143,27 @@ class Data:
             *self.arrays[split], batch_size=self.batch_size, shuffle=shuffle, seed=seed
         )
 
-    def with_logits(self, teacher, split, seed, key):
-        """The split's shuffled batches with `teacher`'s logits cached once
-        per (`key`, split, seed)."""
+    def with_logits(self, teacher, split, seed, key=None):
+        """The split's batches, shuffled from `seed`, with `teacher`'s
+        logits. With `key`, the teacher runs once per (key, split, seed) and
+        each call gets its own copy, whose shuffle starts afresh from `seed`;
+        a key names one teacher only."""
+        if key is None:
+            return self._cache(teacher, split, seed)
         name = (key, split, seed)
         if name not in self._cached:
-            while len(self._cached) >= self.KEEP:  # Bounds the memory.
+            while len(self._cached) >= self.KEEP:
                 self._cached.pop(next(iter(self._cached)))
-            self._cached[name] = kd_keras.cache_teacher_logits(
-                teacher, self.batches(split, shuffle=True, seed=seed), seed=seed
-            )
-        return self._cached[name]
+            self._cached[name] = (teacher, self._cache(teacher, split, seed))
+        owner, cached = self._cached[name]
+        if owner is not teacher:
+            raise ValueError(f"Two teachers share the logits key {key!r}.")
+        return cached.with_arrays(cached.x, cached.y, cached.sample_weight)
+
+    def _cache(self, teacher, split, seed):
+        return kd_keras.cache_teacher_logits(
+            teacher, self.batches(split, shuffle=True, seed=seed), seed=seed
+        )
 
     def accuracy(self, model, split):
         errors, examples = training.test_errors(model, self.batches(split))
@@ -216,68 +226,122 @@ def difference_text(difference):
     return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
 
 
+def _close(differences):
+    """Whether paired differences (points) are under two standard
+    deviations of themselves: too close to call with these seeds."""
+    return abs(differences.mean()) < 2 * differences.std(ddof=1)
+
+
 class Study:
     """Tunes, runs and reports methods alike (see the module docstring).
 
     Args:
         name: the study's name, e.g. "early_stop"; results are written as
-            `<name>_<quick|full>.{md,json,png}`.
+            `<name>_<mode>.{md,json,png}`.
+        mode: "quick" or "full".
+        settings: the mode's settings (examples, epochs, trials...).
         data: a `Data`.
-        trials: tuner trials per method.
         workdir: folder kept between runs (resumption).
     """
 
-    def __init__(self, name, data, trials, workdir):
-        self.name, self.data, self.trials = name, data, trials
+    def __init__(self, name, mode, settings, data, workdir):
+        self.name, self.mode, self.settings = name, mode, dict(settings)
+        self.data, self.trials = data, settings["trials"]
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._runs_path = self.workdir / "runs.json"
         self.runs = store.read_json(self._runs_path) if self._runs_path.exists() else {}
         self.chosen = {}
+        self._stamp_path = self.workdir / "study.json"
+        self._stamp = (
+            store.read_json(self._stamp_path)
+            if self._stamp_path.exists()
+            else {"version": VERSION, "settings": self.settings, "methods": {}}
+        )
+        self._check_stamp("settings", self._stamp["version"], VERSION)
+        self._check_stamp("settings", self._stamp["settings"], self.settings)
 
     @classmethod
     def from_flags(cls, name, flag_values, settings, workdir_name=None):
-        """The study with the flags' data, trials and work folder (by
+        """The study of the flags' mode, data, trials and work folder (by
         default `kd_keras_<workdir_name>` in the temporary folder, where
         `workdir_name` defaults to `<name>_<mode>`)."""
         mode = "quick" if flag_values.quick else "full"
+        chosen = dict(settings[mode], idx_dir=str(flag_values.idx_dir))
+        if flag_values.trials is not None:
+            chosen["trials"] = flag_values.trials
         workdir = flag_values.workdir or (
             pathlib.Path(tempfile.gettempdir())
             / f"kd_keras_{workdir_name or f'{name}_{mode}'}"
         )
-        study = cls(
+        return cls(
             name,
+            mode,
+            chosen,
             Data(
-                flag_values.idx_dir,
-                settings["train_examples"],
-                settings["tune_examples"],
+                flag_values.idx_dir, chosen["train_examples"], chosen["tune_examples"]
             ),
-            flag_values.trials or settings["trials"],
             workdir,
         )
-        study.mode = mode
-        return study
 
-    def model(self, key, build):
+    def _check_stamp(self, what, recorded, now):
+        if recorded != now:
+            raise ValueError(
+                f"The work folder {self.workdir} holds a study with other "
+                f"{what}: {recorded} there, {now} now. Pass another "
+                "--workdir, or delete the folder to start afresh."
+            )
+
+    def _record(self, method):
+        """Checks the method's search space against the work folder's."""
+        config = method.space_config()
+        methods = self._stamp["methods"]
+        if method.name in methods:
+            self._check_stamp(
+                f"settings for {method.name!r}", methods[method.name], config
+            )
+        else:
+            methods[method.name] = config
+            store.write_json(self._stamp_path, self._stamp)
+
+    def model(self, key, build, seed=0):
         """A trained model kept in the work folder: `build()` trains it the
-        first time, later runs load it."""
+        first time (after seeding Keras with `seed`), later runs load it."""
         path = self.workdir / f"{key}.keras"
         if path.exists():
             return keras.saving.load_model(path)
+        keras.utils.set_random_seed(seed)
         model = build()
         model.save(path)
         return model
 
+    def budget_text(self):
+        """The tuning budget, for a heading."""
+        search = (
+            "random"
+            if self.trials <= RANDOM_STARTS
+            else f"{RANDOM_STARTS} random, then Bayesian"
+        )
+        return (
+            f"{self.trials} trials per method ({search}) on "
+            f"{self.settings['tune_examples']:,} images, scored on 5,000 "
+            "validation images"
+        )
+
     def tune(self, method):
         """The method's best settings on the validation split (an empty
         `HyperParameters` for a method with nothing to tune)."""
+        self._record(method)
         if method.space is None:
             return keras_tuner.HyperParameters()
         search = _Search(
             method,
             self,
             oracle=keras_tuner.oracles.BayesianOptimizationOracle(
-                objective=OBJECTIVE, max_trials=self.trials, seed=0
+                objective=OBJECTIVE,
+                max_trials=self.trials,
+                num_initial_points=RANDOM_STARTS,
+                seed=0,
             ),
             directory=str(self.workdir / "searches"),
             project_name=method.name.replace(" ", "_").replace("/", "_"),
@@ -288,49 +352,52 @@ class Study:
         self.chosen[method.name] = dict(best.values)
         return best
 
-    def _test_accuracy(self, method, best, seed):
+    def _run(self, method, best, seed):
+        """{"val": ..., "test": ...} accuracies of the method's final run."""
         key = f"{method.name} / {seed}"
         if key not in self.runs:
             keras.utils.set_random_seed(seed)
             student = method.train(best, "train", seed)
-            self.runs[key] = self.data.accuracy(student, "test")
+            self.runs[key] = {
+                split: self.data.accuracy(student, split) for split in ("val", "test")
+            }
             store.write_json(self._runs_path, self.runs)
         return self.runs[key]
 
     def compare(self, methods, baseline="scratch"):
         """Tunes every method, runs it over the seeds and returns the table's
-        rows (dicts); the baseline (a method's name) gets the seeds of every
-        other method so that differences are paired."""
+        rows (dicts); differences are from the baseline (a method's name)."""
         best = {m.name: self.tune(m) for m in methods}
-        by_name = {m.name: m for m in methods}
-        accuracies = {
-            m.name: [self._test_accuracy(m, best[m.name], s) for s in range(SEEDS)]
+
+        def runs(seeds, split):
+            return {
+                m.name: np.asarray(
+                    [self._run(m, best[m.name], s)[split] for s in range(seeds)]
+                )
+                for m in methods
+            }
+
+        seeds = SEEDS
+        val = runs(seeds, "val")
+        if any(
+            _close(100 * (val[m.name] - val[baseline]))
             for m in methods
-        }
-        for method in methods:
-            if method.name == baseline:
-                continue
-            differences = 100 * (
-                np.asarray(accuracies[method.name]) - accuracies[baseline][:SEEDS]
-            )
-            if abs(differences.mean()) < 2 * differences.std(ddof=1):
-                for name in (method.name, baseline):
-                    accuracies[name] = [
-                        self._test_accuracy(by_name[name], best[name], s)
-                        for s in range(MORE_SEEDS)
-                    ]
+            if m.name != baseline
+        ):
+            seeds = MORE_SEEDS
+        accuracies = runs(seeds, "test")
         self.accuracies = accuracies
         rows = []
         for method in methods:
             values = accuracies[method.name]
-            base = accuracies[baseline][: len(values)]
             difference = (
-                None if method.name == baseline else paired_difference(values, base)
+                None
+                if method.name == baseline
+                else paired_difference(values, accuracies[baseline])
             )
             rows.append(
                 {
                     "method": method.name,
-                    "seeds": len(values),
                     "test_accuracy_percent": common.percent_mean_std(values),
                     f"vs_{baseline}_points_95ci": "—"
                     if difference is None
@@ -342,34 +409,42 @@ class Study:
                     "per_seed": [round(100 * v, 2) for v in values],
                 }
             )
+        self.seeds = seeds
         return rows
 
     def report(self, flag_values, heading, rows, extra_markdown="", payload=None):
-        """Writes the table (and `extra_markdown` below it) as markdown and
-        JSON; returns the output folder."""
-        columns = [k for k in rows[0] if k not in ("difference", "per_seed")] + [
-            "per_seed"
-        ]
+        """Prints and writes the table (and `extra_markdown` below it) as
+        markdown and JSON; returns the output folder."""
+        columns = []
+        for row in rows:
+            columns += [
+                k
+                for k in row
+                if k not in columns and k not in ("difference", "per_seed")
+            ]
         table = [
             dict(row, per_seed=" / ".join(f"{v:.2f}" for v in row["per_seed"]))
             for row in rows
         ]
-        markdown = common.markdown_table(table, columns)
+        markdown = common.markdown_table(table, [*columns, "per_seed"])
         if extra_markdown:
             markdown += "\n\n" + extra_markdown
-        return common.write_report(
+        out = common.write_report(
             flag_values,
             f"{self.name}_{self.mode}",
-            heading,
+            f"{heading}; {self.seeds} seeds",
             markdown,
             dict(
                 payload or {},
+                settings=self.settings,
                 rows=rows,
                 runs=self.runs,
                 chosen=self.chosen,
-                trials=self.trials,
+                seeds=self.seeds,
             ),
         )
+        print(f"\nWrote {out}/{self.name}_{self.mode}.{{md,json}}")
+        return out
 
 
 def warm_up_adam(epochs, examples, batch_size=128, peak=1e-3):
@@ -388,12 +463,26 @@ def warm_up_adam(epochs, examples, batch_size=128, peak=1e-3):
 
 
 def distill(
-    teacher, student, study, split, seed, hp, key, epochs, callbacks=(), optimizer=None
+    teacher,
+    student_fn,
+    study,
+    split,
+    seed,
+    hp,
+    *,
+    epochs,
+    key=None,
+    callbacks=(),
+    optimizer=None,
 ):
-    """Distils `teacher` into `student` on the split with the teacher's
-    logits cached once (per `key`), with T and λ from `hp`; returns the
-    student."""
+    """Distils `teacher` into a new `student_fn()` on the split, with T and λ
+    from `hp`, and returns the student. The student is built right after
+    seeding Keras with `seed`, so that it starts from the weights of the
+    scratch student of that seed; the teacher's logits are cached (once per
+    `key`, see `Data.with_logits`)."""
     temperature, weight = temperature_and_weight(hp)
+    keras.utils.set_random_seed(seed)
+    student = student_fn()
     training.distill(
         teacher,
         student,
@@ -410,7 +499,8 @@ def distill(
 
 
 def scratch(student_fn, study, epochs, optimizer=None):
-    """The method that trains the student on the labels alone."""
+    """The method that trains the student on the labels alone; `optimizer`
+    may be a function of the split."""
 
     def train(hp, split, seed):
         student = student_fn()
@@ -418,7 +508,7 @@ def scratch(student_fn, study, epochs, optimizer=None):
             student,
             study.data.batches(split, shuffle=True, seed=seed),
             epochs=epochs,
-            optimizer=optimizer,
+            optimizer=optimizer(split) if callable(optimizer) else optimizer,
             verbose=0,
         )
         return student

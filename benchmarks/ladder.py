@@ -4,11 +4,11 @@ depth-2 student and its scratch and KD methods.
 
 Both studies keep their work in one folder, so that whichever runs second
 reuses the teachers, the searches and the runs of the methods they share
-(scratch, and KD from the depth-10 teacher).
+(scratch, and KD from the depth-10 teacher). Run them one after the other,
+not side by side: each rewrites the folder's record of finished runs.
 """
 
 import fair  # Before Keras: it sets the backend from --backend.
-import keras
 
 from kd_keras import models
 from kd_keras import training
@@ -42,17 +42,16 @@ def study(name, flag_values):
     """The study, in the ladder's shared work folder."""
     mode = "quick" if flag_values.quick else "full"
     return fair.Study.from_flags(
-        name, flag_values, SETTINGS[mode], workdir_name=f"ladder_{mode}"
+        name, flag_values, SETTINGS, workdir_name=f"ladder_{mode}"
     )
 
 
 def teacher(study, depth, seed=0):
-    """The plain CNN of `depth` trained on the labels (kept in the work
-    folder)."""
-    settings = SETTINGS[study.mode]
+    """The plain CNN of `depth` trained on the labels, with a warm-up (kept
+    in the work folder)."""
+    settings = study.settings
 
     def build():
-        keras.utils.set_random_seed(seed)
         model = cnn(depth, f"plain_cnn_{depth}")
         training.train(
             model,
@@ -65,7 +64,7 @@ def teacher(study, depth, seed=0):
         )
         return model
 
-    return study.model(f"teacher_{depth}_seed{seed}", build)
+    return study.model(f"teacher_{depth}_seed{seed}", build, seed=seed)
 
 
 def student():
@@ -74,22 +73,21 @@ def student():
 
 def kd_from(study, depth, teacher_model):
     """Plain KD from a ladder teacher (T and λ tuned)."""
-    epochs = SETTINGS[study.mode]["student_epochs"]
 
     def train(hp, split, seed):
         return fair.distill(
             teacher_model,
-            student(),
+            student,
             study,
             split,
             seed,
             hp,
             key=f"teacher_{depth}",
-            epochs=epochs,
+            epochs=study.settings["student_epochs"],
         )
 
     return fair.Method(f"KD from depth {depth}", train, fair.temperature_and_weight)
 
 
 def scratch(study):
-    return fair.scratch(student, study, SETTINGS[study.mode]["student_epochs"])
+    return fair.scratch(student, study, study.settings["student_epochs"])

@@ -29,13 +29,13 @@ from kd_keras import assistants
 from kd_keras import training
 
 FLAGS = flags.FLAGS
-fair.define_flags(default_trials=(2, 6))
+fair.define_flags(ladder.SETTINGS)
 TEACHER = 10
 ASSISTANTS = (8, 6, 4)
 
 
 def takd(study, teacher):
-    epochs = ladder.SETTINGS[study.mode]["student_epochs"]
+    epochs = study.settings["student_epochs"]
 
     def space(hp):
         fair.temperature_and_weight(hp)
@@ -43,20 +43,19 @@ def takd(study, teacher):
 
     def train(hp, split, seed):
         depth = space(hp)
-        settings = dict(epochs=epochs)
         assistant = fair.distill(
             teacher,
-            ladder.cnn(depth, f"assistant_{depth}"),
+            lambda: ladder.cnn(depth, f"assistant_{depth}"),
             study,
             split,
             seed,
             hp,
             key=f"teacher_{TEACHER}",
-            **settings,
+            epochs=epochs,
         )
-        key = ("assistant", depth, tuple(sorted(hp.values.items())))
+        # The new assistant's logits serve this student only: not kept.
         return fair.distill(
-            assistant, ladder.student(), study, split, seed, hp, key=key, **settings
+            assistant, ladder.student, study, split, seed, hp, epochs=epochs
         )
 
     return fair.Method("TAKD", train, space)
@@ -64,7 +63,7 @@ def takd(study, teacher):
 
 def every_path(study, teacher, chosen):
     """Every path, seed 0, on the training split with TAKD's T and λ."""
-    settings = ladder.SETTINGS[study.mode]
+    settings = study.settings
     keras.utils.set_random_seed(0)
     result = assistants.search_paths(
         teacher,
@@ -92,7 +91,7 @@ def every_path(study, teacher, chosen):
 def main(argv):
     del argv
     study = ladder.study("takd_paths", FLAGS)
-    settings = ladder.SETTINGS[study.mode]
+    settings = study.settings
     with training.Stopwatch() as timer:
         teacher = ladder.teacher(study, TEACHER)
         rows = study.compare(
@@ -139,9 +138,8 @@ def main(argv):
         f"TAKD on Fashion-MNIST ({study.mode}: plain CNNs width {ladder.WIDTH}, "
         f"teacher depth {TEACHER} {100 * teacher_accuracy:.2f}% test, "
         f"student depth 2, {settings['student_epochs']} epochs per step on "
-        f"{settings['train_examples']:,} images; {study.trials} Bayesian trials "
-        f"per method on {settings['tune_examples']:,} images, scored on 5,000 "
-        f"validation images; {timer.seconds / 60:.1f} min)"
+        f"{settings['train_examples']:,} images; {study.budget_text()}; "
+        f"{timer.seconds / 60:.1f} min)"
     )
     out = study.report(
         FLAGS,
@@ -149,7 +147,6 @@ def main(argv):
         rows,
         extra,
         dict(
-            settings=settings,
             teacher_test_accuracy=teacher_accuracy,
             paths=result.table,
             suggestion=suggestion,
@@ -159,7 +156,6 @@ def main(argv):
     fair.plot_rows(
         rows, out / f"takd_paths_{study.mode}.png", "Depth-2 student, Fashion-MNIST"
     )
-    print(f"\nWrote {out}/takd_paths_{study.mode}.{{md,json,png}}")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ import ladder
 from kd_keras import training
 
 FLAGS = flags.FLAGS
-fair.define_flags(default_trials=(2, 6))
+fair.define_flags(ladder.SETTINGS)
 
 
 def main(argv):
     del argv
     study = ladder.study("teacher_size", FLAGS)
-    settings = ladder.SETTINGS[study.mode]
+    settings = study.settings
     with training.Stopwatch() as timer:
         teachers = {depth: ladder.teacher(study, depth) for depth in ladder.TEACHERS}
         rows = study.compare(
@@ -50,9 +50,8 @@ def main(argv):
         f"Teacher size on Fashion-MNIST ({mode}: plain CNNs width "
         f"{ladder.WIDTH}, teachers {settings['teacher_epochs']} epochs with a "
         f"warm-up, student depth 2 {settings['student_epochs']} epochs, on "
-        f"{settings['train_examples']:,} images; {study.trials} Bayesian trials "
-        f"per method on {settings['tune_examples']:,} images, scored on 5,000 "
-        f"validation images; {timer.seconds / 60:.1f} min)"
+        f"{settings['train_examples']:,} images; {study.budget_text()}; "
+        f"{timer.seconds / 60:.1f} min)"
     )
     extra = (
         f"Stability: the depth-{deepest} teacher's test accuracy over "
@@ -65,7 +64,7 @@ def main(argv):
         heading,
         rows,
         extra,
-        dict(settings=settings, stability=stability, minutes=timer.seconds / 60),
+        dict(stability=stability, minutes=timer.seconds / 60),
     )
     fair.plot_rows(
         rows,
@@ -73,7 +72,6 @@ def main(argv):
         "Depth-2 student on Fashion-MNIST, by teacher",
         short={r["method"]: r["method"].replace("KD from depth ", "T") for r in rows},
     )
-    print(f"\nWrote {out}/teacher_size_{mode}.{{md,json,png}}")
 
 
 if __name__ == "__main__":
