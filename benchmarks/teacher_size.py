@@ -42,8 +42,8 @@ def main(argv):
         ]
     for row, depth in zip(rows[1:], teachers, strict=True):
         row["teacher_params"] = teachers[depth].count_params()
-        row["teacher_test_accuracy"] = round(
-            100 * study.data.accuracy(teachers[depth], "test"), 2
+        row["teacher_test_accuracy"] = (
+            f"{100 * study.data.accuracy(teachers[depth], 'test'):.2f}"
         )
     mode = study.mode
     heading = (
