@@ -44,7 +44,7 @@ SETTINGS = dict(
         trials=3,
     ),
     full=dict(
-        train_examples=30_000,
+        train_examples=20_000,
         tune_examples=10_000,
         teacher_epochs=8,
         student_epochs=8,
