@@ -7,7 +7,7 @@ of the same size, which kept 86% of the ensemble's gain over a single model
 probabilities), distilled into one MLP of the same size. Methods, tuned alike
 by the harness of `fair.py`: scratch (one MLP on the labels) and KD from the
 ensemble (T, λ). The share of the gain kept is (distilled − scratch) /
-(ensemble − scratch), per seed.
+(ensemble − scratch), of the means over the seeds.
 
     python benchmarks/ensemble.py --quick      # under 10 minutes on 2 cores
     python benchmarks/ensemble.py              # full, under 60 minutes
