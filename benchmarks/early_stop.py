@@ -54,18 +54,12 @@ def methods(study, settings):
     epochs, teacher_epochs = settings["student_epochs"], settings["teacher_epochs"]
     snapshots = study.workdir / "teacher_snapshots"
 
-    def train_teacher():
-        teacher = fair.conv_net((32, 64), 128, "teacher")
-        training.train(
-            teacher,
-            study.data.batches("train", shuffle=True),
-            epochs=teacher_epochs,
-            callbacks=[callbacks.TeacherSnapshots(snapshots, every=1)],
-            verbose=0,
-        )
-        return teacher
-
-    final = study.model("teacher", train_teacher)
+    final = study.trained(
+        "teacher",
+        lambda: fair.conv_net((32, 64), 128, "teacher"),
+        teacher_epochs,
+        callbacks=[callbacks.TeacherSnapshots(snapshots, every=1)],
+    )
     teachers = {teacher_epochs: final}
 
     def teacher_at(epoch):

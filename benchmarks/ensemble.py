@@ -42,21 +42,12 @@ def main(argv):
     settings = study.settings
     epochs = settings["epochs"]
     with training.Stopwatch() as timer:
-
-        def member(index):
-            def build():
-                model = mlp(f"member_{index}")
-                training.train(
-                    model,
-                    study.data.batches("train", shuffle=True, seed=100 + index),
-                    epochs=epochs,
-                    verbose=0,
-                )
-                return model
-
-            return study.model(f"member_{index}", build, seed=100 + index)
-
-        members = [member(i) for i in range(MEMBERS)]
+        members = [
+            study.trained(
+                f"member_{i}", lambda i=i: mlp(f"member_{i}"), epochs, seed=100 + i
+            )
+            for i in range(MEMBERS)
+        ]
         ensemble = kd_keras.EnsembleTeacher(members, mode="probs")
 
         def distilled(hp, split, seed):

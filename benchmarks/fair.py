@@ -315,6 +315,27 @@ class Study:
         model.save(path)
         return model
 
+    def trained(
+        self, key, build_model, epochs, *, seed=0, optimizer=None, callbacks=()
+    ):
+        """`build_model()` trained on the labels of the training split
+        (batches shuffled from `seed`), kept in the work folder (see
+        `model`)."""
+
+        def build():
+            model = build_model()
+            training.train(
+                model,
+                self.data.batches("train", shuffle=True, seed=seed),
+                epochs=epochs,
+                optimizer=optimizer,
+                callbacks=list(callbacks),
+                verbose=0,
+            )
+            return model
+
+        return self.model(key, build, seed=seed)
+
     def budget_text(self):
         """The tuning budget, for a heading."""
         search = (

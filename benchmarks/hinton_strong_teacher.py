@@ -80,21 +80,15 @@ def main(argv):
         """The students' optimizer: the same for scratch and KD."""
         return fair.warm_up_adam(epochs, settings[f"{split}_examples"])
 
-    def train_teacher():
-        teacher = cnn_teacher()
-        training.train(
-            teacher,
-            study.data.batches("train", shuffle=True),
-            epochs=settings["teacher_epochs"],
+    with training.Stopwatch() as timer:
+        teacher = study.trained(
+            "teacher",
+            cnn_teacher,
+            settings["teacher_epochs"],
             optimizer=fair.warm_up_adam(
                 settings["teacher_epochs"], settings["train_examples"]
             ),
-            verbose=0,
         )
-        return teacher
-
-    with training.Stopwatch() as timer:
-        teacher = study.model("teacher", train_teacher)
 
         def distilled(hp, split, seed):
             return fair.distill(

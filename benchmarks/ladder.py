@@ -11,7 +11,6 @@ not side by side: each rewrites the folder's record of finished runs.
 import fair  # Before Keras: it sets the backend from --backend.
 
 from kd_keras import models
-from kd_keras import training
 
 WIDTH = 0.25
 STUDENT = 2
@@ -50,21 +49,15 @@ def teacher(study, depth, seed=0):
     """The plain CNN of `depth` trained on the labels, with a warm-up (kept
     in the work folder)."""
     settings = study.settings
-
-    def build():
-        model = cnn(depth, f"plain_cnn_{depth}")
-        training.train(
-            model,
-            study.data.batches("train", shuffle=True, seed=seed),
-            epochs=settings["teacher_epochs"],
-            optimizer=fair.warm_up_adam(
-                settings["teacher_epochs"], settings["train_examples"]
-            ),
-            verbose=0,
-        )
-        return model
-
-    return study.model(f"teacher_{depth}_seed{seed}", build, seed=seed)
+    return study.trained(
+        f"teacher_{depth}_seed{seed}",
+        lambda: cnn(depth, f"plain_cnn_{depth}"),
+        settings["teacher_epochs"],
+        seed=seed,
+        optimizer=fair.warm_up_adam(
+            settings["teacher_epochs"], settings["train_examples"]
+        ),
+    )
 
 
 def student():

@@ -154,18 +154,8 @@ def main(argv):
     study = fair.Study.from_flags("losses", FLAGS, SETTINGS)
     settings = study.settings
 
-    def train_teacher():
-        teacher = teacher_model()
-        training.train(
-            teacher,
-            study.data.batches("train", shuffle=True),
-            epochs=settings["teacher_epochs"],
-            verbose=0,
-        )
-        return teacher
-
     with training.Stopwatch() as timer:
-        teacher = study.model("teacher", train_teacher)
+        teacher = study.trained("teacher", teacher_model, settings["teacher_epochs"])
         rows = study.compare(methods(study, teacher, settings["student_epochs"]))
     teacher_accuracy = study.data.accuracy(teacher, "test")
     heading = (
