@@ -98,52 +98,6 @@ def strategy_scope(model):
     return model.distribute_strategy.scope()
 
 
-def multi_worker(strategy):
-    """True for a `tf.distribute.MultiWorkerMirroredStrategy` spanning
-    several workers."""
-    import tensorflow as tf
-
-    return (
-        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and strategy.extended._in_multi_worker_mode()
-    )
-
-
-def first_replica(strategy, values):
-    """The first local replica's part of each `tf.distribute` distributed
-    value in a structure (other values as they are)."""
-    import tensorflow as tf
-
-    return keras.tree.map_structure(
-        lambda v: (
-            strategy.experimental_local_results(v)[0]
-            if isinstance(v, tf.distribute.DistributedValues)
-            else v
-        ),
-        values,
-    )
-
-
-# Keras internals used below (stable across Keras 3 releases): whether a JAX
-# step is being traced, and the mask a layer attached to a tensor.
-
-
-def in_stateless_scope():
-    """True inside a JAX training step, where variables are read and written
-    through Keras' `StatelessScope`."""
-    from keras.src.backend.common.stateless_scope import in_stateless_scope as _in_scope
-
-    return _in_scope()
-
-
-def keras_mask(tensor):
-    """The Keras mask a layer attached to `tensor` (e.g. padded tokens), or
-    None."""
-    from keras.src.backend import get_keras_mask
-
-    return get_keras_mask(tensor)
-
-
 def devices():
     """The devices Keras trains on, e.g. ["gpu:0"], or [] where the backend
     (PyTorch) has no `keras.distribution` support."""

@@ -6,11 +6,9 @@ Each raises `ValueError` naming the value it received and the fix.
 import numbers
 
 import keras
-from keras import ops
 import numpy as np
 
-from kd_keras import _backend
-from kd_keras import _datasets
+from kd_keras import _keras_internals
 
 
 def check_positive_int(value, name):
@@ -62,7 +60,8 @@ def num_classes(model):
 
 
 def input_shapes(model):
-    """The shapes of a model's inputs, or None where unknown (subclassed)."""
+    """The shapes of a model's inputs, `[(None, ...), ...]`, or None where
+    unknown (a subclassed model)."""
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
@@ -104,16 +103,13 @@ def _layer_activation_name(layer):
 
 
 def output_layers(model):
+    """The layers that make a functional model's outputs ([] if unknown)."""
     try:
         outputs = model.outputs
     except (AttributeError, ValueError):
         return []
-    layers = []
-    for tensor in outputs or []:
-        history = getattr(tensor, "_keras_history", None)
-        if history is not None:
-            layers.append(history[0])
-    return layers
+    layers = [_keras_internals.output_layer(tensor) for tensor in outputs or []]
+    return [layer for layer in layers if layer is not None]
 
 
 def check_emits_logits(model, role):
@@ -130,56 +126,8 @@ def check_emits_logits(model, role):
             )
 
 
-# Checks on the first batch of the data, before any work is done.
-
-
 # Rows of the first batch that the checks before training run the models on.
 PEEK_ROWS = 8
-
-
-def peek_batch(x, y, what="training data"):
-    """Returns the first (inputs, labels) of fit's data as NumPy, or None.
-
-    Reads tf.data pipelines (unless they hold a `.cache()`), `PyDataset`s and
-    arrays or tensors of any backend (whole); other inputs (generators) are
-    not peeked at, since reading them would consume a batch. Raises if the
-    data holds no examples.
-    """
-    if _backend.is_tf_dataset(x) or isinstance(x, keras.utils.PyDataset):
-        if _datasets.has_cache(x):
-            return None
-        batch = next(_datasets.numpy_batches(x), None)
-        if batch is None:
-            raise ValueError(
-                f"The {what} is empty: it yields no batches. Check the split, "
-                "the class filter or the `take`/`filter` that made it."
-            )
-        check_not_empty(batch[0], what)
-        return batch[:2]
-    leaves = keras.tree.flatten(x) if x is not None else []
-    if not leaves or not all(
-        isinstance(a, np.ndarray) or ops.is_tensor(a) for a in leaves
-    ):
-        return None
-    if y is not None and not (isinstance(y, (np.ndarray, list)) or ops.is_tensor(y)):
-        return None
-    batch = keras.tree.map_structure(
-        lambda t: None if t is None else np.asarray(ops.convert_to_numpy(t)), (x, y)
-    )
-    check_not_empty(batch[0], what)
-    return batch
-
-
-def check_not_empty(inputs, what):
-    """Raises if the inputs hold no examples."""
-    leaves = keras.tree.flatten(inputs)
-    if leaves and any(np.ndim(a) and len(a) == 0 for a in leaves):
-        shapes = [np.shape(a) for a in leaves]
-        raise ValueError(
-            f"The {what} holds no examples (inputs of shape "
-            f"{shapes[0] if len(shapes) == 1 else shapes}). Check the split, "
-            "the class filter or the slicing that made it."
-        )
 
 
 def check_finite(array, what):
@@ -272,6 +220,13 @@ def batch_shape(shape):
     return "(" + ", ".join(["batch", *map(str, shape)]) + ")"
 
 
+def is_one_hot(labels_shape, logits_shape):
+    """True for one-hot (or soft) labels of logits `(batch, ..., classes)`:
+    the logits' rank, with a class axis; else the labels are class ids
+    (with or without a trailing axis of 1)."""
+    return len(labels_shape) == len(logits_shape) and labels_shape[-1] != 1
+
+
 def check_labels(labels, logits_shape):
     """Checks labels against logits `(batch, ..., classes)`.
 
@@ -295,7 +250,7 @@ def check_labels(labels, logits_shape):
     classes, rank = logits_shape[-1], len(logits_shape)
     positions = tuple(logits_shape[1:-1])
     ids_shape = batch_shape(positions)
-    if labels.ndim == rank and labels.shape[-1] != 1:
+    if is_one_hot(labels.shape, logits_shape):
         if classes == 1 or labels.shape[-1] != classes:
             raise ValueError(
                 f"The labels have {labels.shape[-1]} classes (shape "

@@ -18,6 +18,8 @@ import threading
 import keras
 from keras import ops
 
+from kd_keras import _keras_internals
+
 _STATE = threading.local()
 _WATCHING = threading.Lock()
 _WATCHED = "_kd_keras_watched"
@@ -63,14 +65,10 @@ def capture(layers):
         _STATE.recorded = previous
 
 
-def _children(layer):
-    return layer._flatten_layers(include_self=False, recursive=False)
-
-
 def _paths(layer, prefix=""):
     """Every path "outer/inner/name" below `layer`."""
     paths = []
-    for child in _children(layer):
+    for child in _keras_internals.child_layers(layer):
         path = f"{prefix}{child.name}"
         paths.append(path)
         paths.extend(_paths(child, f"{path}/"))
@@ -103,7 +101,7 @@ class Tap:
         elif isinstance(spec, str):
             self.layer = find_layer(model, spec, role)
         elif isinstance(spec, keras.layers.Layer):
-            if spec is not model and spec not in model._flatten_layers():
+            if spec is not model and spec not in _keras_internals.all_layers(model):
                 raise ValueError(
                     f"The layer `{spec.name}` given for the {role} is not a "
                     f"layer of the {role} `{model.name}`. Pass one of its "
@@ -181,7 +179,7 @@ def find_layer(model, path, role):
     raises, listing close matches, if there is none."""
     layer = model
     for part in path.split("/"):
-        children = {child.name: child for child in _children(layer)}
+        children = {child.name: child for child in _keras_internals.child_layers(layer)}
         if part in children:
             layer = children[part]
             continue

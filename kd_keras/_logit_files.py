@@ -30,7 +30,6 @@ from absl import logging
 import keras
 import numpy as np
 
-from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _datasets
 from kd_keras import _fingerprints
@@ -103,34 +102,28 @@ def check_top_k(top_k, classes):
 def check_deterministic(dataset):
     """Raises unless re-reading the pipeline yields the same examples in
     the same order, as pairing with stored logits needs."""
-    if not _backend.is_tf_dataset(dataset):
-        return
-    for stage in _datasets.stages(dataset):
-        kind = type(stage).__name__
-        if "Shuffle" in kind:
-            raise ValueError(
-                "The dataset shuffles (a `.shuffle()`, or `list_files`, which "
-                "shuffles by default), so re-reading it would pair examples "
-                "with the logits of others. Logits on disk are paired with "
-                "the dataset every epoch: remove the shuffle (use "
-                "`list_files(..., shuffle=False)`) and let "
-                "`cache_teacher_logits(..., shuffle=True)` shuffle after the "
-                "pairing, with a buffer of `shuffle_buffer` examples."
-            )
-        if getattr(stage, "_deterministic", None) == "false":
-            raise ValueError(
-                f"A stage of the dataset ({kind}) runs with "
-                "`deterministic=False`, so its order may change from one "
-                "pass to the next, and examples would be paired with the "
-                "logits of others. Build it with `deterministic=True` (the "
-                "default)."
-            )
-    if dataset.options().deterministic is False:
+    description = _datasets.describe(dataset)
+    if description.shuffle:
         raise ValueError(
-            "The dataset's options set `deterministic=False`, so its order "
-            "may change from one pass to the next, and examples would be "
-            "paired with the logits of others. Leave `Options.deterministic` "
-            "unset or True."
+            "The dataset shuffles (a `.shuffle()`, or `list_files`, which "
+            "shuffles by default), so re-reading it would pair examples "
+            "with the logits of others. Logits on disk are paired with "
+            "the dataset every epoch: remove the shuffle (use "
+            "`list_files(..., shuffle=False)`) and let "
+            "`cache_teacher_logits(..., shuffle=True)` shuffle after the "
+            "pairing, with a buffer of `shuffle_buffer` examples."
+        )
+    for stage in description.nondeterministic:
+        where = (
+            "The dataset's options set `deterministic=False`"
+            if stage == "Options"
+            else f"A stage of the dataset ({stage}) runs with `deterministic=False`"
+        )
+        raise ValueError(
+            f"{where}, so its order may change from one pass to the next, "
+            "and examples would be paired with the logits of others. Build "
+            "it with `deterministic=True` (the default), and leave "
+            "`Options.deterministic` unset or True."
         )
 
 
@@ -369,7 +362,7 @@ def write(teacher, dataset, directory, dtype, top_k):
     if not head:
         raise ValueError("The dataset is empty: there is nothing to cache.")
     digests = [_batch_digest(*batch) for batch in head]
-    if not _datasets.has_cache(dataset):  # A partial read could truncate it.
+    if not _datasets.describe(dataset).cache:  # A partial read could truncate it.
         replay = itertools.islice(_datasets.numpy_batches(dataset), 2)
         if [_batch_digest(*batch) for batch in replay] != digests:
             raise ValueError(

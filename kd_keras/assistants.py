@@ -97,12 +97,12 @@ def distill_chain(
 
     Example:
 
-    ```python
-    ladder = [teacher] + [kd_keras.models.plain_cnn(d, width=0.25)
-                          for d in (8, 6, 4, 2)]
-    student, report = kd_keras.assistants.distill_chain(
-        ladder, train, val, temperature=10.0, epochs=5, workdir="chain")
-    ```
+        ```python
+        ladder = [teacher] + [kd_keras.models.plain_cnn(d, width=0.25)
+                              for d in (8, 6, 4, 2)]
+        student, report = kd_keras.assistants.distill_chain(
+            ladder, train, val, temperature=10.0, epochs=5, workdir="chain")
+        ```
     """
     models = list(models)
     _check_chain(models)
@@ -360,9 +360,9 @@ def suggest_assistant(
 
     Example:
 
-    >>> suggest_assistant({"8": 0.78, "6": 0.76, "4": 0.74},
-    ...                   teacher_accuracy=0.80, student_accuracy=0.70)["assistant"]
-    '6'
+        >>> suggest_assistant({"8": 0.78, "6": 0.76, "4": 0.74},
+        ...                   teacher_accuracy=0.80, student_accuracy=0.70)["assistant"]
+        '6'
     """
     known = _check_candidates(candidates)
     for name, value in (

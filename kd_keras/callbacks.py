@@ -69,10 +69,10 @@ class StudentEarlyStop(keras.callbacks.EarlyStopping):
 
     Example:
 
-    ```python
-    distiller.fit(train, validation_data=val, epochs=30, callbacks=[
-        kd_keras.callbacks.StudentEarlyStop(monitor="val_accuracy", patience=3)])
-    ```
+        ```python
+        distiller.fit(train, validation_data=val, epochs=30, callbacks=[
+            kd_keras.callbacks.StudentEarlyStop(monitor="val_accuracy", patience=3)])
+        ```
     """
 
     STATE = "student_early_stop.json"
@@ -231,12 +231,12 @@ class TeacherSnapshots(keras.callbacks.ModelCheckpoint):
 
     Example:
 
-    ```python
-    teacher.fit(train, epochs=30, callbacks=[
-        kd_keras.callbacks.TeacherSnapshots("teacher.snapshots", epochs=[5, 10])])
-    early_teacher = kd_keras.callbacks.TeacherSnapshots.load(
-        "teacher.snapshots", 5)
-    ```
+        ```python
+        teacher.fit(train, epochs=30, callbacks=[
+            kd_keras.callbacks.TeacherSnapshots("teacher.snapshots", epochs=[5, 10])])
+        early_teacher = kd_keras.callbacks.TeacherSnapshots.load(
+            "teacher.snapshots", 5)
+        ```
     """
 
     MANIFEST = "manifest.json"
@@ -349,12 +349,12 @@ class ParameterSchedule(keras.callbacks.Callback):
 
     Example:
 
-    ```python
-    # Anneal the temperature from 10 down to 2.
-    anneal = kd_keras.callbacks.ParameterSchedule(
-        lambda epoch: max(2.0, 10.0 - epoch), parameter="temperature")
-    distiller.fit(train, epochs=10, callbacks=[anneal])
-    ```
+        ```python
+        # Anneal the temperature from 10 down to 2.
+        anneal = kd_keras.callbacks.ParameterSchedule(
+            lambda epoch: max(2.0, 10.0 - epoch), parameter="temperature")
+        distiller.fit(train, epochs=10, callbacks=[anneal])
+        ```
     """
 
     def __init__(self, schedule, parameter="temperature"):

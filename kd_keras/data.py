@@ -8,7 +8,6 @@ of shape `(28, 28, 1)` for MNIST and Fashion-MNIST, and int32 labels. The
 `ArrayBatches` and the IDX reader work on any Keras backend without it.
 """
 
-import contextlib
 import gzip
 import hashlib
 import os
@@ -24,6 +23,7 @@ import numpy as np
 from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _datasets
+from kd_keras import _tfdata_internals
 
 SAMPLE_PATH = pathlib.Path(__file__).parent / "sample_data" / "mnist_sample.npz"
 SAMPLE_NAME = "mnist_sample"
@@ -246,12 +246,11 @@ def import_idx(idx_dir, data_dir, name="mnist"):
 
     Example:
 
-    >>> import_idx("~/Downloads/fashion", "~/tensorflow_datasets", "fashion_mnist")
-    {'train': 60000, 'test': 10000}
+        >>> import_idx("~/Downloads/fashion", "~/tensorflow_datasets", "fashion_mnist")
+        {'train': 60000, 'test': 10000}
     """
     _check_idx_name(name)
     import tensorflow_datasets as tfds
-    from tensorflow_datasets.image_classification import mnist
 
     idx_dir = pathlib.Path(os.path.expanduser(str(idx_dir)))
     data_dir = pathlib.Path(os.path.expanduser(str(data_dir)))
@@ -259,7 +258,7 @@ def import_idx(idx_dir, data_dir, name="mnist"):
     # Before the whole files are read: the labels tell the set apart.
     _check_not_the_other_set(files, name)
     counts = _check_idx_files(files)
-    builder_class = getattr(mnist, _IDX_SETS[name][1])
+    builder_class = getattr(tfds.image_classification, _IDX_SETS[name][1])
     builder = _local_idx_builder(builder_class, name, files, counts, data_dir)
     with tempfile.TemporaryDirectory() as scratch:
         builder.download_and_prepare(
@@ -278,8 +277,8 @@ def import_mnist(idx_dir, data_dir):
 
     Example:
 
-    >>> import_mnist("~/Downloads/mnist", "~/tensorflow_datasets")
-    {'train': 60000, 'test': 10000}
+        >>> import_mnist("~/Downloads/mnist", "~/tensorflow_datasets")
+        {'train': 60000, 'test': 10000}
     """
     return import_idx(idx_dir, data_dir, name="mnist")
 
@@ -302,9 +301,9 @@ def read_mnist(idx_dir):
 
     Example:
 
-    >>> (x_train, y_train), _ = read_mnist("~/Downloads/fashion_mnist")
-    >>> x_train.shape
-    (60000, 28, 28)
+        >>> (x_train, y_train), _ = read_mnist("~/Downloads/fashion_mnist")
+        >>> x_train.shape
+        (60000, 28, 28)
     """
     files = _find_idx_files(os.path.expanduser(str(idx_dir)))
     _check_idx_files(files)
@@ -327,9 +326,9 @@ def sample():
 
     Example:
 
-    >>> (x_train, y_train), (x_test, y_test) = sample()
-    >>> x_train.shape
-    (8000, 28, 28)
+        >>> (x_train, y_train), (x_test, y_test) = sample()
+        >>> x_train.shape
+        (8000, 28, 28)
     """
     with np.load(SAMPLE_PATH) as arrays:
         return (
@@ -490,20 +489,6 @@ def _check_classes_left(labels, keep, drop):
         )
 
 
-@contextlib.contextmanager
-def _few_download_retries(retries=2):
-    """tensorflow-datasets retries a failed download 10 times with growing
-    pauses, over 3 minutes without a network; this fails within seconds."""
-    from tensorflow_datasets.core.download import downloader
-
-    default = downloader.MAX_RETRIES
-    downloader.MAX_RETRIES = retries
-    try:
-        yield
-    finally:
-        downloader.MAX_RETRIES = default
-
-
 _SPLIT = re.compile(r"^(train|test)(?:\[(-?\d*)(%?):(-?\d*)(%?)\])?$")
 
 
@@ -569,8 +554,8 @@ def load(
 
     Example:
 
-    >>> train = load("mnist", "train", batch_size=128, shuffle=True)
-    >>> test = load("mnist", "test")
+        >>> train = load("mnist", "train", batch_size=128, shuffle=True)
+        >>> test = load("mnist", "test")
     """
     _backend.require_tensorflow(
         "`load` (tensorflow-datasets and tf.data; without TensorFlow, use "
@@ -588,7 +573,7 @@ def load(
         import tensorflow_datasets as tfds
 
         try:
-            with _few_download_retries():
+            with _tfdata_internals.few_download_retries():
                 examples = tfds.load(
                     name,
                     split=split,
@@ -601,11 +586,7 @@ def load(
                 )
             if in_memory:
                 examples = tuple(tfds.as_numpy(examples))
-        except (
-            tfds.core.registered.DatasetNotFoundError,
-            AssertionError,
-            OSError,
-        ) as error:
+        except (tfds.core.DatasetNotFoundError, AssertionError, OSError) as error:
             hint_name = name if name in IDX_DATASETS else "NAME"
             raise ValueError(
                 f"Could not load {name!r} split {split!r} from "
@@ -698,8 +679,8 @@ class ArrayBatches(keras.utils.PyDataset):
 
     Example:
 
-    >>> train = ArrayBatches(x_train, y_train, batch_size=128, shuffle=True)
-    >>> student.fit(train, epochs=5)
+        >>> train = ArrayBatches(x_train, y_train, batch_size=128, shuffle=True)
+        >>> student.fit(train, epochs=5)
     """
 
     def __init__(
@@ -760,3 +741,13 @@ class ArrayBatches(keras.utils.PyDataset):
             shuffle=self.shuffle if shuffle is None else shuffle,
             seed=self.seed,
         )
+
+
+def as_batches(data, batch_size=None, shuffle=True):
+    """Batches of `data`: a `tf.data.Dataset` or `PyDataset` as it is, or a
+    tuple of arrays `(x, y[, sample_weight])` in `ArrayBatches` of
+    `batch_size` (default 128), reshuffled every epoch if `shuffle`."""
+    if isinstance(data, tuple) and 1 <= len(data) <= 3:
+        return ArrayBatches(*data, batch_size=batch_size or 128, shuffle=shuffle)
+    _datasets.check_batches(data)
+    return data

@@ -217,12 +217,12 @@ def export_student(
 
     Example:
 
-    ```python
-    report = kd_keras.export.export_student(
-        distiller.student, "export", representative_data=train,
-        test_data=test)
-    report["tflite_int8"]["accuracy"]
-    ```
+        ```python
+        report = kd_keras.export.export_student(
+            distiller.student, "export", representative_data=train,
+            test_data=test)
+        report["tflite_int8"]["accuracy"]
+        ```
     """
     _check_backend()
     tf = _backend.require_tensorflow(

@@ -14,6 +14,7 @@ from keras import ops
 
 from kd_keras import _backend
 from kd_keras import _features
+from kd_keras import _keras_internals
 
 
 def check_temperature(temperature):
@@ -90,8 +91,8 @@ def softmax_with_temperature(logits, temperature):
 
     Example:
 
-    >>> softmax_with_temperature([[2.0, 1.0, 0.1]], 1.0)
-    array([[0.659, 0.242, 0.099]], dtype=float32)  # rounded
+        >>> softmax_with_temperature([[2.0, 1.0, 0.1]], 1.0)
+        array([[0.659, 0.242, 0.099]], dtype=float32)  # rounded
     """
     _check_temperature_argument(temperature)
     scaled = _as_float32(logits) / _as_float32(temperature)
@@ -180,17 +181,11 @@ def reduce_like_keras(
     reduced here and a Keras loss agree; weights per example are spread over
     every position of the example (see `_weights_like`).
     """
-    from keras.src.losses.loss import reduce_weighted_values
-
     values = _as_float32(values)
     if sample_weight is not None:
         sample_weight = _weights_like(sample_weight, values)
-    return reduce_weighted_values(
-        values,
-        sample_weight=sample_weight,
-        mask=mask,
-        reduction=reduction,
-        dtype="float32",
+    return _keras_internals.reduce_weighted_values(
+        values, sample_weight, mask, reduction, dtype="float32"
     )
 
 
@@ -238,11 +233,11 @@ def distillation_loss(teacher_logits, student_logits, temperature, sample_weight
 
     Example:
 
-    >>> float(distillation_loss([[2.0, 1.0, 0.1]], [[0.5, 1.5, -1.0]], 4.0))
-    0.4023...
+        >>> float(distillation_loss([[2.0, 1.0, 0.1]], [[0.5, 1.5, -1.0]], 4.0))
+        0.4023...
     """
     _check_temperature_argument(temperature)
-    mask = _backend.keras_mask(student_logits)
+    mask = _keras_internals.keras_mask(student_logits)
     teacher_logits = ops.convert_to_tensor(teacher_logits)
     student_logits = ops.convert_to_tensor(student_logits)
     check_same_shape(teacher_logits.shape, student_logits.shape)
@@ -1015,6 +1010,21 @@ def _is_pair(item):
         and _is_loss(item[0])
         and isinstance(item[1], numbers.Real)
     )
+
+
+def serialize_weighted(weighted):
+    """`[(loss, weight), ...]` as a config."""
+    return [
+        [keras.saving.serialize_keras_object(loss), weight] for loss, weight in weighted
+    ]
+
+
+def deserialize_weighted(config, custom_objects=None):
+    """`[(loss, weight), ...]` from `serialize_weighted`'s config."""
+    return [
+        (keras.saving.deserialize_keras_object(loss, custom_objects=custom_objects), w)
+        for loss, w in config
+    ]
 
 
 def as_weighted_losses(losses):

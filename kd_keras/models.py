@@ -71,8 +71,8 @@ def mlp(
 
     Example:
 
-    >>> teacher = mlp((1200, 1200), dropout=0.5, input_dropout=0.2, max_norm=4.0)
-    >>> student = mlp((800, 800))
+        >>> teacher = mlp((1200, 1200), dropout=0.5, input_dropout=0.2, max_norm=4.0)
+        >>> student = mlp((800, 800))
     """
     widths = _iterable(hidden)
     if isinstance(hidden, (str, numbers.Number)) or not all(
@@ -148,7 +148,7 @@ def plain_cnn(depth, width=1.0, input_shape=MNIST_SHAPE, num_classes=10, name=No
 
     Example:
 
-    >>> ladder = {d: plain_cnn(d, width=0.25) for d in (10, 8, 6, 4, 2)}
+        >>> ladder = {d: plain_cnn(d, width=0.25) for d in (10, 8, 6, 4, 2)}
     """
     if depth not in _PLAIN_CNN:
         raise ValueError(

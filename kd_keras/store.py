@@ -96,11 +96,11 @@ class ModelStore:
 
     Example:
 
-    ```python
-    store = kd_keras.store.ModelStore("runs")
-    teacher, _ = store.train(kd_keras.models.mlp((1200, 1200)), train, val,
-                             kd_keras.store.Settings(epochs=10))
-    ```
+        ```python
+        store = kd_keras.store.ModelStore("runs")
+        teacher, _ = store.train(kd_keras.models.mlp((1200, 1200)), train, val,
+                                 kd_keras.store.Settings(epochs=10))
+        ```
     """
 
     def __init__(self, directory):

@@ -9,10 +9,11 @@ from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _datasets
 from kd_keras import _logit_files
+from kd_keras._datasets import INPUTS_KEY
+from kd_keras._datasets import TEACHER_LOGITS_KEY
+from kd_keras._datasets import split_cached
 from kd_keras.data import ArrayBatches
-from kd_keras.distiller import INPUTS_KEY
-from kd_keras.distiller import TEACHER_LOGITS_KEY
-from kd_keras.distiller import split_cached
+from kd_keras.data import as_batches
 
 
 def _check_no_augmentation(dataset):
@@ -30,14 +31,15 @@ def _check_no_augmentation(dataset):
         )
 
 
-def _one_pass(teacher, dataset, keep_data=True):
+def _one_pass(teacher, dataset, keep_data=True, content=None):
     """Runs the teacher over one pass of the dataset.
 
     Returns the batches' inputs, labels and sample weights, each concatenated
     (as NumPy, in the dataset's structure; None unless `keep_data`), the
     teacher's float32 logits and the first batch's size. Everything comes
     from the same pass, so logits and inputs always belong together, even if
-    the dataset shuffles.
+    the dataset shuffles. Each batch is also added to `content`, a
+    `ContentHash`, if given.
     """
     parts, logits = [], []
     for index, (x, y, sample_weight) in enumerate(_datasets.numpy_batches(dataset)):
@@ -46,6 +48,8 @@ def _one_pass(teacher, dataset, keep_data=True):
         logits.append(_logit_files.teacher_batch(teacher, x, index))
         if keep_data:
             parts.append((x, y, sample_weight))
+        if content is not None:
+            content.add(x, y, sample_weight)
     if not logits:
         raise ValueError("The dataset is empty: there is nothing to cache.")
     x = y = sample_weight = None
@@ -176,24 +180,21 @@ def cache_teacher_logits(
 
     Example:
 
-    ```python
-    train = kd_keras.data.load("mnist", "train", batch_size=128)
-    cached = kd_keras.cache_teacher_logits(teacher, train)
-    distiller.fit(cached, epochs=10)
+        ```python
+        train = kd_keras.data.load("mnist", "train", batch_size=128)
+        cached = kd_keras.cache_teacher_logits(teacher, train)
+        distiller.fit(cached, epochs=10)
 
-    # Larger data: streamed, unshuffled input, re-read every epoch; the
-    # logits in float16 files.
-    stream = kd_keras.data.load("mnist", "train", batch_size=128, in_memory=False)
-    cached = kd_keras.cache_teacher_logits(
-        teacher, stream, directory="logits", dtype="float16"
-    )
-    ```
+        # Larger data: streamed, unshuffled input, re-read every epoch; the
+        # logits in float16 files.
+        stream = kd_keras.data.load("mnist", "train", batch_size=128, in_memory=False)
+        cached = kd_keras.cache_teacher_logits(
+            teacher, stream, directory="logits", dtype="float16"
+        )
+        ```
     """
-    _checks.check_keras_model(teacher, "teacher")
-    _checks.check_emits_logits(teacher, "teacher")
+    _check_teacher(teacher)
     _logit_files.check_arguments(dtype, top_k)
-    if batch_size is not None:
-        _checks.check_positive_int(batch_size, "batch_size")
     if directory is None:
         given = {"dtype": dtype != "float32", "top_k": top_k is not None}
         given["shuffle_buffer"] = shuffle_buffer is not None
@@ -213,10 +214,7 @@ def cache_teacher_logits(
                 "`shuffle_buffer` sizes the shuffle, but `shuffle=False`. "
                 "Leave out one of them."
             )
-    dataset = _datasets.as_batches(dataset, batch_size, shuffle=False)
-    _datasets.check_not_endless(dataset)
-    if not allow_random:
-        _check_no_augmentation(dataset)
+    dataset = _checked(dataset, batch_size, allow_random)
     if directory is not None:
         return _on_disk(
             teacher,
@@ -229,16 +227,54 @@ def cache_teacher_logits(
             seed,
             shuffle_buffer,
         )
+    return _in_memory(teacher, dataset, batch_size, shuffle, seed)
+
+
+def cache_and_fingerprint(teacher, dataset, *, seed=None):
+    """`cache_teacher_logits(teacher, dataset, seed=seed)` in memory, and
+    `dataset`'s fingerprint (see `_datasets.fingerprint`), from the same
+    pass.
+
+    Returns:
+        `(cached dataset, fingerprint)`.
+    """
+    _check_teacher(teacher)
+    dataset = _checked(dataset, None, allow_random=False)
+    content = _datasets.ContentHash(dataset)
+    cached = _in_memory(teacher, dataset, None, True, seed, content)
+    return cached, content.fingerprint()
+
+
+def _check_teacher(teacher):
+    _checks.check_keras_model(teacher, "teacher")
+    _checks.check_emits_logits(teacher, "teacher")
+
+
+def _checked(dataset, batch_size, allow_random):
+    """The batches to cache, checked: one pass over data without random
+    stages (unless `allow_random`)."""
+    if batch_size is not None:
+        _checks.check_positive_int(batch_size, "batch_size")
+    dataset = as_batches(dataset, batch_size, shuffle=False)
+    _datasets.check_not_endless(dataset)
+    if not allow_random:
+        _check_no_augmentation(dataset)
+    return dataset
+
+
+def _in_memory(teacher, dataset, batch_size, shuffle, seed, content=None):
     if isinstance(dataset, ArrayBatches):
         # The arrays are served as they are, without a copy: the teacher
         # runs over them in order.
         x, y, sample_weight = dataset.x, dataset.y, dataset.sample_weight
         in_order = dataset.with_arrays(x, y, sample_weight, shuffle=False)
         _, _, _, logits, first_batch_size = _one_pass(
-            teacher, in_order, keep_data=False
+            teacher, in_order, keep_data=False, content=content
         )
     else:
-        x, y, sample_weight, logits, first_batch_size = _one_pass(teacher, dataset)
+        x, y, sample_weight, logits, first_batch_size = _one_pass(
+            teacher, dataset, content=content
+        )
     batch_size = batch_size or first_batch_size
     if _backend.is_tf_dataset(dataset):
         return _tf_dataset(x, y, sample_weight, logits, batch_size, shuffle, seed)
@@ -402,8 +438,7 @@ class _StoredBatches(ArrayBatches):
 
 def _element_inputs(dataset):
     if _backend.is_tf_dataset(dataset):
-        spec = dataset.element_spec
-        return spec[0] if isinstance(spec, tuple) else spec
+        return _datasets.describe(dataset).inputs_spec
     if isinstance(dataset, ArrayBatches):
         return dataset.x
     return None
@@ -484,6 +519,11 @@ class EnsembleCombine(keras.layers.Layer):
         }
 
 
+def _first_input_shape(model):
+    shapes = _checks.input_shapes(model)
+    return shapes[0][1:] if shapes else None
+
+
 def _ensemble_weights(weights, count):
     if weights is None:
         return None
@@ -514,13 +554,6 @@ def _frozen_copy(model, index, unique):
     return copy
 
 
-def _input_shape(model):
-    try:
-        return tuple(model.inputs[0].shape[1:])
-    except (AttributeError, IndexError, TypeError, ValueError):
-        return None
-
-
 @keras.saving.register_keras_serializable(package="kd_keras")
 class EnsembleTeacher(keras.Model):
     """A frozen teacher that averages its members.
@@ -545,10 +578,10 @@ class EnsembleTeacher(keras.Model):
 
     Example:
 
-    ```python
-    ensemble = kd_keras.EnsembleTeacher([m1, m2, m3], mode="probs")
-    distiller = kd_keras.Distiller(ensemble, student)
-    ```
+        ```python
+        ensemble = kd_keras.EnsembleTeacher([m1, m2, m3], mode="probs")
+        distiller = kd_keras.Distiller(ensemble, student)
+        ```
     """
 
     def __init__(self, models, mode="logits", weights=None, **kwargs):
@@ -574,7 +607,7 @@ class EnsembleTeacher(keras.Model):
                 )
                 + "."
             )
-        input_shapes = [_input_shape(m) for m in models]
+        input_shapes = [_first_input_shape(m) for m in models]
         if len({s for s in input_shapes if s is not None}) > 1:
             raise ValueError(
                 "Every member must take the same input shape. Received: "

@@ -14,12 +14,14 @@ import keras
 import numpy as np
 
 from kd_keras import _backend
+from kd_keras import _checks
 from kd_keras import _datasets
 from kd_keras import _fingerprints
 from kd_keras import _io
+from kd_keras import data
+from kd_keras import teachers
 from kd_keras.callbacks import StudentEarlyStop
 from kd_keras.distiller import Distiller
-from kd_keras.teachers import cache_teacher_logits
 
 
 def label_loss():
@@ -54,7 +56,7 @@ def optimizer_config(optimizer=None, learning_rate=1e-3):
     return config
 
 
-as_batches = _datasets.as_batches
+as_batches = data.as_batches
 
 
 def train(
@@ -226,6 +228,15 @@ def distill(
         distillation_weight=distillation_weight,
     )
     distiller.compile(new_optimizer(optimizer, learning_rate), metrics=["accuracy"])
+    fingerprint = None
+    if cache and backup_dir:  # The data's fingerprint from the caching pass.
+        train_data, fingerprint = teachers.cache_and_fingerprint(
+            teacher, train_data, seed=seed
+        )
+    elif cache:
+        train_data = teachers.cache_teacher_logits(teacher, train_data, seed=seed)
+    elif backup_dir:
+        fingerprint = _datasets.fingerprint(train_data)
     run = {}
     if backup_dir:  # What else a resumed run must share.
         run = {
@@ -235,15 +246,13 @@ def distill(
             "distillation_weight": distillation_weight,
             "cache": bool(cache),
             "seed": seed,
-            "data": _datasets.fingerprint(train_data),  # Before the logits.
+            "data": fingerprint,  # Of the data, before the logits.
             "early stops": [
                 callback.settings()
                 for callback in callbacks or ()
                 if isinstance(callback, StudentEarlyStop)
             ],
         }
-    if cache:
-        train_data = cache_teacher_logits(teacher, train_data, seed=seed)
     # A StudentEarlyStop records its switch beside the backup, for this call.
     recorders = [
         callback
@@ -274,7 +283,7 @@ def class_ids(labels, logits):
     """Labels as class ids: one-hot labels (the logits' shape, more than one
     class) become their arg max."""
     labels = np.asarray(labels)
-    if labels.shape == np.shape(logits) and labels.shape[-1] > 1:
+    if _checks.is_one_hot(labels.shape, np.shape(logits)):
         return np.argmax(labels, axis=-1)
     return labels
 

@@ -22,6 +22,8 @@ from kd_keras import _io
 from kd_keras import losses as kd_losses
 from kd_keras import training
 from kd_keras.distiller import Distiller
+from kd_keras.distiller import adapters_pending
+from kd_keras.distiller import reads_features
 from kd_keras.teachers import cache_teacher_logits
 from kd_keras.teachers import is_cached
 from kd_keras.teachers import without_teacher_logits
@@ -175,14 +177,14 @@ class DistillationHyperModel(keras_tuner.HyperModel):
 
     Example:
 
-    ```python
-    hypermodel = kd_keras.tuning.DistillationHyperModel(
-        teacher, lambda: kd_keras.models.plain_cnn(2, width=0.25),
-        assistant_builder=lambda d: kd_keras.models.plain_cnn(d, width=0.25),
-        assistant_sizes=[8, 6, 4])
-    tuner, best = kd_keras.tuning.tune(hypermodel, train, val, max_trials=12,
-                                       directory="sweeps", project_name="mnist")
-    ```
+        ```python
+        hypermodel = kd_keras.tuning.DistillationHyperModel(
+            teacher, lambda: kd_keras.models.plain_cnn(2, width=0.25),
+            assistant_builder=lambda d: kd_keras.models.plain_cnn(d, width=0.25),
+            assistant_sizes=[8, 6, 4])
+        tuner, best = kd_keras.tuning.tune(hypermodel, train, val, max_trials=12,
+                                           directory="sweeps", project_name="mnist")
+        ```
     """
 
     def __init__(
@@ -262,7 +264,7 @@ class DistillationHyperModel(keras_tuner.HyperModel):
         # instead of skipping it with a warning; unless feature adapters
         # still wait for the first batch (models without a fixed input
         # shape), which must come first.
-        if not distiller._pairs or distiller._feature_shapes is not None:
+        if not adapters_pending(distiller):
             distiller.optimizer.build(distiller.trainable_variables)
         return distiller
 
@@ -340,7 +342,7 @@ class DistillationHyperModel(keras_tuner.HyperModel):
     ):
         """Distils teacher → (assistant) → student; returns the student's
         History, whose validation metric is the trial's objective."""
-        if model._pairs:
+        if reads_features(model):
             # Feature losses read the teacher: a trial whose loss turned out
             # to have one takes the data uncached.
             if is_cached(x):

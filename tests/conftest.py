@@ -300,30 +300,61 @@ def _keras_and_kd_keras_totals(teacher, student, arguments, x, y):
     return totals
 
 
-# Tests that hold on every Keras backend carry the first marker; the others
-# need TensorFlow itself (tf.distribute, the CLI's tfds pipelines), or are
-# too slow to repeat, and are deselected on other backends.
+# Tests that hold on every Keras backend carry the first marker and run
+# again on the others; tests without it run on TensorFlow only. Within a
+# module marked `all_backends`, a test that needs Keras on TensorFlow itself
+# (tf.distribute, the TensorFlow training step) carries the second, and one
+# that does not depend on the backend at all (files, fingerprints, the
+# tuner's oracle) the third, so that it runs once. Tests that need
+# processes, the command line end to end or the real MNIST carry the fourth,
+# and run only with `--slow` (as `.ci/run` does): plain `pytest` is the fast
+# suite.
 ALL_BACKENDS = "all_backends"
 TENSORFLOW_ONLY = "tensorflow_only"
+BACKEND_INDEPENDENT = "backend_independent"
+SLOW = "slow"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--slow",
+        action="store_true",
+        help="also run the tests marked slow (processes, the command line end "
+        "to end, the real MNIST), as .ci/run does",
+    )
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", f"{ALL_BACKENDS}: holds on every Keras backend")
     config.addinivalue_line(
         "markers",
-        f"{TENSORFLOW_ONLY}: runs on TensorFlow only (overrides {ALL_BACKENDS})",
+        f"{TENSORFLOW_ONLY}: needs Keras on TensorFlow (overrides {ALL_BACKENDS})",
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{BACKEND_INDEPENDENT}: the same on every backend, so it runs once, "
+        f"on TensorFlow (overrides {ALL_BACKENDS})",
+    )
+    config.addinivalue_line(
+        "markers",
+        f"{SLOW}: needs processes, the command line end to end or the real "
+        "MNIST; runs with --slow",
     )
 
 
-def _on_every_backend(item):
-    return ALL_BACKENDS in item.keywords and (TENSORFLOW_ONLY not in item.keywords)
+def _selected(item, config):
+    if SLOW in item.keywords and not config.getoption("--slow"):
+        return False
+    if BACKEND == "tensorflow":
+        return True
+    return ALL_BACKENDS in item.keywords and not (
+        TENSORFLOW_ONLY in item.keywords or BACKEND_INDEPENDENT in item.keywords
+    )
 
 
 def pytest_collection_modifyitems(config, items):
-    if BACKEND == "tensorflow":
-        return
-    kept = [item for item in items if _on_every_backend(item)]
-    dropped = [item for item in items if not _on_every_backend(item)]
+    kept = [item for item in items if _selected(item, config)]
+    dropped = [item for item in items if not _selected(item, config)]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

@@ -67,8 +67,8 @@ def test_a_chain_of_tiny_models_trains_every_step(chain, teacher, splits, tmp_pa
         assert (tmp_path / entry["path"]).is_file()
 
 
-# Backend-independent (files, fingerprints, the oracle): once is enough.
-@pytest.mark.tensorflow_only
+# Files and fingerprints: the same on every backend.
+@pytest.mark.backend_independent
 def test_rerunning_a_chain_skips_its_finished_steps(chain, teacher, splits, tmp_path):
     student, _ = run_chain(chain(teacher), splits, tmp_path)
     again, report = run_chain(chain(teacher, seed=50), splits, tmp_path)
@@ -77,8 +77,8 @@ def test_rerunning_a_chain_skips_its_finished_steps(chain, teacher, splits, tmp_
         np.testing.assert_array_equal(a, b)
 
 
-# Backend-independent (files, fingerprints, the oracle): once is enough.
-@pytest.mark.tensorflow_only
+# Files and fingerprints: the same on every backend.
+@pytest.mark.backend_independent
 def test_a_longer_chain_resumes_after_its_finished_prefix(
     chain, teacher, splits, tmp_path
 ):
@@ -87,8 +87,8 @@ def test_a_longer_chain_resumes_after_its_finished_prefix(
     assert [r["reused"] for r in report] == [True, False]
 
 
-# Backend-independent (files, fingerprints, the oracle): once is enough.
-@pytest.mark.tensorflow_only
+# Files and fingerprints: the same on every backend.
+@pytest.mark.backend_independent
 def test_changed_settings_retrain_the_steps_they_affect(
     chain, teacher, splits, tmp_path
 ):
@@ -124,8 +124,8 @@ def test_a_reused_step_is_scored_on_the_new_validation_data(
     assert again[0]["val_accuracy"] == training.test_accuracy(student, smaller)
 
 
-# Backend-independent (files, fingerprints, the oracle): once is enough.
-@pytest.mark.tensorflow_only
+# Files and fingerprints: the same on every backend.
+@pytest.mark.backend_independent
 def test_changed_data_retrains(chain, teacher, splits, tmp_path):
     train, val = splits
     run_chain(chain(teacher, widths=(8,)), splits, tmp_path)
@@ -134,9 +134,8 @@ def test_changed_data_retrains(chain, teacher, splits, tmp_path):
     assert [r["reused"] for r in report] == [False]
 
 
-# Counts trainings, which no backend changes: on TensorFlow only, to keep the
-# suite short.
-@pytest.mark.tensorflow_only
+# Counts trainings, which no backend changes.
+@pytest.mark.backend_independent
 def test_path_search_trains_each_shared_prefix_once(
     tiny_mlp, teacher, splits, tmp_path
 ):
@@ -229,8 +228,8 @@ def test_an_empty_or_single_model_chain_raises(teacher, splits, tmp_path):
             run_chain(models, splits, tmp_path)
 
 
-# Backend-independent (files, fingerprints, the oracle): once is enough.
-@pytest.mark.tensorflow_only
+# Files and fingerprints: the same on every backend.
+@pytest.mark.backend_independent
 def test_a_student_larger_than_its_teacher_warns(
     tiny_mlp, teacher, splits, tmp_path, caplog
 ):

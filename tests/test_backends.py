@@ -99,6 +99,7 @@ def run_python(code, backend, *args):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="JAX is not installed"
 )
@@ -197,6 +198,7 @@ LOAD_AFTER_IMPORT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_import_kd_keras_registers_its_saved_classes(tiny_mlp, tmp_path):
     import keras
 

@@ -730,18 +730,25 @@ def test_a_path_search_without_candidates_warns(tiny_mlp, tiny_data, tmp_path, c
     assert [row["path"] for row in result.table] == ["teacher → student"]
 
 
-def test_a_non_finite_loss_stops_fit_and_keeps_the_last_finite_weights(
-    tiny_mlp, tiny_data
-):
-    # The first batch is clean, so the checks before training pass; batch 3
-    # holds a NaN. Its forward pass hides it (ReLU maps NaN to 0) while its
-    # gradient turns the weights into NaN: the loss must say so.
+def _nan_in_batch_3(tiny_mlp, tiny_data):
+    """A compiled Distiller, and unshuffled batches of 16 with a NaN input in
+    the third batch."""
     x, y = tiny_data
     x = x.copy()
     x[40, 2] = np.nan
     batches = data.ArrayBatches(x, y, batch_size=16, shuffle=False)
     distiller = kd_keras.Distiller(tiny_mlp(seed=1), tiny_mlp(8, seed=2))
     distiller.compile(optimizer="adam")
+    return distiller, batches
+
+
+def test_a_non_finite_loss_stops_fit_and_keeps_the_last_finite_weights(
+    tiny_mlp, tiny_data
+):
+    # The first batch is clean, so the checks before training pass; batch 3
+    # holds a NaN. Its forward pass hides it (ReLU maps NaN to 0) while its
+    # gradient turns the weights into NaN: the loss must say so.
+    distiller, batches = _nan_in_batch_3(tiny_mlp, tiny_data)
     before = distiller.student.get_weights()
     losses_seen = []
     record = keras.callbacks.LambdaCallback(
@@ -943,3 +950,21 @@ def test_a_non_finite_loss_in_a_later_epoch_keeps_that_epochs_start(
     # The teacher and T are untouched and readable.
     assert all(np.isfinite(w).all() for w in distiller.teacher.get_weights())
     assert float(keras.ops.convert_to_numpy(distiller.temperature)) == 4.0
+
+
+def test_a_callback_list_keeps_the_non_finite_stop_and_the_hyperparameter_logs(
+    tiny_mlp, tiny_data
+):
+    # A `keras.callbacks.CallbackList` used to be taken as it was, without
+    # the Distiller's own callbacks: a NaN loss trained on silently.
+    distiller, batches = _nan_in_batch_3(tiny_mlp, tiny_data)
+    x, y = tiny_data
+    history = keras.callbacks.History()
+    given = keras.callbacks.CallbackList([history], model=distiller)
+    with pytest.raises(FloatingPointError, match=r"batch 3 of epoch 1"):
+        distiller.fit(batches, epochs=2, shuffle=False, verbose=0, callbacks=given)
+    clean = data.ArrayBatches(x[:32], y[:32], batch_size=16, shuffle=False)
+    distiller.compile(optimizer="adam")
+    distiller.fit(clean, epochs=1, verbose=0, callbacks=given)
+    assert history.history["temperature"] == [4.0]
+    assert history.history["distillation_weight"] == [pytest.approx(0.9)]

@@ -64,6 +64,7 @@ def test_unknown_command_and_bad_flags_fail_with_a_hint(capsys):
     assert "--output" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tiny_demo_prints_the_table_and_writes_the_students(tmp_path, capsys):
     assert (
         run(
@@ -92,6 +93,7 @@ def test_tiny_demo_prints_the_table_and_writes_the_students(tmp_path, capsys):
         assert (tmp_path / name).is_file()
 
 
+@pytest.mark.slow
 def test_train_distill_and_evaluate_on_the_sample(tmp_path, capsys):
     common = ["--dataset=mnist_sample", "--epochs=1", "--verbose=0", "--batch_size=256"]
     teacher, student = tmp_path / "teacher.keras", tmp_path / "student.keras"
@@ -114,6 +116,7 @@ def test_train_distill_and_evaluate_on_the_sample(tmp_path, capsys):
     assert "test_errors" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_distill_reports_bad_values_without_a_traceback(
     trained_model, tmp_path, capsys
 ):
@@ -131,6 +134,7 @@ def test_distill_reports_bad_values_without_a_traceback(
     assert "--temperature: expected a number > 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_data_command_imports_mnist(shared_mnist, mnist_data_dir, capsys):
     assert run("data", f"--idx_dir={shared_mnist}", f"--data_dir={mnist_data_dir}") == 0
     out = capsys.readouterr().out
@@ -157,6 +161,7 @@ def test_data_command_imports_fashion_mnist_and_names_the_flags(
     ) in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_on_fashion_mnist_after_the_data_command(small_idx_set, tmp_path):
     folder, _ = small_idx_set
     tfds_dir, model = tmp_path / "tfds", tmp_path / "model.keras"
@@ -168,6 +173,7 @@ def test_train_on_fashion_mnist_after_the_data_command(small_idx_set, tmp_path):
     assert model.is_file()
 
 
+@pytest.mark.slow
 def test_teacher_snapshots_and_student_early_stop_from_the_cli(tmp_path, capsys):
     common = ["--dataset=mnist_sample", "--verbose=0", "--batch_size=512"]
     teacher = tmp_path / "teacher.keras"
@@ -214,6 +220,7 @@ def test_teacher_snapshots_and_student_early_stop_from_the_cli(tmp_path, capsys)
     assert "Available epochs: 1, 2" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_chain_and_paths_print_tables_and_write_plots(tmp_path, capsys):
     common = [
         "--dataset=mnist_sample",
@@ -244,6 +251,7 @@ def test_chain_and_paths_print_tables_and_write_plots(tmp_path, capsys):
     assert (tmp_path / "paths.png").is_file()
 
 
+@pytest.mark.slow
 def test_tune_prints_the_trials_and_the_best_settings(tmp_path, capsys):
     assert (
         run(
@@ -272,6 +280,7 @@ def test_tune_prints_the_trials_and_the_best_settings(tmp_path, capsys):
     assert (tmp_path / "s" / "sweep.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_export_prints_the_report_table(trained_model, tmp_path, capsys):
     model = trained_model
     assert (
@@ -291,6 +300,7 @@ def test_export_prints_the_report_table(trained_model, tmp_path, capsys):
     assert (tmp_path / "student_export" / "student_int8.tflite").is_file()
 
 
+@pytest.mark.slow
 def test_export_needs_no_data_for_float_formats(trained_model, capsys, monkeypatch):
     from kd_keras import data
 
@@ -324,6 +334,7 @@ def test_commands_keep_their_own_defaults():
     )
 
 
+@pytest.mark.slow
 def test_logdir_writes_tensorboard_logs_with_both_terms_t_and_lambda(tmp_path):
     import tensorflow as tf
 

@@ -17,6 +17,7 @@ def label_counts(dataset):
     return np.bincount(labels, minlength=10).tolist()
 
 
+@pytest.mark.slow
 def test_imported_mnist_loads_through_tfds_with_no_network(mnist_data_dir):
     test = data.load(
         "mnist", "test", data_dir=mnist_data_dir, batch_size=1000, download=False
@@ -28,6 +29,7 @@ def test_imported_mnist_loads_through_tfds_with_no_network(mnist_data_dir):
     assert np.bincount(labels).tolist() == TEST_COUNTS
 
 
+@pytest.mark.slow
 def test_imported_mnist_train_split_has_the_published_label_counts(mnist_data_dir):
     train = data.load(
         "mnist", "train", data_dir=mnist_data_dir, batch_size=5000, download=False
@@ -35,6 +37,7 @@ def test_imported_mnist_train_split_has_the_published_label_counts(mnist_data_di
     assert label_counts(train) == TRAIN_COUNTS
 
 
+@pytest.mark.slow
 def test_import_is_idempotent(shared_mnist, mnist_data_dir):
     assert data.import_mnist(shared_mnist, mnist_data_dir) == {
         "train": 60_000,
@@ -42,6 +45,7 @@ def test_import_is_idempotent(shared_mnist, mnist_data_dir):
     }
 
 
+@pytest.mark.slow
 def test_tfds_split_slicing_works_on_imported_data(mnist_data_dir):
     part = data.load(
         "mnist", "train[:1%]", data_dir=mnist_data_dir, download=False, batch_size=100
@@ -106,6 +110,7 @@ def test_import_idx_refuses_names_it_cannot_import(small_idx_set, tmp_path):
         data.import_idx(folder, tmp_path / "tfds", name="kmnist")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "real, name, fix",
     [("mnist", "fashion_mnist", "mnist"), ("fashion_mnist", "mnist", "fashion_mnist")],
@@ -129,6 +134,7 @@ def test_loading_missing_fashion_mnist_names_its_import(tmp_path):
         data.load("fashion_mnist", "test", data_dir=tmp_path, download=False)
 
 
+@pytest.mark.slow
 def test_sample_is_a_small_real_mnist_subset(shared_mnist):
     (x_train, y_train), (x_test, y_test) = data.sample()
     assert x_train.shape == (8000, 28, 28) and x_train.dtype == np.uint8

@@ -77,6 +77,7 @@ MIRRORED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_on_two_devices_matches_one_device():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(
@@ -208,6 +209,7 @@ def _assert_same_training(runs, reference, names):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_multi_worker_strategy_on_two_processes_matches_one_process(tmp_path):
     ports = ",".join(map(str, _free_ports(2)))
     script = [sys.executable, "-c", MULTI_WORKER]
@@ -280,6 +282,7 @@ DATA_PARALLEL = (
 )
 
 
+@pytest.mark.slow
 def test_jax_data_parallel_on_two_devices_matches_one_device(tmp_path):
     (results,) = _run_all([[sys.executable, "-c", DATA_PARALLEL, str(tmp_path)]])
     one, parallel = results["one"], results["data_parallel"]

@@ -123,9 +123,8 @@ def test_attention_maps_of_other_sizes_are_resized_to_the_smaller():
     assert same.shape == (2,) and np.all(same < other / 5)
 
 
-# On TensorFlow only, to keep the suite short: the feature term's value and
-# gradient tests run on every backend.
-@pytest.mark.tensorflow_only
+# The feature term's value and gradient tests run on every backend.
+@pytest.mark.backend_independent
 def test_hints_train_adapters_that_stay_out_of_the_student(tmp_path):
     teacher, student = cnn(8, "teacher", 1), cnn(4, "student", 2)
     student_weights = len(student.weights)
@@ -256,8 +255,8 @@ def _distiller(loss, teacher=None, student=None):
     )
 
 
-# The checks of bad input are backend-independent: they run on TensorFlow
-# only, to keep the suite short.
+# The checks of bad input are the same on every backend.
+@pytest.mark.backend_independent
 @pytest.mark.parametrize(
     "make, error",
     [
@@ -322,13 +321,11 @@ def _distiller(loss, teacher=None, student=None):
         "unknown_adapter",
     ],
 )
-@pytest.mark.tensorflow_only
 def test_bad_feature_losses_raise_with_the_fix(make, error):
     with pytest.raises(ValueError, match=error):
         make()
 
 
-@pytest.mark.tensorflow_only
 def test_feature_losses_refuse_cached_logits_before_training():
     teacher, student = cnn(8, "teacher", 1), cnn(4, "student", 2)
     cached = kd_keras.cache_teacher_logits(teacher, (X, Y), batch_size=16)
@@ -343,7 +340,6 @@ def test_feature_losses_refuse_cached_logits_before_training():
         np.testing.assert_array_equal(old, new)
 
 
-@pytest.mark.tensorflow_only
 def test_a_shared_layer_is_refused_on_the_first_batch():
     keras.utils.set_random_seed(0)
     shared = keras.layers.Dense(8, activation="relu", name="shared")
@@ -376,7 +372,6 @@ def test_compute_loss_called_directly_reads_its_own_features():
     )
 
 
-@pytest.mark.tensorflow_only
 def test_an_adapter_of_the_wrong_width_is_refused():
     hint = losses.FeatureHint(
         "block2/conv", "block2/conv", adapter=keras.layers.Dense(3)
@@ -406,7 +401,6 @@ def test_adapters_built_after_the_optimizer_ask_to_compile_again():
     assert distiller.adapters[0].built
 
 
-@pytest.mark.tensorflow_only
 def test_features_of_unreadable_data_need_shapes_before_training():
     student = subclassed_student()
     distiller = _distiller(losses.FeatureHint("c1", student.conv), student=student)
@@ -421,7 +415,6 @@ def test_features_of_unreadable_data_need_shapes_before_training():
     assert distiller.adapters == []
 
 
-@pytest.mark.tensorflow_only
 def test_a_cached_pipeline_builds_adapters_from_its_spec():
     import tensorflow as tf
 
@@ -433,7 +426,6 @@ def test_a_cached_pipeline_builds_adapters_from_its_spec():
     assert tuple(distiller.adapters[0].kernel.shape) == (3, 8)
 
 
-@pytest.mark.tensorflow_only
 def test_function_taps_describe_themselves_the_same_in_every_process():
     def first_layer(model, inputs):
         return model.layers[0](inputs)
@@ -442,7 +434,6 @@ def test_function_taps_describe_themselves_the_same_in_every_process():
     assert "test_feature_losses" in text and "first_layer" in text and "0x" not in text
 
 
-@pytest.mark.tensorflow_only
 def test_a_checkpoint_of_an_unsaveable_distiller_fails_before_training(tmp_path):
     student = subclassed_student()
     distiller = _distiller(losses.FeatureHint("c1", student.conv), student=student)
@@ -455,7 +446,6 @@ def test_a_checkpoint_of_an_unsaveable_distiller_fails_before_training(tmp_path)
         np.testing.assert_array_equal(old, new)
 
 
-@pytest.mark.tensorflow_only
 def test_the_export_of_a_distiller_with_adapters_is_the_student_alone(tmp_path):
     import tensorflow as tf
 
@@ -496,7 +486,6 @@ def test_an_override_that_changes_the_logits_still_trains():
     assert np.isfinite(history["distillation_loss"][0])
 
 
-@pytest.mark.tensorflow_only
 def test_an_adapter_that_cannot_tell_its_shape_is_checked_on_the_first_batch():
     class Narrow(keras.layers.Layer):  # No compute_output_shape.
         def __init__(self, **kwargs):
@@ -528,7 +517,6 @@ def test_attention_of_high_powers_of_large_activations_does_not_overflow():
     np.testing.assert_allclose(got, attention_reference(t, s, 16), rtol=1e-3)
 
 
-@pytest.mark.tensorflow_only
 def test_unreadable_data_without_adapters_or_shapes():
     import tensorflow as tf
 
@@ -564,10 +552,100 @@ def test_unreadable_data_without_adapters_or_shapes():
         hint.fit(cached, epochs=1, verbose=0)
 
 
-@pytest.mark.tensorflow_only
 def test_a_callback_list_is_accepted():
     distiller = _distiller(losses.FeatureHint("fc", "fc"))
     distiller.compile("adam")
     # Keras takes a CallbackList as it is (History included, by the user).
     given = keras.callbacks.CallbackList([keras.callbacks.History()], model=distiller)
     distiller.fit(X, Y, epochs=1, verbose=0, callbacks=given)
+
+
+def _counting_student(counting_layer):
+    """A student that counts its forward passes, with a layer "fc" to hint."""
+    keras.utils.set_random_seed(3)
+    counter = counting_layer()
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.GlobalAveragePooling2D()(counter(inputs))
+    h = keras.layers.Dense(6, activation="relu", name="fc")(h)
+    student = keras.Model(inputs, keras.layers.Dense(4)(h), name="student")
+    return student, counter
+
+
+def _passes_per_step(distiller, counter):
+    distiller.compile("adam")
+    distiller.train_on_batch(X[:16], Y[:16])  # Traced and built.
+    before = counter.count()
+    for _ in range(2):
+        distiller.train_on_batch(X[:16], Y[:16])
+    return (counter.count() - before) / 2
+
+
+def test_an_override_of_call_runs_the_student_once_per_step():
+    # The step's features come from the forward pass of the step's `call`,
+    # also when an override changes the logits it returns (the student used
+    # to run a second time then).
+    from conftest import CountingLayer
+
+    student, counter = _counting_student(CountingLayer)
+    distiller = _ScaledLogits(
+        cnn(8, "teacher", 1),
+        student,
+        losses=losses.FeatureHint("fc", "fc"),
+        name="scaled",
+    )
+    assert _passes_per_step(distiller, counter) == 1
+
+
+@pytest.mark.tensorflow_only
+def test_a_custom_train_step_runs_the_student_once_per_step():
+    from conftest import CountingLayer
+    import tensorflow as tf
+
+    class CustomStep(kd_keras.Distiller):
+        """The usual Keras pattern of a custom step (TensorFlow's)."""
+
+        def train_step(self, data):
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(x, y, y_pred, sample_weight)
+            variables = self.trainable_variables
+            gradients = tape.gradient(loss, variables)
+            self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
+            return {"loss": loss}
+
+    student, counter = _counting_student(CountingLayer)
+    distiller = CustomStep(
+        cnn(8, "teacher", 1),
+        student,
+        losses=losses.FeatureHint("fc", "fc"),
+        name="custom_step",
+    )
+    assert _passes_per_step(distiller, counter) == 1
+
+
+class _RebuiltBatch(kd_keras.Distiller):
+    """An override of `compute_loss` that unpacks the cached form of `x` and
+    packs it again, as the docstring of `compute_loss` shows."""
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, **kw):
+        from kd_keras.distiller import INPUTS_KEY
+        from kd_keras.distiller import TEACHER_LOGITS_KEY
+        from kd_keras.distiller import split_cached
+
+        inputs, teacher_logits = split_cached(x)
+        if teacher_logits is not None:
+            x = {INPUTS_KEY: inputs, TEACHER_LOGITS_KEY: teacher_logits * 1.0}
+        return super().compute_loss(x, y, y_pred, sample_weight, **kw)
+
+
+def test_an_override_of_compute_loss_that_repacks_the_batch_keeps_the_features():
+    distiller = _RebuiltBatch(
+        cnn(8, "teacher", 1),
+        cnn(4, "student", 2),
+        losses=[losses.SoftTargets(), losses.FeatureHint("block2/conv", "block2/conv")],
+        name="rebuilt",
+    )
+    distiller.compile("adam")
+    history = distiller.fit(X, Y, epochs=1, batch_size=16, verbose=0).history
+    assert history["feature_hint_loss"][0] > 0.0

@@ -546,6 +546,7 @@ MEMORY = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_disk_cache_memory_stays_bounded_whatever_the_data_size(tmp_path):
     count = 80_000  # 251 MB of float32 inputs; 3.2 MB of logits.
     run = subprocess.run(

@@ -135,7 +135,7 @@ def test_decoupled_kd_takes_one_hot_and_sequence_labels(tiny_mlp, reference):
     s = rng.normal(size=(2, 3, 4)).astype("float32")
     ids = rng.integers(0, 4, size=(2, 3))
     flat = decoupled_kd(t.reshape(6, 4), s.reshape(6, 4), ids.reshape(6))
-    from kd_keras.distiller import _class_ids
+    from kd_keras._loss_terms import class_ids as _class_ids
 
     for labels in (ids, np.eye(4)[ids]):
         got = values_of(losses.DecoupledKD(), t, s, _class_ids(labels, t))
@@ -228,8 +228,8 @@ def test_losses_survive_save_and_load(tiny_mlp, tiny_data, tmp_path):
     before = distiller.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
     distiller.save(tmp_path / "d.keras")
     loaded = keras.saving.load_model(tmp_path / "d.keras")
-    assert [(repr(a), w) for a, w in loaded._kd_losses] == [
-        (repr(a), w) for a, w in distiller._kd_losses
+    assert [(repr(a), w) for a, w in loaded._terms.weighted] == [
+        (repr(a), w) for a, w in distiller._terms.weighted
     ]
     after = loaded.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
     assert after["distillation_loss"] == pytest.approx(
@@ -378,7 +378,7 @@ def test_keras_and_kd_keras_arguments_do_not_mix(tiny_mlp):
         distillation_losses=[keras_loss, keras.distillation.LogitsDistillation(4.0)],
         distillation_loss_weights=[0.5, 0.5],
     )
-    assert [loss.name for loss, _ in two._kd_losses] == [
+    assert [loss.name for loss, _ in two._terms.weighted] == [
         "keras_logits_distillation_1",
         "keras_logits_distillation_2",
     ]
@@ -399,7 +399,7 @@ def test_a_keras_logits_loss_is_saved_with_the_distiller(tiny_mlp, tiny_data, tm
     assert after["distillation_loss"] == pytest.approx(
         before["distillation_loss"], rel=1e-5
     )
-    ((wrapped, weight),) = loaded._kd_losses
+    ((wrapped, weight),) = loaded._terms.weighted
     assert isinstance(wrapped, losses.KerasLogitsDistillation) and weight == 0.5
     assert wrapped.loss.temperature == 2.0
 

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from kd_keras.apps import cli
 from kd_keras.apps import reproduce
@@ -19,6 +20,7 @@ def test_the_bias_shift_is_chosen_on_validation_accuracy():
     assert reproduce._errors(logits, labels, only=2) == 3
 
 
+@pytest.mark.slow
 def test_a_tiny_reproduction_writes_the_table_beside_the_paper(
     mnist_data_dir, tmp_path
 ):
@@ -100,6 +102,7 @@ def fake_results(seed):
     return results
 
 
+@pytest.mark.slow
 def test_a_rerun_keeps_the_finished_seeds(mnist_data_dir, tmp_path, monkeypatch):
     seeds_run = []
 

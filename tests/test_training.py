@@ -91,9 +91,9 @@ def test_a_backup_resumes_only_the_run_that_made_it(
     assert epochs_run(backup, tiny_data, 1e-2) == [0, 1, 2]  # Other settings.
 
 
-# Which calls set the seed does not depend on the backend: on TensorFlow
-# only, to keep the suite short.
-@pytest.mark.tensorflow_only
+# Which calls set the seed does not depend on the backend.
+@pytest.mark.backend_independent
+@pytest.mark.slow
 def test_library_calls_never_set_the_global_seed(
     tiny_mlp, tiny_data, tmp_path, monkeypatch
 ):

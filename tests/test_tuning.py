@@ -55,9 +55,9 @@ def hypermodel(tiny_mlp):
     return hypermodel
 
 
-# On TensorFlow only, to keep the suite short: a sweep runs on JAX in
-# tests/test_backends.py (without TensorFlow), and trials below run on JAX.
-@pytest.mark.tensorflow_only
+# A sweep runs on JAX in tests/test_backends.py (without TensorFlow), and
+# trials below run on JAX.
+@pytest.mark.backend_independent
 def test_a_tiny_sweep_returns_the_best_hyperparameters(
     counting_teacher, hypermodel, splits, tiny_mlp, tmp_path
 ):
@@ -115,8 +115,8 @@ def test_an_assistant_trial_distils_the_teacher_into_the_assistant_first(
     assert assistant.trainable is False
 
 
-# Backend-independent (files, fingerprints, the oracle): once is enough.
-@pytest.mark.tensorflow_only
+# Files, fingerprints and the oracle: the same on every backend.
+@pytest.mark.backend_independent
 def test_a_resumed_sweep_does_not_run_finished_trials_again(
     hypermodel, splits, tmp_path
 ):
@@ -133,8 +133,8 @@ def test_a_resumed_sweep_does_not_run_finished_trials_again(
     assert len(tuner.oracle.trials) == 3
 
 
-# Backend-independent (files, fingerprints, the oracle): once is enough.
-@pytest.mark.tensorflow_only
+# Files, fingerprints and the oracle: the same on every backend.
+@pytest.mark.backend_independent
 def test_an_interrupted_trial_is_run_again_on_resume(hypermodel, splits, tmp_path):
     class Interrupt(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
@@ -190,7 +190,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.tensorflow_only  # Three processes: slow to repeat.
+@pytest.mark.slow
 def test_a_chief_and_two_workers_on_loopback_record_every_trial(tmp_path):
     script = WORKER.format(directory=str(tmp_path))
     base = dict(
@@ -257,8 +257,8 @@ def test_mixed_float16_students_train_with_loss_scaling(hypermodel, splits):
     assert np.isfinite(logs["distillation_loss"]) and np.isfinite(logs["loss"])
 
 
-# Backend-independent (files, fingerprints, the oracle): once is enough.
-@pytest.mark.tensorflow_only
+# Files, fingerprints and the oracle: the same on every backend.
+@pytest.mark.backend_independent
 def test_trials_are_listed_in_numeric_order(hypermodel, splits, tmp_path):
     tuner, _ = tuning.tune(
         hypermodel(),
@@ -283,8 +283,8 @@ def test_mixed_precision_and_jit_compile_options(hypermodel, splits):
     assert np.isfinite(logs["loss"])
 
 
-# Backend-independent (files, fingerprints, the oracle): once is enough.
-@pytest.mark.tensorflow_only
+# Files, fingerprints and the oracle: the same on every backend.
+@pytest.mark.backend_independent
 def test_resuming_a_sweep_with_other_settings_raises(hypermodel, splits, tmp_path):
     arguments = dict(tuner="random", max_trials=1, directory=tmp_path, project_name="p")
     tuning.tune(hypermodel(), *splits(), epochs=1, **arguments)
@@ -331,8 +331,8 @@ class RecordingHyperModel(tuning.DistillationHyperModel):
         return history
 
 
-# Backend-independent (files, fingerprints, the oracle): once is enough.
-@pytest.mark.tensorflow_only
+# Files, fingerprints and the oracle: the same on every backend.
+@pytest.mark.backend_independent
 def test_hyperband_continues_assistant_trials_without_retraining(
     hypermodel, splits, tiny_mlp, tmp_path
 ):
@@ -372,8 +372,8 @@ def test_hyperband_continues_assistant_trials_without_retraining(
     assert model.teacher_passes == {"train": 1, "validation": 1}
 
 
-# Backend-independent (files, fingerprints, the oracle): once is enough.
-@pytest.mark.tensorflow_only
+# Files, fingerprints and the oracle: the same on every backend.
+@pytest.mark.backend_independent
 def test_a_second_sweep_in_the_same_session_resumes(
     hypermodel, splits, tiny_mlp, tmp_path
 ):
@@ -391,9 +391,8 @@ def test_a_second_sweep_in_the_same_session_resumes(
     assert best is not None and len(tuning.trials_table(tuner)) == 2
 
 
-# keras-tuner's search space does not depend on the backend: on TensorFlow
-# only, to keep the suite short.
-@pytest.mark.tensorflow_only
+# keras-tuner's search space does not depend on the backend.
+@pytest.mark.backend_independent
 def test_a_sweep_chooses_the_loss_and_its_own_hyperparameters(
     hypermodel, splits, tmp_path
 ):
@@ -430,7 +429,7 @@ def test_a_sweep_chooses_the_loss_and_its_own_hyperparameters(
         # The DKD weight is searched, and set, only in DKD's trials.
         assert ("dkd_beta" in hp.values) == (hp.values["loss"] == "dkd")
         built = model.build(hp)
-        ((loss, _),) = built._kd_losses
+        ((loss, _),) = built._terms.weighted
         expected = {"kd": "SoftTargets", "dkd": "DecoupledKD", "dist": "DIST"}
         assert type(loss).__name__ == expected[hp.values["loss"]]
         if hp.values["loss"] == "dkd":
@@ -449,7 +448,6 @@ def test_loss_choices_must_be_losses(hypermodel):
 
 
 # The feature path itself runs on JAX in test_feature_losses.
-@pytest.mark.tensorflow_only
 def test_a_sweep_over_a_feature_loss_runs_the_teacher_on_the_fly(
     hypermodel, splits, tmp_path
 ):
@@ -483,11 +481,11 @@ def test_a_sweep_over_a_feature_loss_runs_the_teacher_on_the_fly(
     )
     assert model.teacher_passes == {}  # Features are not cached.
     built = model.build(best)
-    assert [type(loss).__name__ for loss, _ in built._kd_losses] == [
+    assert [type(loss).__name__ for loss, _ in built._terms.weighted] == [
         "SoftTargets",
         "FeatureHint",
     ]
-    assert built._kd_losses[1][1] == best.values["hint_weight"]
+    assert built._terms.weighted[1][1] == best.values["hint_weight"]
 
 
 def test_a_trial_that_picks_a_feature_loss_gets_uncached_data(hypermodel, splits):
