@@ -54,8 +54,8 @@ flags.DEFINE_string("cache_dir", None, "Internal: the worker's cache folder.")
 flags.DEFINE_integer("epochs", None, "Internal: the worker's measured epochs.")
 
 BATCH = 500
-QUICK = {"examples": 100_000, "epochs": 2, "seeds": 2, "teacher_epochs": 3}
-FULL = {"examples": 1_000_000, "epochs": 3, "seeds": 3, "teacher_epochs": 8}
+QUICK = {"examples": 100_000, "epochs": 3, "seeds": 2, "teacher_epochs": 3}
+FULL = {"examples": 1_000_000, "epochs": 6, "seeds": 3, "teacher_epochs": 8}
 STUDENT_EPOCHS = 10
 TEMPERATURE, WEIGHT = 4.0, 0.5
 

@@ -154,6 +154,9 @@ class Description:
 
 # A pipeline's description lives as long as the pipeline: {id: Description}.
 _DESCRIPTIONS = {}
+# Data whose every input was checked finite when they were made (by
+# `cache_teacher_logits`), as long as they live: {id: True}.
+_CHECKED = {}
 
 
 def describe(data):
@@ -171,6 +174,17 @@ def describe(data):
     if leaves and all(isinstance(a, np.ndarray) or ops.is_tensor(a) for a in leaves):
         return Description("arrays")
     return Description("other")
+
+
+def mark_inputs_checked(data):
+    """Records that every input of `data` was checked finite; returns it."""
+    _kept(_CHECKED, data, lambda _: True)
+    return data
+
+
+def inputs_checked(data):
+    """True if every input of `data` was checked finite when it was made."""
+    return id(data) in _CHECKED
 
 
 def _kept(memo, dataset, compute):

@@ -1,50 +1,56 @@
-"""Teacher logits stored on disk, for data that do not fit in memory.
+"""Teacher logits stored on disk: the record layout, the index, the
+checksums, and the verified readers.
 
 Each dataset and setting has a folder in the user's directory,
 `data-<first batch digest>-<settings digest>`, holding an index,
-`kd_keras_logits.json`, and shards, `logits-<hash>.bin`: raw little-endian
-records, one per example, in the order the input pipeline yields its
-examples. The inputs are not stored; every epoch re-reads the pipeline and
-pairs it with the records.
-
-The index records the teacher (a fingerprint of its architecture and
-weights), the record layout, and for every shard the digests of the input
-batches its logits were computed from. Writing goes shard by shard, and the
-index is rewritten after each new one, so a call that finds an index reuses
-every batch whose position and digest are unchanged and runs the teacher
-only on the others: that is how a second call reuses a finished cache, and
-how an interrupted write resumes.
+`kd_keras_logits.json`, and shards, `logits-<hash>.bin`: the raw
+little-endian records of consecutive input batches, one record per example,
+in the order the input pipeline yields its examples. The inputs are not
+stored; every epoch re-reads the pipeline and pairs each input batch with
+its logits. (`_logit_writer` writes the folder.)
 
 A record holds the logits (float32 or float16) or, with `top_k`, the k
 largest logits, their class ids and one fill value for the other classes.
+
+Nothing is served that was not verified. The index lists, for every batch,
+the digest of the input batch its logits were computed from and two
+checksums of its records: a CRC-32 (`zlib`), which a call that reuses the
+folder and the NumPy reader verify, and a FarmHash fingerprint
+(`tf.fingerprint`), which the `tf.data` reader verifies in the pipeline,
+batch by batch, before it decodes the logits. The CRC-32 covers the record
+layout and the input digest as well as the bytes, so an index whose shape,
+dtype, rows or file names disagree with the files fails it too. An index
+that cannot be read, or that is not of this form, is no index: its folder
+is rebuilt.
 """
 
 import dataclasses
-import hashlib
-import itertools
-import os
 import pathlib
-import socket
+import re
+import sys
+import zlib
 
 from absl import logging
-import keras
 import numpy as np
 
+from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _datasets
-from kd_keras import _fingerprints
 from kd_keras import _io
 
 INDEX = "kd_keras_logits.json"
-VERSION = 1
+VERSION = 2
 DTYPES = ("float32", "float16")
-# A shard holds about this many bytes of records: the unit of resumption.
-SHARD_BYTES = 64 << 20
 # The default shuffle buffer holds about this many bytes of examples.
 SHUFFLE_BYTES = 32 << 20
+SHARD_NAME = re.compile(r"^logits-[0-9a-f]{16}\.bin$")
 _FLOAT16_MAX = float(np.finfo("float16").max)
 # Below this, the rest of the probability mass counts as zero.
 _TINY_MASS = 1e-30
+_FIX = (
+    "Delete the folder {folder} and call `cache_teacher_logits` again, which "
+    "recomputes what is damaged."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +84,11 @@ class Layout:
                 ("fill", "<f4", self.shape[:-1]),
             ]
         )
+
+    def checksum_prefix(self, digest):
+        """What a batch's checksums cover besides its bytes: the layout that
+        reads them and the input batch they were computed from."""
+        return f"{list(self.shape)}|{self.dtype}|{self.top_k}|{digest}|".encode()
 
 
 def check_arguments(dtype, top_k):
@@ -127,6 +138,9 @@ def check_deterministic(dataset):
         )
 
 
+# Records.
+
+
 def encode(logits, layout):
     """The records of a batch of float32 logits."""
     records = np.empty(len(logits), layout.record)
@@ -161,7 +175,7 @@ def encode(logits, layout):
 
 
 def decode(records, layout):
-    """float32 logits from records (NumPy)."""
+    """float32 logits from verified records (NumPy)."""
     values = records["values"].astype("float32")
     if layout.top_k is None:
         return values
@@ -171,25 +185,27 @@ def decode(records, layout):
     return logits
 
 
+_TF_TYPES = {"<f2": "float16", "<f4": "float32", "|u1": "uint8", "<u2": "uint16"}
+
+
 def decode_tf(raw, layout):
-    """float32 logits from a batch of raw records (`tf.string`, shape [b])."""
+    """float32 logits from the raw records of a batch (one `tf.string`)."""
     import tensorflow as tf
 
     record = layout.record
+    data = tf.reshape(tf.io.decode_raw(raw, tf.uint8), [-1, record.itemsize])
 
     def field(name):
         sub, offset = record.fields[name]
-        dtype = {
-            "<f2": tf.float16,
-            "<f4": tf.float32,
-            "|u1": tf.uint8,
-            "<u2": tf.uint16,
-            "<i4": tf.int32,
-        }[sub.base.str]
-        data = tf.io.decode_raw(
-            tf.strings.substr(raw, offset, sub.itemsize), dtype, little_endian=True
-        )
-        return tf.reshape(data, [-1, *sub.shape])
+        width = sub.base.itemsize
+        part = tf.reshape(data[:, offset : offset + sub.itemsize], [-1, width])
+        if width == 1:
+            values = part[:, 0]
+        else:
+            if sys.byteorder != "little":  # The records are little-endian.
+                part = tf.reverse(part, axis=[-1])
+            values = tf.bitcast(part, tf.as_dtype(_TF_TYPES.get(sub.base.str, "int32")))
+        return tf.reshape(values, [-1, *sub.shape])
 
     values = tf.cast(field("values"), tf.float32)
     if layout.top_k is None:
@@ -210,336 +226,255 @@ def decode_tf(raw, layout):
     return tf.reshape(logits, shape)
 
 
-def _batch_digest(x, y, sample_weight):
-    """Identifies a batch's content (strings by their text)."""
-    hasher = hashlib.blake2b(digest_size=8)
-    for leaf in keras.tree.flatten((x, y, sample_weight)):
-        if leaf is None:
-            continue
-        leaf = np.ascontiguousarray(leaf)
-        hasher.update(f"{leaf.dtype.str}{leaf.shape}".encode())
-        if leaf.dtype == object:
-            for item in leaf.ravel():
-                data = item if isinstance(item, bytes) else str(item).encode()
-                hasher.update(len(data).to_bytes(8, "little") + data)
-        else:
-            hasher.update(memoryview(leaf).cast("B"))
-    return hasher.hexdigest()
+# Checksums.
 
 
-def teacher_batch(teacher, x, position):
-    """The teacher's float32 logits on a batch, inputs and logits checked
-    finite."""
-    for leaf in keras.tree.flatten(x):
-        _checks.check_finite(leaf, f"inputs of batch {position + 1}")
-    logits = np.asarray(teacher.predict_on_batch(x), "float32")
-    _checks.check_finite(logits, f"teacher's logits on batch {position + 1}")
-    return logits
+def crc32(layout, digest, payload):
+    """The CRC-32 of a batch's records (with its layout and input digest)."""
+    return zlib.crc32(payload, zlib.crc32(layout.checksum_prefix(digest)))
+
+
+def fingerprint(payload):
+    """The FarmHash fingerprint (`tf.fingerprint`) of a batch's records, as
+    hex text; None without TensorFlow (the `tf.data` reader, the only one
+    that checks it, needs it anyway). The reader takes its layout and its
+    batches' places from the index of the call that made it, not from the
+    files, so the fingerprint covers the bytes alone."""
+    tf = _backend.tf_if_loaded()
+    if tf is None:
+        return None
+    return bytes(tf.fingerprint(tf.constant([payload])).numpy()[0]).hex()
+
+
+# The index.
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """A batch's place in the folder: its shard, its records' byte range in
+    the shard, its input digest and its checksums."""
+
+    file: str
+    start: int
+    rows: int
+    digest: str
+    crc32: int
+    fingerprint: str
+
+
+class Index:
+    """A folder's index, checked for its form: every field of the right
+    type, shard names of the folder's own, as many digests, row counts and
+    checksums as batches. Its agreement with the files is checked by the
+    checksums, when a batch is read.
+
+    Attributes:
+        stamp: the settings (teacher, data spec, dtype, top_k).
+        layout: the record layout.
+        shards: `[{"file", "digests", "rows", "crc32", "fingerprints"}]`.
+        batches: a `Batch` per input batch, in order.
+        complete: False while a write is under way (or was cut short).
+    """
+
+    def __init__(self, payload):
+        self.payload = payload
+        self.stamp = {
+            key: payload[key] for key in ("teacher", "spec", "dtype", "top_k")
+        }
+        shape = payload["shape"]
+        if not (
+            isinstance(shape, list)
+            and shape
+            and all(isinstance(d, int) and d > 0 for d in shape)
+            and payload["dtype"] in DTYPES
+            and (payload["top_k"] is None or 0 < payload["top_k"] < shape[-1])
+        ):
+            raise ValueError(f"no record layout in shape={shape!r}")
+        self.layout = Layout(tuple(shape), payload["dtype"], payload["top_k"])
+        self.shards = payload["shards"]
+        self.complete = payload["complete"] is True
+        example_bytes = payload.get("example_bytes")
+        self.example_bytes = example_bytes if isinstance(example_bytes, int) else 1
+        self.batches = []
+        for shard in self.shards:
+            fields = [shard[k] for k in ("digests", "rows", "crc32", "fingerprints")]
+            if (
+                not SHARD_NAME.match(str(shard["file"]))
+                or len({len(f) for f in fields}) != 1
+            ):
+                raise ValueError(f"a shard entry of another form: {shard!r:.200}")
+            start = 0
+            for digest, rows, crc, fingerprint in zip(*fields, strict=True):
+                if not (isinstance(rows, int) and rows > 0 and isinstance(crc, int)):
+                    raise ValueError(f"rows={rows!r}, crc32={crc!r}")
+                self.batches.append(
+                    Batch(shard["file"], start, rows, str(digest), crc, fingerprint)
+                )
+                start += rows * self.layout.record.itemsize
+        if not self.batches:
+            raise ValueError("no batches")
+
+    @property
+    def examples(self):
+        return sum(batch.rows for batch in self.batches)
+
+    def shard_bytes(self, shard):
+        return sum(shard["rows"]) * self.layout.record.itemsize
 
 
 def read_index(folder):
-    """The index of a cache folder, or None (none there, another version,
-    or unreadable: a write cut short on a file system without atomic
-    renames)."""
+    """The index of a cache folder, or None: none there, another version,
+    or one that is unreadable or of another form (a write cut short on a
+    file system without atomic renames, a hand edit), with a warning."""
+    path = pathlib.Path(folder) / INDEX
     try:
-        index = _io.read_json(pathlib.Path(folder) / INDEX)
-    except (ValueError, OSError) as error:
-        logging.warning("Ignoring the unreadable %s in %s: %s", INDEX, folder, error)
-        return None
-    return index if index and index.get("version") == VERSION else None
-
-
-class _Previous:
-    """What an earlier call wrote in the folder, for the same stamp
-    (teacher, data spec, dtype and top_k): its shards, and the records of
-    each batch by position, to reuse where the batch's digest is
-    unchanged."""
-
-    def __init__(self, folder, index, stamp):
-        self.folder, self.batches, self.files, self.shards = folder, [], {}, []
-        self.layout = None
-        if index is None or {k: index.get(k) for k in stamp} != stamp:
-            return
-        self.layout = layout_of(index)
-        self.shards = index["shards"]
-        self.by_file = {shard["file"]: shard for shard in self.shards}
-        for shard in self.shards:
-            start = 0
-            for digest, rows in zip(shard["digests"], shard["rows"], strict=True):
-                self.batches.append((digest, shard["file"], start, rows))
-                start += rows
-
-    def _file(self, name, rows):
-        """The shard's records (memory-mapped), or None if the file is
-        missing or of the wrong size (cut short)."""
-        if name not in self.files:
-            path = self.folder / name
-            size = rows * self.layout.record.itemsize
-            if not path.is_file() or path.stat().st_size != size:
-                return None
-            self.files[name] = np.memmap(path, self.layout.record, mode="r")
-        return self.files[name]
-
-    def matches(self, position, digest):
-        """True if the batch at `position` is unchanged and its records are
-        in a whole file."""
-        if position >= len(self.batches) or self.batches[position][0] != digest:
-            return False
-        name = self.batches[position][1]
-        return self._file(name, sum(self.by_file[name]["rows"])) is not None
-
-    def rows(self, position):
-        return self.batches[position][3]
-
-    def records(self, position):
-        """The records of an unchanged batch (read from its file)."""
-        _, name, start, rows = self.batches[position]
-        return np.array(self.files[name][start : start + rows])
-
-    def same_shard(self, number, digests):
-        """The earlier shard `number` if it holds exactly these batches and
-        its file is whole; else None."""
-        if number >= len(self.shards) or self.shards[number]["digests"] != digests:
+        payload = _io.read_json(path)
+        if payload is None or payload.get("version") != VERSION:
             return None
-        shard = self.shards[number]
-        return (
-            shard if self._file(shard["file"], sum(shard["rows"])) is not None else None
+        return Index(payload)
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as error:
+        logging.warning(
+            "Ignoring the index %s, which cannot be used (%s): the logits it "
+            "lists are recomputed.",
+            path,
+            error,
         )
+        return None
 
 
-def _remove_abandoned(folder):
-    """Removes the temporary files of writers on this host that died (a
-    killed process cannot clean up); other hosts' files are left alone."""
-    host = socket.gethostname()
-    for path in folder.glob("logits.*.tmp"):
-        parts = path.name[len("logits.") : -len(".tmp")].rsplit(".", 2)
-        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
-            continue  # Another host's, or not one of ours.
-        pid = parts[1]
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # Alive, another user's.
+# Readers.
 
 
-def _example_bytes(x, y, sample_weight):
-    """Bytes of one example (strings by their length)."""
-    leaves = [
-        leaf for leaf in keras.tree.flatten((x, y, sample_weight)) if leaf is not None
-    ]
-    total = sum(
-        sum(len(item) for item in leaf.ravel()) if leaf.dtype == object else leaf.nbytes
-        for leaf in leaves
-    )
-    return max(1, total // len(leaves[0]))
-
-
-def write(teacher, dataset, directory, dtype, top_k):
-    """Writes (or reuses, or resumes) the logits of `dataset`.
-
-    Each dataset and setting gets a folder of its own in `directory`, named
-    by the digests of the dataset's first batch and of the settings
-    (teacher, dtype, top_k), so that several datasets (train and
-    validation) and settings share `directory` without touching each
-    other's files.
-
-    Returns `(folder, index, teacher_batches)`: the folder, its finished
-    index and how many batches the teacher ran on.
-    """
-    directory = _io.make_folder(directory, "directory")
-    if _checks.num_classes(teacher):  # Else on the first logits.
-        check_top_k(top_k, _checks.num_classes(teacher))
-    stamp = {
-        "teacher": _fingerprints.weights(teacher),
-        "spec": _datasets.spec(dataset),
-        "dtype": dtype,
-        "top_k": top_k,
-    }
-    batches = _datasets.numpy_batches(dataset)
-    head = list(itertools.islice(batches, 2))
-    if not head:
-        raise ValueError("The dataset is empty: there is nothing to cache.")
-    digests = [_batch_digest(*batch) for batch in head]
-    if not _datasets.describe(dataset).cache:  # A partial read could truncate it.
-        replay = itertools.islice(_datasets.numpy_batches(dataset), 2)
-        if [_batch_digest(*batch) for batch in replay] != digests:
-            raise ValueError(
-                "The dataset's first batches differ from one pass to the next "
-                "(the pipeline reorders or draws at random), so examples "
-                "cannot be paired with stored logits. Make the pipeline "
-                "deterministic: no shuffle, no random ops, "
-                "`deterministic=True`; `cache_teacher_logits(..., "
-                "shuffle=True)` shuffles after the pairing."
-            )
-    name = f"data-{digests[0]}-{_fingerprints.digest(stamp)}"
-    folder = _io.make_folder(directory / name, "directory")
-    _remove_abandoned(folder)
-    old_index = read_index(folder)
-    previous = _Previous(folder, old_index, stamp)
-    writer = _Writer(folder, stamp, previous)
-    try:
-        for position, (x, y, sample_weight) in enumerate(
-            itertools.chain(head, batches)
+def numpy_records(folder, index):
+    """The records of every batch, verified, as one NumPy structured array
+    read into memory. Raises, naming the file, the batch and the fix, on a
+    file that is cut short or a batch that fails its CRC-32."""
+    layout, item = index.layout, index.layout.record.itemsize
+    files, parts = {}, []
+    for position, batch in enumerate(index.batches):
+        if batch.file not in files:
+            files[batch.file] = _read_whole(folder, batch.file)
+        payload = files[batch.file][batch.start : batch.start + batch.rows * item]
+        if (
+            len(payload) != batch.rows * item
+            or crc32(layout, batch.digest, payload) != batch.crc32
         ):
-            if not position:
-                _checks.check_batched(x, teacher, "teacher", "dataset")
-                writer.example_bytes = _example_bytes(x, y, sample_weight)
-            digest = _batch_digest(x, y, sample_weight)
-            if previous.matches(position, digest):
-                # Read only if its shard changes: a kept shard is not read.
-                writer.add(digest, previous.rows(position), position)
-                continue
-            logits = teacher_batch(teacher, x, position)
-            writer.teacher_batches += 1
-            if writer.layout is None:
-                check_top_k(top_k, logits.shape[-1])
-                writer.layout = Layout(tuple(logits.shape[1:]), dtype, top_k)
-            records = encode(logits, writer.layout)
-            writer.add(digest, len(records), records)
-        writer.close_shard()
-    finally:
-        writer.abandon()
-    finished = writer.summary(complete=True)
-    if _io.as_json(finished) != old_index:  # A finished cache may be read-only.
-        _io.write_json(folder / INDEX, finished)
-        listed = {s["file"] for s in (old_index or {}).get("shards", [])}
-        for stale in listed - {s["file"] for s in writer.shards}:
-            (folder / stale).unlink(missing_ok=True)
-    return folder, finished, writer.teacher_batches
+            raise ValueError(
+                f"The teacher logits of batch {position + 1} in "
+                f"{pathlib.Path(folder) / batch.file} fail their checksum: the "
+                "file changed since it was written. " + _FIX.format(folder=folder)
+            )
+        parts.append(np.frombuffer(payload, layout.record))
+    records = np.concatenate(parts)
+    check_indices(records, layout, folder)
+    return records
 
 
-class _Writer:
-    """Groups batches into shards of about `SHARD_BYTES` of records.
+def check_indices(records, layout, where):
+    """Raises if a top-k record holds a class id out of range (a bound
+    check behind the checksums)."""
+    if layout.top_k is not None and records.size:
+        if int(records["indices"].max()) >= layout.classes:
+            raise ValueError(
+                f"The top-k logits in {where} hold class ids beyond the "
+                f"{layout.classes} classes. " + _FIX.format(folder=where)
+            )
 
-    A shard whose batches are exactly those of the earlier shard at its
-    place is kept as it is, never rewritten; any other is written to a
-    temporary file and renamed to a name that hashes what it holds. The
-    index is rewritten after each new shard, listing the earlier shards not
-    yet reached as well, so a call cut short loses no finished work.
+
+def _read_whole(folder, name):
+    path = pathlib.Path(folder) / name
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(
+            f"The teacher logits file {path} is missing. " + _FIX.format(folder=folder)
+        ) from None
+
+
+def tf_batches(folder, index):
+    """The raw records of every batch, in order, as a `tf.data.Dataset` of
+    `(raw, position)`, and the function `(raw, position) -> logits` that
+    verifies a batch against its fingerprint before it decodes it.
+
+    A shard is read whole (about 16 MB: `_logit_writer.SHARD_BYTES`) and
+    cut into its batches, so that the pipeline handles a batch, not an
+    example, at a time. A shard cut short, or a batch whose bytes changed
+    since they were written, fails the read at once with an error that
+    names the file, the batch and the fix.
     """
+    import tensorflow as tf
 
-    def __init__(self, folder, stamp, previous):
-        self.folder, self.stamp, self.previous = folder, stamp, previous
-        self.layout = previous.layout
-        self.shards, self.teacher_batches, self.example_bytes = [], 0, None
-        self.temporary = folder / f"logits.{_io.unique_token()}.tmp"
-        self.handle = None
-        self.digests, self.rows, self.reused = [], [], []
-
-    def summary(self, complete, shards=None):
-        shards = self.shards if shards is None else shards
-        return {
-            "version": VERSION,
-            **self.stamp,
-            "shape": list(self.layout.shape),
-            "shards": shards,
-            "examples": sum(sum(s["rows"]) for s in shards),
-            "example_bytes": self.example_bytes,
-            "complete": complete,
-        }
-
-    def add(self, digest, rows, records):
-        """Adds a batch: its records, or the position of an unchanged
-        earlier batch whose records are read only if they must be copied."""
-        self.digests.append(digest)
-        self.rows.append(rows)
-        if self.handle is None and self._as_earlier():
-            self.reused.append(records)  # Until the shard diverges.
-        else:
-            if self.handle is None:
-                self._start_file()
-            self._write(records)
-        # By bytes, so that batches of any size make shards of one size.
-        if sum(self.rows) * self.layout.record.itemsize >= SHARD_BYTES:
-            self.close_shard()
-
-    def _as_earlier(self):
-        """True while the shard so far holds the batches the earlier shard
-        at its place began with."""
-        earlier = self.previous.shards[len(self.shards) :][:1]
-        return bool(earlier) and (
-            earlier[0]["digests"][: len(self.digests)] == self.digests
+    layout, item = index.layout, index.layout.record.itemsize
+    folder = pathlib.Path(folder)
+    if any(batch.fingerprint is None for batch in index.batches):
+        raise ValueError(
+            f"The index in {folder} has no fingerprints (written without "
+            "TensorFlow), which a `tf.data` reader checks. "
+            + _FIX.format(folder=folder)
         )
+    paths, sizes, starts, lengths, positions = [], [], [], [], []
+    first = 0  # The position of the shard's first batch.
+    for shard in index.shards:
+        count = len(shard["rows"])
+        paths.append(str(folder / shard["file"]))
+        sizes.append(index.shard_bytes(shard))
+        starts.append([int(o) for o in np.cumsum([0, *shard["rows"][:-1]]) * item])
+        lengths.append([rows * item for rows in shard["rows"]])
+        positions.append(list(range(first, first + count)))
+        first += count
+    expected = tf.constant(
+        np.stack(
+            [
+                np.frombuffer(bytes.fromhex(b.fingerprint), np.uint8)
+                for b in index.batches
+            ]
+        ),
+        tf.uint8,
+    )
+    names = tf.constant([batch.file for batch in index.batches])
+    fix = _FIX.format(folder=folder)
 
-    def _write(self, records):
-        if isinstance(records, int):  # An unchanged earlier batch.
-            records = self.previous.records(records)
-        self.handle.write(records.tobytes())
+    def split(path, size, start, length, position):
+        content = tf.io.read_file(path)
+        whole = tf.debugging.Assert(
+            tf.equal(tf.cast(tf.strings.length(content), tf.int64), size),
+            ["The teacher logits file", path, "is cut short or was replaced. " + fix],
+        )
+        with tf.control_dependencies([whole]):
+            return tf.strings.substr(content, start, length), position
 
-    def _start_file(self):
-        self.handle = open(self.temporary, "wb")  # noqa: SIM115 (closed below)
-        for records in self.reused:
-            self._write(records)
-        self.reused = []
+    def verified(raw, position):
+        fingerprint = tf.fingerprint(tf.reshape(raw, [1]))[0]
+        check = tf.debugging.Assert(
+            tf.reduce_all(tf.equal(fingerprint, tf.gather(expected, position))),
+            [
+                "The teacher logits of batch",
+                position + 1,
+                "in",
+                tf.gather(names, position),
+                "fail their checksum: the file changed since it was written. " + fix,
+            ],
+        )
+        with tf.control_dependencies([check]):
+            return decode_tf(tf.identity(raw), layout)
 
-    def close_shard(self):
-        if not self.digests:
-            return
-        kept = None
-        if self.handle is None:
-            kept = self.previous.same_shard(len(self.shards), self.digests)
-            if kept is None:
-                self._start_file()
-        if kept is not None:
-            self.shards.append(kept)
-        else:
-            name = f"logits-{_fingerprints.digest(self.stamp, self.digests)}.bin"
-            self.handle.flush()
-            os.fsync(self.handle.fileno())
-            self.handle.close()
-            self.handle = None
-            os.replace(self.temporary, self.folder / name)
-            self.shards.append(
-                {"file": name, "digests": self.digests, "rows": self.rows}
-            )
-            later = self.previous.shards[len(self.shards) :]
-            _io.write_json(
-                self.folder / INDEX,
-                self.summary(complete=False, shards=self.shards + later),
-            )
-        self.digests, self.rows, self.reused = [], [], []
-
-    def abandon(self):
-        """Drops an unfinished shard (after an error or an interruption)."""
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
-        self.temporary.unlink(missing_ok=True)
+    shards = tf.data.Dataset.from_tensor_slices(
+        (
+            paths,
+            tf.constant(sizes, tf.int64),
+            tf.ragged.constant(starts, tf.int64),
+            tf.ragged.constant(lengths, tf.int64),
+            tf.ragged.constant(positions, tf.int64),
+        )
+    )
+    return shards.map(split).unbatch(), verified
 
 
 def default_buffer(index):
     """Examples in `SHUFFLE_BYTES` of input (10,000 MNIST digits), at least
     one batch."""
-    rows = index["shards"][0]["rows"][0]
-    return max(rows, SHUFFLE_BYTES // max(1, index.get("example_bytes") or 1))
-
-
-def layout_of(index):
-    return Layout(tuple(index["shape"]), index["dtype"], index["top_k"])
-
-
-def tf_records(directory, index):
-    """The records as a `tf.data.Dataset` of raw strings, one per example."""
-    import tensorflow as tf
-
-    files = [str(pathlib.Path(directory) / s["file"]) for s in index["shards"]]
-    records = tf.data.FixedLengthRecordDataset(
-        files, record_bytes=layout_of(index).record.itemsize
-    )
-    return records.apply(tf.data.experimental.assert_cardinality(index["examples"]))
-
-
-def numpy_records(directory, index):
-    """The records as one NumPy structured array, read into memory."""
-    layout = layout_of(index)
-    return np.concatenate(
-        [
-            np.fromfile(pathlib.Path(directory) / s["file"], layout.record)
-            for s in index["shards"]
-        ]
-    )
+    rows = max(batch.rows for batch in index.batches)
+    return max(rows, SHUFFLE_BYTES // max(1, index.example_bytes))
 
 
 def size(directory):

@@ -35,6 +35,32 @@ Loss = collections.namedtuple("Loss", ["total", "label", "distillation", "terms"
 Trackers = collections.namedtuple("Trackers", ["label", "distillation", "terms"])
 
 
+class BatchMean(keras.metrics.Metric):
+    """The mean of a value per batch, weighted by the batch's size: what
+    `keras.metrics.Mean().update_state(value, sample_weight=batch)` gives,
+    in the fewest ops, for the terms logged at every step.
+
+    Args:
+        name: the name in the logs.
+    """
+
+    def __init__(self, name):
+        super().__init__(name=name, dtype="float32")
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, value, batch, replicas=1):
+        """Adds a batch's `value` (a per-replica share of it, whole once
+        multiplied by `replicas`)."""
+        batch = ops.cast(batch, "float32")
+        scale = batch if replicas == 1 else batch * replicas
+        self.total.assign_add(ops.cast(value, "float32") * scale)
+        self.count.assign_add(batch)
+
+    def result(self):
+        return ops.divide_no_nan(self.total, self.count)
+
+
 def _expects_probabilities(loss):
     """True for a loss object or function that takes probabilities."""
     if isinstance(loss, keras.losses.Loss):
@@ -176,13 +202,10 @@ class LossTerms:
         self.student_loss = check_student_loss(student_loss)
         self._defaults = {}
         self.trackers = Trackers(
-            keras.metrics.Mean(name="student_loss"),
-            keras.metrics.Mean(name="distillation_loss"),
+            BatchMean(name="student_loss"),
+            BatchMean(name="distillation_loss"),
             # With several losses, each term is logged too.
-            [
-                keras.metrics.Mean(name=f"{loss.name}_loss")
-                for loss, _ in weighted_losses
-            ]
+            [BatchMean(name=f"{loss.name}_loss") for loss, _ in weighted_losses]
             if len(weighted_losses) > 1
             else [],
         )
@@ -206,10 +229,10 @@ class LossTerms:
         """Updates the logged terms with a step's `Loss`; the terms are
         per-replica shares of the loss, and the logs show it whole."""
         replicas = _backend.num_replicas()
-        self.trackers.label.update_state(loss.label * replicas, batch)
-        self.trackers.distillation.update_state(loss.distillation * replicas, batch)
+        self.trackers.label.update_state(loss.label, batch, replicas)
+        self.trackers.distillation.update_state(loss.distillation, batch, replicas)
         for tracker, term in zip(self.trackers.terms, loss.terms, strict=False):
-            tracker.update_state(term * replicas, sample_weight=batch)
+            tracker.update_state(term, batch, replicas)
 
     def needing_labels(self):
         """The names of the distillation losses that need the labels."""

@@ -158,8 +158,10 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
         check_finite_inputs: refuse NaN or infinite float inputs (on the
             first batch) and make the loss NaN on any batch that holds one,
             so that `fit` stops with an error (see the guide "Bad
-            input"). Pass False for inputs that hold them on purpose, such
-            as additive `-inf` attention masks.
+            input"); the batches of `cache_teacher_logits`, whose inputs
+            were all checked when they were cached, are not checked again.
+            Pass False for inputs that hold them on purpose, such as
+            additive `-inf` attention masks.
 
     Example:
 
@@ -198,6 +200,9 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
         )
         super().__init__(**kwargs)
         self.check_finite_inputs = bool(check_finite_inputs)
+        # Whether the training step checks its inputs: not on data whose
+        # inputs were all checked when they were cached (see `fit`).
+        self._step_checks_inputs = True
         weighted = kd_losses.as_weighted_losses(losses)
         _check_models(teacher, student, weighted)
         check_temperature(temperature)
@@ -350,7 +355,7 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
         )
         self._terms.track(loss, ops.shape(y_pred)[0])
         total = loss.total + regularization
-        if not self.check_finite_inputs:
+        if not self.check_finite_inputs or (training and not self._step_checks_inputs):
             return total
         # A NaN input can vanish in the forward pass (ReLU maps NaN to 0)
         # while its gradient turns the weights into NaN: the loss reads NaN
@@ -461,6 +466,11 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
             self._check_data(*validation_data[:2], "validation data")
         elif validation_data is not None:
             self._check_data(validation_data, None, "validation data")
+        checks = not _datasets.inputs_checked(x)
+        if checks != self._step_checks_inputs:  # Trace the step again.
+            self._step_checks_inputs = checks
+            if getattr(self, "train_function", None) is not None:
+                self.make_train_function(force=True)
         callbacks = _fit_callbacks.with_fit_callbacks(callbacks, self, self._epoch)
         return super().fit(
             x,
@@ -586,9 +596,15 @@ def _check_models(teacher, student, weighted):
 
 
 def _all_finite(inputs):
-    """A scalar tensor: True unless a dense float input holds NaN or inf."""
+    """A scalar tensor: True unless a dense float input holds NaN or inf.
+
+    The sum of an input (in float32 at least) is finite exactly when its
+    values are, unless it overflows, which needs values beyond about 1e32
+    that the model would overflow on too; a sum reads the input once, where
+    an elementwise check also writes a mask as large as it.
+    """
     checks = [
-        ops.all(ops.isfinite(leaf))
+        ops.isfinite(ops.sum(_at_least_float32(leaf)))
         for leaf in keras.tree.flatten(inputs)
         if "float" in str(getattr(leaf, "dtype", ""))
         and not any(kind in type(leaf).__name__ for kind in ("Sparse", "Ragged"))
@@ -596,6 +612,11 @@ def _all_finite(inputs):
     if not checks:
         return ops.convert_to_tensor(True)
     return ops.all(ops.stack(checks))
+
+
+def _at_least_float32(leaf):
+    dtype = str(getattr(leaf, "dtype", ""))
+    return leaf if "32" in dtype or "64" in dtype else ops.cast(leaf, "float32")
 
 
 def _serialize_model(model):

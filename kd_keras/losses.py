@@ -182,11 +182,22 @@ def reduce_like_keras(
     every position of the example (see `_weights_like`).
     """
     values = _as_float32(values)
+    if sample_weight is None and mask is None and reduction in _MEANS:
+        # Keras' mean in fewer ops (a term is reduced at every step); an
+        # empty batch, as a replica may get, gives 0.
+        if len(values.shape) == 0 or tuple(values.shape) == (0,):
+            return values
+        mean = ops.divide_no_nan(ops.sum(values), ops.cast(ops.size(values), "float32"))
+        replicas = _backend.num_replicas()
+        return mean if replicas == 1 else mean * (1.0 / replicas)
     if sample_weight is not None:
         sample_weight = _weights_like(sample_weight, values)
     return _keras_internals.reduce_weighted_values(
         values, sample_weight, mask, reduction, dtype="float32"
     )
+
+
+_MEANS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
 def check_same_shape(teacher_shape, student_shape, where=""):

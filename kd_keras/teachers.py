@@ -9,6 +9,7 @@ from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _datasets
 from kd_keras import _logit_files
+from kd_keras import _logit_writer
 from kd_keras._datasets import INPUTS_KEY
 from kd_keras._datasets import TEACHER_LOGITS_KEY
 from kd_keras._datasets import split_cached
@@ -45,7 +46,7 @@ def _one_pass(teacher, dataset, keep_data=True, content=None):
     for index, (x, y, sample_weight) in enumerate(_datasets.numpy_batches(dataset)):
         if not index:
             _checks.check_batched(x, teacher, "teacher", "dataset")
-        logits.append(_logit_files.teacher_batch(teacher, x, index))
+        logits.append(_logit_writer.teacher_batch(teacher, x, index))
         if keep_data:
             parts.append((x, y, sample_weight))
         if content is not None:
@@ -215,8 +216,10 @@ def cache_teacher_logits(
                 "Leave out one of them."
             )
     dataset = _checked(dataset, batch_size, allow_random)
-    if directory is not None:
-        return _on_disk(
+    if directory is None:
+        cached = _in_memory(teacher, dataset, batch_size, shuffle, seed)
+    else:
+        cached = _on_disk(
             teacher,
             dataset,
             directory,
@@ -227,7 +230,11 @@ def cache_teacher_logits(
             seed,
             shuffle_buffer,
         )
-    return _in_memory(teacher, dataset, batch_size, shuffle, seed)
+    if directory is None or not allow_random:
+        # The teacher's pass checked every input finite (re-read on disk:
+        # the same inputs, unless random stages draw new ones).
+        _datasets.mark_inputs_checked(cached)
+    return cached
 
 
 def cache_and_fingerprint(teacher, dataset, *, seed=None):
@@ -242,7 +249,7 @@ def cache_and_fingerprint(teacher, dataset, *, seed=None):
     dataset = _checked(dataset, None, allow_random=False)
     content = _datasets.ContentHash(dataset)
     cached = _in_memory(teacher, dataset, None, True, seed, content)
-    return cached, content.fingerprint()
+    return _datasets.mark_inputs_checked(cached), content.fingerprint()
 
 
 def _check_teacher(teacher):
@@ -300,93 +307,94 @@ def _on_disk(
             "out `directory` to cache in memory."
         )
     _logit_files.check_deterministic(dataset)
-    folder, index, ran = _logit_files.write(teacher, dataset, directory, dtype, top_k)
-    batches = sum(len(s["rows"]) for s in index["shards"])
+    folder, index, ran = _logit_writer.write(teacher, dataset, directory, dtype, top_k)
     logging.info(
         "Teacher logits of %d examples in %s: the teacher ran on %d of %d "
         "batches, the others were reused.",
-        index["examples"],
+        index.examples,
         folder,
         ran,
-        batches,
+        len(index.batches),
     )
-    batch_size = batch_size or index["shards"][0]["rows"][0]
+    batch_size = batch_size or index.batches[0].rows
     if seed is None:
         # Every process (every worker) shuffles alike.
         seed = int(folder.name.split("-")[1], 16) % (1 << 31)
     if isinstance(dataset, ArrayBatches):
-        records = _logit_files.numpy_records(folder, index)
         return _StoredBatches(
-            {INPUTS_KEY: dataset.x, TEACHER_LOGITS_KEY: records},
+            {
+                INPUTS_KEY: dataset.x,
+                TEACHER_LOGITS_KEY: _logit_files.numpy_records(folder, index),
+            },
             dataset.y,
             dataset.sample_weight,
             batch_size=batch_size,
             shuffle=shuffle,
             seed=seed,
-            layout=_logit_files.layout_of(index),
+            layout=index.layout,
         )
     buffer = buffer or _logit_files.default_buffer(index)
     return _paired(dataset, folder, index, batch_size, shuffle, seed, buffer)
 
 
 def _paired(dataset, folder, index, batch_size, shuffle, seed, buffer):
-    """The `tf.data` pipeline that pairs the input with its stored logits.
+    """The `tf.data` pipeline that pairs each input batch with its stored
+    logits, read and verified batch by batch.
 
-    Batches of one size (all but the last) are paired batch by batch and
-    shuffled in blocks: the batches' order in a buffer of `buffer`
+    Shuffled in blocks: the batches' order in a buffer of `buffer`
     examples, then the examples within each block of that many, so that no
-    stage handles examples one by one. Batches of other sizes are paired
-    example by example, and shuffled in a buffer of `buffer` examples.
+    stage handles examples one by one.
     """
     import tensorflow as tf
 
-    layout = _logit_files.layout_of(index)
-    rows = [count for shard in index["shards"] for count in shard["rows"]]
-    records = _logit_files.tf_records(folder, index)
-    if all(count == rows[0] for count in rows[:-1]) and rows[-1] <= rows[0]:
-        # Asserted, so that an input that grew since the caching fails
-        # rather than pairs its examples with the logits of others.
-        inputs = dataset.apply(tf.data.experimental.assert_cardinality(len(rows)))
-        paired = tf.data.Dataset.zip((inputs, records.batch(rows[0])))
-        if shuffle:
-            blocks = max(1, buffer // rows[0])
-            paired = paired.shuffle(
-                blocks, seed=seed, reshuffle_each_iteration=True, name=SHUFFLE_STAGE
-            )
-            # Named, so that kd_keras' own inspection of pipelines knows
-            # these random stages for a shuffle, not an augmentation.
-            draws = tf.data.Dataset.random(
-                seed=seed, rerandomize_each_iteration=True, name=SHUFFLE_STAGE
-            )
-            paired = tf.data.Dataset.zip((paired.rebatch(blocks * rows[0]), draws)).map(
-                _permuted, name=SHUFFLE_STAGE
-            )
-        if shuffle or batch_size != rows[0]:
-            paired = paired.rebatch(batch_size)
-    else:
-        inputs = dataset.unbatch().apply(
-            tf.data.experimental.assert_cardinality(index["examples"])
-        )
-        paired = tf.data.Dataset.zip((inputs, records))
-        if shuffle:
-            paired = paired.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
-        paired = paired.batch(batch_size)
+    rows = [batch.rows for batch in index.batches]
+    # Asserted, so that an input that grew since the caching fails rather
+    # than pairs its examples with the logits of others.
+    inputs = dataset.apply(tf.data.experimental.assert_cardinality(len(rows)))
 
-    def join(element, raw):
+    records, verified = _logit_files.tf_batches(folder, index)
+
+    def join(element, record):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(element)
-        logits = _logit_files.decode_tf(raw, layout)
-        inputs = {INPUTS_KEY: x, TEACHER_LOGITS_KEY: logits}
+        logits = verified(*record)
+        same = tf.debugging.assert_equal(
+            tf.shape(tf.nest.flatten(x)[0])[0],
+            tf.shape(logits)[0],
+            message="The input's batches changed size since their teacher "
+            "logits were cached: call `cache_teacher_logits` again.",
+        )
+        with tf.control_dependencies([same]):
+            inputs = {INPUTS_KEY: x, TEACHER_LOGITS_KEY: tf.identity(logits)}
         return keras.utils.pack_x_y_sample_weight(inputs, y, sample_weight)
 
+    paired = tf.data.Dataset.zip((inputs, records)).map(
+        join, num_parallel_calls=tf.data.AUTOTUNE
+    )
+    rebatched = shuffle or rows[-1] > batch_size
+    rebatched = rebatched or any(count != batch_size for count in rows[:-1])
+    if shuffle:
+        blocks = max(1, buffer // max(rows))
+        paired = paired.shuffle(
+            blocks, seed=seed, reshuffle_each_iteration=True, name=SHUFFLE_STAGE
+        )
+        # Named, so that kd_keras' own inspection of pipelines knows these
+        # random stages for a shuffle, not an augmentation.
+        draws = tf.data.Dataset.random(
+            seed=seed, rerandomize_each_iteration=True, name=SHUFFLE_STAGE
+        )
+        paired = tf.data.Dataset.zip((paired.rebatch(blocks * max(rows)), draws)).map(
+            _permuted, name=SHUFFLE_STAGE
+        )
+    if rebatched:
+        paired = paired.rebatch(batch_size)
     options = tf.data.Options()
     # Under several workers, shard the paired batches, never the files.
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA
     )
-    batches = -(-index["examples"] // batch_size)
+    batches = -(-index.examples // batch_size) if rebatched else len(rows)
     return (
-        paired.map(join, num_parallel_calls=tf.data.AUTOTUNE)
-        .apply(tf.data.experimental.assert_cardinality(batches))
+        paired.apply(tf.data.experimental.assert_cardinality(batches))
         # A fixed prefetch: an autotuned one grows with the epoch.
         .prefetch(2)
         .with_options(options)
@@ -400,7 +408,7 @@ def _permuted(block, draw):
     """The examples of a block in a random order drawn from `draw`."""
     import tensorflow as tf
 
-    count = tf.shape(block[1])[0]
+    count = tf.shape(tf.nest.flatten(block)[0])[0]
     seed = tf.stack([draw, tf.constant(0, tf.int64)])
     order = tf.argsort(tf.random.stateless_uniform([count], seed=seed))
     return tf.nest.map_structure(lambda t: tf.gather(t, order), block)

@@ -968,3 +968,18 @@ def test_a_callback_list_keeps_the_non_finite_stop_and_the_hyperparameter_logs(
     distiller.fit(clean, epochs=1, verbose=0, callbacks=given)
     assert history.history["temperature"] == [4.0]
     assert history.history["distillation_weight"] == [pytest.approx(0.9)]
+
+
+def test_a_nan_stops_fit_after_a_fit_on_cached_data_that_skipped_the_check(
+    tiny_mlp, tiny_data
+):
+    # The batches of `cache_teacher_logits` were checked when cached, so the
+    # step skips the per-batch check on them; a later fit on raw data must
+    # trace the checking step again.
+    distiller, batches = _nan_in_batch_3(tiny_mlp, tiny_data)
+    x, y = tiny_data
+    cached = kd_keras.cache_teacher_logits(distiller.teacher, (x, y), batch_size=16)
+    distiller.fit(cached, epochs=1, verbose=0)
+    assert not distiller._step_checks_inputs
+    with pytest.raises(FloatingPointError, match=r"batch 3 of epoch 1"):
+        distiller.fit(batches, epochs=1, shuffle=False, verbose=0)

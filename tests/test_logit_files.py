@@ -17,6 +17,7 @@ import tensorflow as tf
 import kd_keras
 from kd_keras import _datasets
 from kd_keras import _logit_files
+from kd_keras import _logit_writer
 from kd_keras.distiller import TEACHER_LOGITS_KEY
 
 
@@ -220,9 +221,10 @@ def test_a_second_call_reuses_the_files_until_weights_or_data_change(
     )
     assert teacher.batches == 5
     index = _logit_files.read_index(folder_of(tmp_path))
-    assert sorted(p.name for p in folder_of(tmp_path).glob("*.bin")) == sorted(
-        s["file"] for s in index["shards"]
-    ), "the replaced file went"
+    listed = {batch.file for batch in index.batches}
+    files = {p.name for p in folder_of(tmp_path).glob("*.bin")}
+    # The replaced file stays while this process, which read it, lives.
+    assert files > listed and len(files - listed) == 1
     index_file = folder_of(tmp_path) / _logit_files.INDEX
     written = index_file.stat().st_mtime_ns
     # Another teacher (weights changed), or other settings (float16): every
@@ -259,7 +261,7 @@ def test_an_interrupted_write_resumes_where_it_stopped(
     tiny_mlp, tiny_data, tmp_path, monkeypatch
 ):
     x, y = tiny_data
-    monkeypatch.setattr(_logit_files, "SHARD_BYTES", 2 * 16 * 4 * 4)  # 2 batches.
+    monkeypatch.setattr(_logit_writer, "SHARD_BYTES", 2 * 16 * 4 * 4)  # 2 batches.
     teacher = counted(tiny_mlp(32, seed=1))
     predict = teacher.predict_on_batch
 
@@ -274,7 +276,7 @@ def test_an_interrupted_write_resumes_where_it_stopped(
             teacher, in_order(x, y), directory=tmp_path, shuffle=False
         )
     index = _logit_files.read_index(folder_of(tmp_path))
-    assert not index["complete"] and index["examples"] == 32  # One shard kept.
+    assert not index.complete and index.examples == 32  # One shard kept.
     teacher.predict_on_batch = predict
     resumed = collect(
         kd_keras.cache_teacher_logits(
@@ -283,7 +285,7 @@ def test_an_interrupted_write_resumes_where_it_stopped(
     )
     assert teacher.batches == 3 + 2, "the first shard's two batches were reused"
     np.testing.assert_array_equal(resumed[2], np.asarray(teacher.predict(x, verbose=0)))
-    assert _logit_files.read_index(folder_of(tmp_path))["complete"]
+    assert _logit_files.read_index(folder_of(tmp_path)).complete
     assert not list(folder_of(tmp_path).glob("*.tmp"))
 
 
@@ -291,12 +293,12 @@ def test_an_interrupted_reuse_keeps_the_finished_cache_untouched(
     tiny_mlp, tiny_data, tmp_path, monkeypatch
 ):
     x, y = tiny_data
-    monkeypatch.setattr(_logit_files, "SHARD_BYTES", 2 * 16 * 4 * 4)  # 2 batches.
+    monkeypatch.setattr(_logit_writer, "SHARD_BYTES", 2 * 16 * 4 * 4)  # 2 batches.
     teacher = counted(tiny_mlp(32, seed=1))
     kd_keras.cache_teacher_logits(teacher, in_order(x, y), directory=tmp_path)
     files = {p: p.stat().st_ino for p in folder_of(tmp_path).glob("*.bin")}
     index = _logit_files.read_index(folder_of(tmp_path))
-    digest = _logit_files._batch_digest
+    digest = _logit_writer._batch_digest
     calls = []
 
     def stops_on_the_fourth_batch(*batch):
@@ -305,21 +307,21 @@ def test_an_interrupted_reuse_keeps_the_finished_cache_untouched(
             raise KeyboardInterrupt
         return digest(*batch)
 
-    monkeypatch.setattr(_logit_files, "_batch_digest", stops_on_the_fourth_batch)
+    monkeypatch.setattr(_logit_writer, "_batch_digest", stops_on_the_fourth_batch)
     with pytest.raises(KeyboardInterrupt):
         kd_keras.cache_teacher_logits(teacher, in_order(x, y), directory=tmp_path)
-    monkeypatch.setattr(_logit_files, "_batch_digest", digest)
-    assert _logit_files.read_index(folder_of(tmp_path)) == index
-    reads = []
-    records = _logit_files._Previous.records
+    monkeypatch.setattr(_logit_writer, "_batch_digest", digest)
+    assert _logit_files.read_index(folder_of(tmp_path)).payload == index.payload
+    copies = []
+    records = _logit_writer._Previous.records
     monkeypatch.setattr(
-        _logit_files._Previous,
+        _logit_writer._Previous,
         "records",
-        lambda self, position: reads.append(position) or records(self, position),
+        lambda self, position: copies.append(position) or records(self, position),
     )
     kd_keras.cache_teacher_logits(teacher, in_order(x, y), directory=tmp_path)
     assert teacher.batches == 4, "the teacher ran once, on the first call only"
-    assert reads == [], "kept shards are not even read"
+    assert copies == [], "kept shards are verified, never copied"
     # Reuse rewrites nothing: the same files (inodes).
     assert {p: p.stat().st_ino for p in folder_of(tmp_path).glob("*.bin")} == files
 
@@ -369,12 +371,12 @@ def test_batch_digests_read_strings_by_their_text():
     same = np.array(["".join(["a ", w]) for w in ("cat", "dog")], dtype=object)
     assert same[0] is not texts[0]
     other = np.array(["a cat", "a cow"], dtype=object)
-    assert _logit_files._batch_digest(texts, None, None) == _logit_files._batch_digest(
-        same, None, None
-    )
-    assert _logit_files._batch_digest(texts, None, None) != _logit_files._batch_digest(
-        other, None, None
-    )
+    assert _logit_writer._batch_digest(
+        texts, None, None
+    ) == _logit_writer._batch_digest(same, None, None)
+    assert _logit_writer._batch_digest(
+        texts, None, None
+    ) != _logit_writer._batch_digest(other, None, None)
 
 
 def test_disk_cache_refuses_what_it_cannot_pair(tiny_mlp, tiny_data, tmp_path):
@@ -471,7 +473,7 @@ def test_an_input_that_grew_since_the_caching_fails_rather_than_mispairs(
 
 def test_example_sizes_count_strings_by_their_length():
     texts = np.array(["x" * 100, "y" * 300], dtype=object)
-    assert _logit_files._example_bytes(texts, np.zeros(2, "int32"), None) == 200 + 4
+    assert _logit_writer._example_bytes(texts, np.zeros(2, "int32"), None) == 200 + 4
 
 
 def test_float16_refuses_logits_beyond_its_range(tiny_data, tmp_path):
@@ -576,4 +578,4 @@ def test_disk_cache_memory_stays_bounded_whatever_the_data_size(tmp_path):
     data = kd_keras.data.synthetic(count, batch_size=500)
     kd_keras.cache_teacher_logits(teacher, data, directory=tmp_path)
     assert teacher.batches == 0
-    assert _logit_files.read_index(folder_of(tmp_path))["examples"] == count
+    assert _logit_files.read_index(folder_of(tmp_path)).examples == count
