@@ -8,7 +8,7 @@ float32 and as top 5:
   fingerprint (`tf.fingerprint`) as they are written, against the whole
   build (the teacher's pass);
 - reuse: seconds of a second call, which reads the input once and verifies
-  every kept batch's CRC-32, and of the verification alone;
+  every kept batch's CRC-32 and fingerprint, and of the verification alone;
 - pipeline: the minimum over interleaved passes of reading the logits as the
   returned pipeline does (each shard read whole and cut into batches), then
   decoding them, without and with the fingerprint check per batch.
@@ -63,11 +63,9 @@ def measure(teacher, data, options):
     )
     (folder,) = pathlib.Path(directory).glob("data-*")
     index = _logit_files.read_index(folder)
-    layout, item = index.layout, index.layout.record.itemsize
+    layout = index.layout
     contents = {s["file"]: (folder / s["file"]).read_bytes() for s in index.shards}
-    payloads = [
-        contents[b.file][b.start : b.start + b.rows * item] for b in index.batches
-    ]
+    payloads = [b.payload(contents[b.file], layout) for b in index.batches]
     crc = _seconds(
         lambda: [
             _logit_files.crc32(layout, b.digest, p)
@@ -78,6 +76,7 @@ def measure(teacher, data, options):
     verify = _seconds(
         lambda: [
             _logit_files.crc32(layout, b.digest, p) == b.crc32
+            and _logit_files.fingerprint(p) == b.fingerprint
             for b, p in zip(index.batches, payloads, strict=True)
         ]
     )
@@ -85,7 +84,11 @@ def measure(teacher, data, options):
     pipelines = {
         "read": records,
         "read, decode": records.map(lambda raw, _: _logit_files.decode_tf(raw, layout)),
-        "read, verify, decode": records.map(verified),
+        "read, verify, decode": records.map(
+            lambda raw, position: _logit_files.decode_rows_tf(
+                verified(raw, position), layout
+            )
+        ),
     }
     passes = {name: [] for name in pipelines}
     for _ in range(FLAGS.passes):

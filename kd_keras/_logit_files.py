@@ -44,6 +44,7 @@ DTYPES = ("float32", "float16")
 # The default shuffle buffer holds about this many bytes of examples.
 SHUFFLE_BYTES = 32 << 20
 SHARD_NAME = re.compile(r"^logits-[0-9a-f]{16}\.bin$")
+FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 _FLOAT16_MAX = float(np.finfo("float16").max)
 # Below this, the rest of the probability mass counts as zero.
 _TINY_MASS = 1e-30
@@ -188,12 +189,24 @@ def decode(records, layout):
 _TF_TYPES = {"<f2": "float16", "<f4": "float32", "|u1": "uint8", "<u2": "uint16"}
 
 
+def rows_tf(raw, layout):
+    """The raw records of a batch (one `tf.string`) as bytes, one row per
+    record."""
+    import tensorflow as tf
+
+    return tf.reshape(tf.io.decode_raw(raw, tf.uint8), [-1, layout.record.itemsize])
+
+
 def decode_tf(raw, layout):
     """float32 logits from the raw records of a batch (one `tf.string`)."""
+    return decode_rows_tf(rows_tf(raw, layout), layout)
+
+
+def decode_rows_tf(data, layout):
+    """float32 logits from records as bytes, one row per record."""
     import tensorflow as tf
 
     record = layout.record
-    data = tf.reshape(tf.io.decode_raw(raw, tf.uint8), [-1, record.itemsize])
 
     def field(name):
         sub, offset = record.fields[name]
@@ -251,15 +264,21 @@ def fingerprint(payload):
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    """A batch's place in the folder: its shard, its records' byte range in
-    the shard, its input digest and its checksums."""
+    """A batch's place in the folder: its shard (file and place in the
+    index), its records' byte range in the shard, its input digest and its
+    checksums."""
 
     file: str
+    shard: int
     start: int
     rows: int
     digest: str
     crc32: int
     fingerprint: str
+
+    def payload(self, content, layout):
+        """The batch's records in the bytes of its shard."""
+        return content[self.start : self.start + self.rows * layout.record.itemsize]
 
 
 class Index:
@@ -296,19 +315,38 @@ class Index:
         example_bytes = payload.get("example_bytes")
         self.example_bytes = example_bytes if isinstance(example_bytes, int) else 1
         self.batches = []
-        for shard in self.shards:
+        if not isinstance(self.shards, list):
+            raise ValueError(f"shards of another form: {self.shards!r:.200}")
+        for number, shard in enumerate(self.shards):
+            if not isinstance(shard, dict):
+                raise ValueError(f"a shard entry of another form: {shard!r:.200}")
             fields = [shard[k] for k in ("digests", "rows", "crc32", "fingerprints")]
-            if (
+            if not all(isinstance(f, list) for f in fields) or (
                 not SHARD_NAME.match(str(shard["file"]))
                 or len({len(f) for f in fields}) != 1
             ):
                 raise ValueError(f"a shard entry of another form: {shard!r:.200}")
             start = 0
             for digest, rows, crc, fingerprint in zip(*fields, strict=True):
-                if not (isinstance(rows, int) and rows > 0 and isinstance(crc, int)):
-                    raise ValueError(f"rows={rows!r}, crc32={crc!r}")
+                if not (
+                    isinstance(rows, int)
+                    and rows > 0
+                    and isinstance(crc, int)
+                    and (fingerprint is None or FINGERPRINT.match(str(fingerprint)))
+                ):
+                    raise ValueError(
+                        f"rows={rows!r}, crc32={crc!r}, fingerprint={fingerprint!r}"
+                    )
                 self.batches.append(
-                    Batch(shard["file"], start, rows, str(digest), crc, fingerprint)
+                    Batch(
+                        shard["file"],
+                        number,
+                        start,
+                        rows,
+                        str(digest),
+                        crc,
+                        fingerprint,
+                    )
                 )
                 start += rows * self.layout.record.itemsize
         if not self.batches:
@@ -353,8 +391,8 @@ def numpy_records(folder, index):
     files, parts = {}, []
     for position, batch in enumerate(index.batches):
         if batch.file not in files:
-            files[batch.file] = _read_whole(folder, batch.file)
-        payload = files[batch.file][batch.start : batch.start + batch.rows * item]
+            files[batch.file] = memoryview(_read_whole(folder, batch.file))
+        payload = batch.payload(files[batch.file], layout)
         if (
             len(payload) != batch.rows * item
             or crc32(layout, batch.digest, payload) != batch.crc32
@@ -393,8 +431,10 @@ def _read_whole(folder, name):
 
 def tf_batches(folder, index):
     """The raw records of every batch, in order, as a `tf.data.Dataset` of
-    `(raw, position)`, and the function `(raw, position) -> logits` that
-    verifies a batch against its fingerprint before it decodes it.
+    `(raw, position)`, and the function `(raw, position) -> rows` that
+    verifies a batch against its fingerprint and splits it into its records
+    (bytes, for `decode_rows_tf`), which a shuffle moves about more cheaply
+    than the logits they decode to.
 
     A shard is read whole (about 16 MB: `_logit_writer.SHARD_BYTES`) and
     cut into its batches, so that the pipeline handles a batch, not an
@@ -418,8 +458,9 @@ def tf_batches(folder, index):
         count = len(shard["rows"])
         paths.append(str(folder / shard["file"]))
         sizes.append(index.shard_bytes(shard))
-        starts.append([int(o) for o in np.cumsum([0, *shard["rows"][:-1]]) * item])
-        lengths.append([rows * item for rows in shard["rows"]])
+        batches = index.batches[first : first + count]
+        starts.append([batch.start for batch in batches])
+        lengths.append([batch.rows * item for batch in batches])
         positions.append(list(range(first, first + count)))
         first += count
     expected = tf.constant(
@@ -456,7 +497,7 @@ def tf_batches(folder, index):
             ],
         )
         with tf.control_dependencies([check]):
-            return decode_tf(tf.identity(raw), layout)
+            return rows_tf(tf.identity(raw), layout)
 
     shards = tf.data.Dataset.from_tensor_slices(
         (

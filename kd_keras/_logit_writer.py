@@ -8,7 +8,9 @@ teacher only on the others: that is how a second call reuses a finished
 cache, how an interrupted write resumes, and how damaged files are
 repaired (with a warning that names them).
 
-Files are named by a hash of what they hold and never rewritten in place.
+Files are named by a hash of what they hold (settings, input digests and
+checksums) and never rewritten in place: a file of that name already there,
+with the same bytes, is kept as it is.
 A process that is given a dataset reading a folder holds a lease on its
 files (`readers/<host>.<pid>.json`), and so does a writer on the files it
 writes; a call deletes the files that its index no longer lists only when
@@ -19,11 +21,14 @@ processes on other hosts that share the folder cannot be checked; their
 files stay until those lease files are deleted.)
 """
 
+import collections
+import filecmp
 import hashlib
 import itertools
 import os
 import pathlib
 import socket
+import threading
 
 from absl import logging
 import keras
@@ -107,17 +112,24 @@ def _dead(owner):
     return False
 
 
+_LEASING = threading.Lock()  # One process's lease is rewritten by one thread.
+
+
 def lease(folder, files):
     """Records that this process may read `files` of `folder` until it
     ends. A read-only folder, which no call can change, takes no lease."""
     path = pathlib.Path(folder) / READERS / f"{socket.gethostname()}.{os.getpid()}.json"
-    held = set(_io.read_json(path, {}).get("files", []))
-    if held >= set(files):
-        return
-    try:
-        _io.write_json(path, {"files": sorted(held | set(files))})
-    except OSError:
-        pass
+    with _LEASING:
+        try:
+            held = set(_io.read_json(path, {}).get("files", []))
+        except (ValueError, OSError, AttributeError, TypeError):
+            held = set()  # Damaged: rewritten whole.
+        if held >= set(files):
+            return
+        try:
+            _io.write_json(path, {"files": sorted(held | set(files))})
+        except OSError:
+            pass
 
 
 def _held(folder):
@@ -125,13 +137,20 @@ def _held(folder):
     held = set()
     for path in (pathlib.Path(folder) / READERS).glob("*.json"):
         if _dead(_owner(path.name[: -len(".json")], 2)):
-            path.unlink(missing_ok=True)
+            _remove(path)
             continue
         try:
-            held.update(_io.read_json(path, {}).get("files", []))
-        except (ValueError, OSError, AttributeError):
+            held.update(str(name) for name in _io.read_json(path, {})["files"])
+        except (ValueError, OSError, AttributeError, TypeError, KeyError):
             continue  # Being written, or not one of ours.
     return held
+
+
+def _remove(path):
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass  # A read-only folder.
 
 
 def _sweep(folder, index):
@@ -140,7 +159,7 @@ def _sweep(folder, index):
     cannot clean up)."""
     for path in folder.glob("logits.*.tmp"):
         if _dead(_owner(path.name[len("logits.") : -len(".tmp")], 3)):
-            path.unlink(missing_ok=True)
+            _remove(path)
     listed = {batch.file for batch in index.batches} if index else set()
     stale = [p for p in folder.glob("logits-*.bin") if p.name not in listed]
     if not stale:
@@ -148,10 +167,7 @@ def _sweep(folder, index):
     held = _held(folder)  # After listing the files: a writer leases first.
     for path in stale:
         if path.name not in held:
-            try:
-                path.unlink(missing_ok=True)
-            except OSError:
-                pass  # A read-only folder.
+            _remove(path)
 
 
 # Writing.
@@ -244,13 +260,19 @@ class _Previous:
     """What an earlier call wrote in the folder, for the same stamp
     (teacher, data spec, dtype and top_k): its batches by position, each
     reused only where its input digest is unchanged and its records pass
-    their checksum. A shard is verified the first time one of its batches
-    is asked for, read whole; a shard cut short, or a batch that fails its
-    checksum, is recomputed, with a warning that names the file."""
+    their checksums. A shard is leased, then read whole and verified, the
+    first time one of its batches is asked for; a shard cut short, or a
+    batch that fails a checksum, is recomputed, with a warning that names
+    the file."""
+
+    KEPT_SHARDS = 2  # Verified shards held in memory until copied.
 
     def __init__(self, folder, index, stamp):
         self.folder, self.batches, self.shards = folder, [], []
         self.layout = None
+        self._positions = collections.defaultdict(list)  # Of each shard's batches.
+        self._checked, self._valid = set(), set()
+        self._contents = collections.OrderedDict()  # Verified shards by number.
         if index is None:
             return
         if index.stamp != stamp:  # Its folder is named after the stamp.
@@ -266,76 +288,97 @@ class _Previous:
             index.shards,
         )
         self._index = index
-        self._positions = {}  # Of each shard's batches.
         for position, batch in enumerate(self.batches):
-            self._positions.setdefault(batch.file, []).append(position)
-        self._checked, self._valid = set(), set()
-        self._shard, self._bytes = None, None  # The last shard read.
+            self._positions[batch.shard].append(position)
 
     def batch(self, position):
         return self.batches[position]
 
-    def _read(self, name):
-        """The bytes of shard `name` if whole, else None; the first read
-        notes which of its batches pass their checksum."""
-        if self._shard == name:
-            return self._bytes
+    def _content(self, number, warn=True):
+        """The bytes of shard `number` if whole, else None."""
+        name = self.shards[number]["file"]
         path = self.folder / name
-        size = sum(self.batches[p].rows for p in self._positions[name])
+        lease(self.folder, [name])  # Before reading: no other call sweeps it.
         try:
             content = path.read_bytes()
         except OSError:
-            content = None
-        if content is not None and len(content) != size * self.layout.record.itemsize:
-            if name not in self._checked:
+            return None
+        if len(content) != self._index.shard_bytes(self.shards[number]):
+            if warn:
                 logging.warning(
                     "%s is cut short or was replaced: its logits are recomputed.", path
                 )
-            content = None
-        self._shard, self._bytes = name, content
-        if name in self._checked or content is None:
-            self._checked.add(name)
-            return content
-        self._checked.add(name)
-        item = self.layout.record.itemsize
-        for position in self._positions[name]:
-            batch = self.batches[position]
-            payload = content[batch.start : batch.start + batch.rows * item]
-            if _logit_files.crc32(self.layout, batch.digest, payload) == batch.crc32:
+            return None
+        return content
+
+    def _verify(self, number):
+        """Reads and verifies shard `number` once, noting its batches that
+        pass both checksums."""
+        self._checked.add(number)
+        content = self._content(number)
+        if content is None:
+            return
+        for position in self._positions[number]:
+            if self._passes(position, content):
                 self._valid.add(position)
             else:
                 logging.warning(
                     "The logits of batch %d in %s fail their checksum: they are "
                     "recomputed.",
                     position + 1,
-                    path,
+                    self.folder / self.shards[number]["file"],
                 )
-        return content
+        self._keep(number, content)
+
+    def _passes(self, position, content):
+        batch = self.batches[position]
+        payload = batch.payload(content, self.layout)
+        if _logit_files.crc32(self.layout, batch.digest, payload) != batch.crc32:
+            return False
+        # The reader checks the fingerprint: a wrong one is rewritten too.
+        found = _logit_files.fingerprint(payload)
+        return found is None or found == batch.fingerprint
+
+    def _keep(self, number, content):
+        self._contents[number] = content
+        self._contents.move_to_end(number)
+        while len(self._contents) > self.KEPT_SHARDS:
+            self._contents.popitem(last=False)
 
     def matches(self, position, digest):
         """True if the batch at `position` is unchanged and its records are
         whole and verified."""
         if position >= len(self.batches) or self.batches[position].digest != digest:
             return False
-        if self.batches[position].file not in self._checked:
-            self._read(self.batches[position].file)
+        if self.batches[position].shard not in self._checked:
+            self._verify(self.batches[position].shard)
         return position in self._valid
 
     def records(self, position):
-        """The verified records of an unchanged batch, as bytes."""
+        """The verified records of an unchanged batch, as bytes; read again
+        (and verified again) if its shard was dropped from memory."""
         batch = self.batches[position]
-        item = self.layout.record.itemsize
-        return self._read(batch.file)[batch.start : batch.start + batch.rows * item]
+        content = self._contents.get(batch.shard)
+        if content is None:
+            content = self._content(batch.shard, warn=False)
+            if content is None or not self._passes(position, content):
+                raise ValueError(
+                    f"{self.folder / batch.file} changed while its logits were "
+                    "being reused (another process wrote to the folder): call "
+                    "`cache_teacher_logits` again."
+                )
+            self._keep(batch.shard, content)
+        return batch.payload(content, self.layout)
 
     def same_shard(self, number, digests):
         """The earlier shard `number` if it holds exactly these batches, all
         verified; else None."""
         if number >= len(self.shards) or self.shards[number]["digests"] != digests:
             return None
-        shard = self.shards[number]
-        positions = self._positions[shard["file"]]
-        if all(self.matches(p, self.batches[p].digest) for p in positions):
-            return shard
+        if all(
+            self.matches(p, self.batches[p].digest) for p in self._positions[number]
+        ):
+            return self.shards[number]
         return None
 
 
@@ -428,13 +471,18 @@ class _Writer:
         if kept is not None:
             self.shards.append(kept)
         else:
-            name = f"logits-{_fingerprints.digest(self.stamp, self.digests)}.bin"
+            digest = _fingerprints.digest(self.stamp, self.digests, self.crc32)
+            name = f"logits-{digest}.bin"
             self.handle.flush()
             os.fsync(self.handle.fileno())
             self.handle.close()
             self.handle = None
             lease(self.folder, [name])  # Before it appears: no sweep takes it.
-            os.replace(self.temporary, self.folder / name)
+            target = self.folder / name
+            if target.exists() and filecmp.cmp(self.temporary, target, shallow=False):
+                self.temporary.unlink()  # Never replace a file a reader may hold.
+            else:
+                os.replace(self.temporary, target)
             self.shards.append(
                 {
                     "file": name,

@@ -202,7 +202,7 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
         self.check_finite_inputs = bool(check_finite_inputs)
         # Whether the training step checks its inputs: not on data whose
         # inputs were all checked when they were cached (see `fit`).
-        self._step_checks_inputs = True
+        self._step_checks_inputs, self._other_step = True, None
         weighted = kd_losses.as_weighted_losses(losses)
         _check_models(teacher, student, weighted)
         check_temperature(temperature)
@@ -290,6 +290,7 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
         """
         self._terms.set_student_loss(self._student_loss_arg, loss)
         self._compile_loss_arg = loss
+        self._other_step = None
         metrics = kd_metrics.with_logit_accuracy(metrics)
         if "weighted_metrics" in kwargs:
             kwargs["weighted_metrics"] = kd_metrics.with_logit_accuracy(
@@ -466,23 +467,22 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
             self._check_data(*validation_data[:2], "validation data")
         elif validation_data is not None:
             self._check_data(validation_data, None, "validation data")
-        checks = not _datasets.inputs_checked(x)
-        if checks != self._step_checks_inputs:  # Trace the step again.
-            self._step_checks_inputs = checks
-            if getattr(self, "train_function", None) is not None:
-                self.make_train_function(force=True)
         callbacks = _fit_callbacks.with_fit_callbacks(callbacks, self, self._epoch)
-        return super().fit(
-            x,
-            y,
-            batch_size=batch_size,
-            epochs=epochs,
-            verbose=verbose,
-            callbacks=callbacks,
-            validation_split=validation_split,
-            validation_data=validation_data,
-            **kwargs,
-        )
+        _use_step(self, checks=not _datasets.inputs_checked(x))
+        try:
+            return super().fit(
+                x,
+                y,
+                batch_size=batch_size,
+                epochs=epochs,
+                verbose=verbose,
+                callbacks=callbacks,
+                validation_split=validation_split,
+                validation_data=validation_data,
+                **kwargs,
+            )
+        finally:  # `train_on_batch` and later fits check again.
+            _use_step(self, checks=True)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         # During `fit`, Keras evaluates the validation data (checked once in
@@ -545,6 +545,17 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
         return distiller
 
 
+def _use_step(distiller, checks):
+    """Makes the training step check its inputs, or not (for data checked
+    when it was cached). Each kind is compiled once and kept, so that
+    fitting on cached data again does not trace its step again."""
+    if checks == distiller._step_checks_inputs:
+        return
+    current = getattr(distiller, "train_function", None)
+    distiller.train_function, distiller._other_step = distiller._other_step, current
+    distiller._step_checks_inputs = checks
+
+
 def reads_features(distiller):
     """True if a feature loss of `distiller` reads the teacher's features:
     its data must then come uncached."""
@@ -598,13 +609,13 @@ def _check_models(teacher, student, weighted):
 def _all_finite(inputs):
     """A scalar tensor: True unless a dense float input holds NaN or inf.
 
-    The sum of an input (in float32 at least) is finite exactly when its
-    values are, unless it overflows, which needs values beyond about 1e32
-    that the model would overflow on too; a sum reads the input once, where
-    an elementwise check also writes a mask as large as it.
+    The sum of an input (in float32 at least) is finite when its values
+    are, unless it overflows: only then are the values checked one by one.
+    A sum reads the input once, where an elementwise check also writes a
+    mask as large as it.
     """
     checks = [
-        ops.isfinite(ops.sum(_at_least_float32(leaf)))
+        _finite(leaf)
         for leaf in keras.tree.flatten(inputs)
         if "float" in str(getattr(leaf, "dtype", ""))
         and not any(kind in type(leaf).__name__ for kind in ("Sparse", "Ragged"))
@@ -612,6 +623,14 @@ def _all_finite(inputs):
     if not checks:
         return ops.convert_to_tensor(True)
     return ops.all(ops.stack(checks))
+
+
+def _finite(leaf):
+    return ops.cond(
+        ops.isfinite(ops.sum(_at_least_float32(leaf))),
+        lambda: ops.convert_to_tensor(True),
+        lambda: ops.all(ops.isfinite(leaf)),
+    )
 
 
 def _at_least_float32(leaf):

@@ -353,25 +353,36 @@ def _paired(dataset, folder, index, batch_size, shuffle, seed, buffer):
     inputs = dataset.apply(tf.data.experimental.assert_cardinality(len(rows)))
 
     records, verified = _logit_files.tf_batches(folder, index)
+    rebatched = shuffle or rows[-1] > batch_size
+    rebatched = rebatched or any(count != batch_size for count in rows[:-1])
 
     def join(element, record):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(element)
-        logits = verified(*record)
+        records = verified(*record)
         same = tf.debugging.assert_equal(
             tf.shape(tf.nest.flatten(x)[0])[0],
-            tf.shape(logits)[0],
+            tf.shape(records)[0],
             message="The input's batches changed size since their teacher "
             "logits were cached: call `cache_teacher_logits` again.",
         )
         with tf.control_dependencies([same]):
-            inputs = {INPUTS_KEY: x, TEACHER_LOGITS_KEY: tf.identity(logits)}
+            records = tf.identity(records)
+        # Records move through the shuffle as bytes, decoded after it.
+        logits = records if rebatched else decode(records)
+        inputs = {INPUTS_KEY: x, TEACHER_LOGITS_KEY: logits}
         return keras.utils.pack_x_y_sample_weight(inputs, y, sample_weight)
+
+    def decode(records):
+        return _logit_files.decode_rows_tf(records, index.layout)
+
+    def decoded(*element):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(element)
+        x = {**x, TEACHER_LOGITS_KEY: decode(x[TEACHER_LOGITS_KEY])}
+        return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
 
     paired = tf.data.Dataset.zip((inputs, records)).map(
         join, num_parallel_calls=tf.data.AUTOTUNE
     )
-    rebatched = shuffle or rows[-1] > batch_size
-    rebatched = rebatched or any(count != batch_size for count in rows[:-1])
     if shuffle:
         blocks = max(1, buffer // max(rows))
         paired = paired.shuffle(
@@ -386,7 +397,9 @@ def _paired(dataset, folder, index, batch_size, shuffle, seed, buffer):
             _permuted, name=SHUFFLE_STAGE
         )
     if rebatched:
-        paired = paired.rebatch(batch_size)
+        paired = paired.rebatch(batch_size).map(
+            decoded, num_parallel_calls=tf.data.AUTOTUNE
+        )
     options = tf.data.Options()
     # Under several workers, shard the paired batches, never the files.
     options.experimental_distribute.auto_shard_policy = (

@@ -980,6 +980,20 @@ def test_a_nan_stops_fit_after_a_fit_on_cached_data_that_skipped_the_check(
     x, y = tiny_data
     cached = kd_keras.cache_teacher_logits(distiller.teacher, (x, y), batch_size=16)
     distiller.fit(cached, epochs=1, verbose=0)
-    assert not distiller._step_checks_inputs
     with pytest.raises(FloatingPointError, match=r"batch 3 of epoch 1"):
         distiller.fit(batches, epochs=1, shuffle=False, verbose=0)
+    # A fit on cached data again, then a batch of Keras' own loop.
+    distiller.compile(optimizer="adam")  # Its state is NaN.
+    distiller.fit(cached, epochs=1, verbose=0)
+    bad_x, bad_y = batches[2]
+    assert np.isnan(distiller.train_on_batch(bad_x, bad_y, return_dict=True)["loss"])
+
+
+def test_finite_inputs_whose_sum_overflows_are_finite(tiny_data):
+    from kd_keras import distiller
+
+    x, _ = tiny_data
+    big = np.full_like(x, 3e38)  # Finite, but their sum is not.
+    assert keras.ops.convert_to_numpy(distiller._all_finite({"a": x, "b": big}))
+    big[5, 1] = np.inf
+    assert not keras.ops.convert_to_numpy(distiller._all_finite({"a": x, "b": big}))

@@ -7,6 +7,7 @@ the batch and the fix), and nothing wrong is ever served."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -152,7 +153,7 @@ def test_a_flipped_byte_under_a_live_dataset_fails_the_read_naming_the_file(
     tolerance = {"rtol": 1e-3, "atol": 1e-3} if dtype == "float16" else {}
     assert_right(inputs, logits, x, expected, **tolerance)
     message = str(error)
-    assert "batch" in message and "3" in message and damaged.name in message
+    assert re.search(r"batch\W+3\b", message) and damaged.name in message
     assert "fail their checksum" in message and "cache_teacher_logits" in message
 
 
@@ -231,22 +232,32 @@ def test_shard_names_swapped_in_the_index_are_caught(setup, caplog):
     "text",
     [
         '{"version": 2, "shards": [',  # Cut short.
-        '{"version": 2, "shards": "many"}',
-        '{"version": 2, "teacher": 1, "spec": 2, "dtype": "float32", '
-        '"top_k": null, "shape": [4], "complete": true, "shards": [{"file": '
-        '"../../escape.bin", "digests": [], "rows": [], "crc32": [], '
-        '"fingerprints": []}]}',
+        "shards_not_a_list",
+        "foreign_file",
+        "fingerprint",
         "[]",
     ],
-    ids=["truncated", "wrong_type", "foreign_file", "not_an_object"],
+    ids=["truncated", "wrong_type", "foreign_file", "fingerprint", "not_an_object"],
 )
 def test_an_index_of_another_form_is_ignored_and_rebuilt(setup, caplog, text):
     x, y, teacher, expected, tmp_path = setup
     cache(teacher, pipeline(x, y), tmp_path)
-    (folder_of(tmp_path) / _logit_files.INDEX).write_text(text)
+    path = folder_of(tmp_path) / _logit_files.INDEX
+    payload = json.loads(path.read_text())
+    first, kind = payload["shards"][0], text
+    if text == "shards_not_a_list":  # Every other field as written.
+        text = json.dumps({**payload, "shards": "many"})
+    elif text == "foreign_file":
+        text = json.dumps({**payload, "shards": [{**first, "file": "../../x.bin"}]})
+    elif text == "fingerprint":
+        first["fingerprints"][0] = "not hex"
+        text = json.dumps(payload)
+    path.write_text(text)
     inputs, logits, _ = served(cache(teacher, pipeline(x, y), tmp_path))
     assert_right(inputs, logits, x, expected)
     assert teacher.batches == 8 and "Ignoring the index" in warnings_of(caplog)
+    if kind in ("shards_not_a_list", "foreign_file", "fingerprint"):
+        assert re.search("another form|fingerprint=", warnings_of(caplog))
 
 
 # Truncated, missing and replaced files.
@@ -354,6 +365,46 @@ def test_a_second_writer_with_other_data_leaves_the_first_its_files(setup):
         inputs, logits, error = served(results[name])
         assert error is None and len(inputs) == 4
         assert_right(inputs, logits, data, np.asarray(teacher.predict(data, verbose=0)))
+
+
+def test_repeated_batches_are_reused_without_a_warning(setup, caplog):
+    x, y, teacher, _, tmp_path = setup
+    twice = np.concatenate([x[:32], x[:32]])  # Two shards of the same batches.
+    labels = np.concatenate([y[:32], y[:32]])
+    cache(teacher, pipeline(twice, labels), tmp_path)
+    (name,) = {path.name for path in shards(tmp_path)}
+    inputs, logits, error = served(cache(teacher, pipeline(twice, labels), tmp_path))
+    assert teacher.batches == 4 and warnings_of(caplog) == "" and error is None
+    assert_right(inputs, logits, twice, np.asarray(teacher.predict(twice, verbose=0)))
+
+
+def test_another_live_process_keeps_its_files(setup):
+    x, y, teacher, _, tmp_path = setup
+    cache(teacher, pipeline(x, y), tmp_path)
+    old = set(shards(tmp_path))
+    readers = folder_of(tmp_path) / _logit_writer.READERS
+    (lease,) = readers.glob("*.json")
+    host = lease.name.rsplit(".", 2)[0]
+    # Process 1 lives as long as the machine: its lease holds the files.
+    lease.rename(readers / f"{host}.1.json")
+    changed = x.copy()
+    changed[40:] += 1.0
+    live = cache(teacher, pipeline(changed, y), tmp_path)
+    stale = old - set(shards(tmp_path))
+    assert stale and all(path.exists() for path in stale)
+    assert served(live)[2] is None
+
+
+def test_a_second_writer_of_the_same_batches_does_not_replace_their_files(setup):
+    x, y, teacher, _, tmp_path = setup
+    live = cache(teacher, pipeline(x, y), tmp_path)
+    before = {path: path.stat().st_ino for path in shards(tmp_path)}
+    index = folder_of(tmp_path) / _logit_files.INDEX
+    index.unlink()  # As if a second writer began before the first ended.
+    cache(teacher, pipeline(x, y), tmp_path)
+    assert teacher.batches == 8
+    assert {path: path.stat().st_ino for path in shards(tmp_path)} == before
+    assert served(live)[2] is None
 
 
 def test_arrays_read_their_logits_verified(setup):
