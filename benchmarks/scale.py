@@ -14,7 +14,11 @@ own, so that its peak resident memory is its own, and reports:
   memory before caching, through caching and training;
 - epoch ratio: the minimum epoch time of the Distiller on the cache over the
   minimum epoch time of the student trained from scratch on the same input
-  pipeline, their epochs interleaved in the same process (one warm-up each).
+  pipeline, their epochs interleaved in the same process (one warm-up each):
+  in order (`shuffle=False`, the scratch pipeline's own order, so the
+  ratio is the price of pairing with, reading, verifying and decoding the
+  files) and shuffled (the default, which adds the block shuffle that the
+  unshuffled scratch pipeline does without).
 
 Part 2, accuracy on MNIST: a teacher MLP 784-1200-1200-10 and students MLP
 784-64-10 distilled (T = 4, λ = 0.5) on each cache mode, seeds 0..n-1, test
@@ -52,6 +56,12 @@ flags.DEFINE_integer("top_k", 5, "k of the top-k cache.")
 flags.DEFINE_string("worker", None, "Internal: run one cache mode and print JSON.")
 flags.DEFINE_string("cache_dir", None, "Internal: the worker's cache folder.")
 flags.DEFINE_integer("epochs", None, "Internal: the worker's measured epochs.")
+flags.DEFINE_string(
+    "scale_rows",
+    None,
+    "A JSON file of part 1's rows from an earlier run (each run writes "
+    "kd_keras_scale_rows.json in the temporary folder): run part 2 only.",
+)
 
 BATCH = 500
 QUICK = {"examples": 100_000, "epochs": 3, "seeds": 2, "teacher_epochs": 3}
@@ -123,17 +133,20 @@ def worker(mode, examples, epochs, cache_dir):
     result = {"mode": mode, "examples": examples, "build_s": build}
     if directory is None:
         result["size_bytes"] = examples * (784 + 10) * 4 + examples * 4
-    else:
+    runs = [("scratch", scratch, data), ("distiller", distiller, cached)]
+    if directory is not None:
         result["size_bytes"] = _logit_files.size(directory)
         start = time.perf_counter()
-        kd_keras.cache_teacher_logits(teacher, data, directory=directory, **options)
+        in_order = kd_keras.cache_teacher_logits(
+            teacher, data, directory=directory, shuffle=False, **options
+        )
         result["reuse_s"] = time.perf_counter() - start
-    times = {"scratch": [], "distiller": []}
+        # The same pipeline in the same order: what pairing with the files,
+        # reading, verifying and decoding them cost, without the shuffle.
+        runs.append(("distiller, in order", distiller, in_order))
+    times = {name: [] for name, _, _ in runs}
     for epoch in range(epochs + 1):
-        for name, model, dataset in (
-            ("scratch", scratch, data),
-            ("distiller", distiller, cached),
-        ):
+        for name, model, dataset in runs:
             timer = common.EpochTimer()
             model.fit(dataset, epochs=1, verbose=0, callbacks=[timer])
             if epoch:  # The first is a warm-up (tracing).
@@ -142,6 +155,10 @@ def worker(mode, examples, epochs, cache_dir):
     result["epoch_ratio"] = (
         result["epoch_s"]["distiller"] / result["epoch_s"]["scratch"]
     )
+    if "distiller, in order" in times:
+        result["in_order_ratio"] = (
+            result["epoch_s"]["distiller, in order"] / result["epoch_s"]["scratch"]
+        )
     result["memory_rise_bytes"] = _peak() - before
     result["logits_bytes"] = examples * 10 * 4
     return result
@@ -265,7 +282,7 @@ def report(chosen, rows, accuracy):
         mean = common.percent_mean_std(accuracy["accuracies"][mode])
         difference = 100 * (np.mean(accuracy["accuracies"][mode]) - np.mean(reference))
         if "error" in row:
-            cells = [mode, row["error"], "", "", "", "", mean, ""]
+            cells = [mode, row["error"], "", "", "", "", "", mean, ""]
         else:
             cells = [
                 mode,
@@ -273,6 +290,7 @@ def report(chosen, rows, accuracy):
                 f"{row['reuse_s']:.1f} s" if "reuse_s" in row else "—",
                 _megabytes(row["size_bytes"]),
                 _megabytes(row["memory_rise_bytes"]),
+                f"{row['in_order_ratio']:.2f}" if "in_order_ratio" in row else "—",
                 f"{row['epoch_ratio']:.2f} ({row['epoch_s']['distiller']:.1f} s)",
                 mean,
                 f"{difference:+.2f}" if mode != "in memory" else "—",
@@ -284,7 +302,8 @@ def report(chosen, rows, accuracy):
         "reuse",
         "size",
         "peak memory rise",
-        "epoch / scratch epoch",
+        "epoch / scratch epoch, in order",
+        "epoch / scratch epoch, shuffled",
         "MNIST student test accuracy %",
         "vs in memory, points",
     ]
@@ -332,7 +351,12 @@ def main(argv):
         )
         return
     start = time.perf_counter()
-    rows = scale_part(chosen)
+    rows_file = pathlib.Path(tempfile.gettempdir()) / "kd_keras_scale_rows.json"
+    if FLAGS.scale_rows:
+        rows = json.loads(pathlib.Path(FLAGS.scale_rows).read_text())
+    else:
+        rows = scale_part(chosen)
+        store.write_json(rows_file, rows)  # For --scale_rows, if part 2 fails.
     accuracy = accuracy_part(chosen)
     # Kept before the report, which only formats them.
     store.write_json(
