@@ -9,7 +9,6 @@ import numpy as np
 from kd_keras import _checks
 from kd_keras import _datasets
 from kd_keras import _loss_terms
-from kd_keras.losses import check_same_shape
 
 _CATEGORICAL_LOSSES = (
     keras.losses.CategoricalCrossentropy,
@@ -65,8 +64,10 @@ class FirstBatchChecks:
         _checks.check_not_probabilities(student_logits, "student", self.student.name)
         teacher_logits = self._teacher_logits(rows, cached, weight, what)
         if teacher_logits is not None:
-            check_same_shape(
-                teacher_logits.shape[1:], student_logits.shape[1:], " per example"
+            self.terms.check_shapes(
+                (None, *teacher_logits.shape[1:]),
+                (None, *student_logits.shape[1:]),
+                " per example",
             )
         if labels is None:
             return

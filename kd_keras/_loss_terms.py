@@ -16,7 +16,8 @@ from keras import ops
 from kd_keras import _backend
 from kd_keras import _checks
 from kd_keras import _keras_internals
-from kd_keras.losses import check_same_shape
+from kd_keras import _vocabulary
+from kd_keras.losses import default_reduction
 from kd_keras.losses import reduce_like_keras
 
 MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
@@ -195,11 +196,14 @@ class LossTerms:
         weighted_losses: `[(loss, weight), ...]`, the distillation term.
         student_loss: the label loss as given (None for cross-entropy
             chosen by the labels' shape).
+        shared_vocabulary: the number of leading classes (token ids) to
+            distil over, or None (see `_vocabulary.shared_size`).
     """
 
-    def __init__(self, weighted_losses, student_loss=None):
+    def __init__(self, weighted_losses, student_loss=None, shared_vocabulary=None):
         self.weighted = weighted_losses
         self.student_loss = check_student_loss(student_loss)
+        self.shared_vocabulary = _vocabulary.check_argument(shared_vocabulary)
         self._defaults = {}
         self.trackers = Trackers(
             BatchMean(name="student_loss"),
@@ -242,8 +246,16 @@ class LossTerms:
         for loss, _ in self.weighted:
             loss.check_logits_shape(shape)
 
+    def check_shapes(self, teacher_shape, student_shape, where=""):
+        """The classes to distil over (None for all): raises unless the
+        teacher's and the student's logit shapes can be distilled."""
+        return _vocabulary.check_shapes(
+            teacher_shape, student_shape, self.shared_vocabulary, where
+        )
+
     def label_loss(self, y, student_logits):
-        """The label loss: the user's, or cross-entropy chosen by shapes."""
+        """The label loss: the user's, or cross-entropy chosen by shapes,
+        for sequences a mean over the real tokens (see `default_reduction`)."""
         if self.student_loss is not None:
             return self.student_loss
         if student_logits.shape[-1] == 1:
@@ -252,9 +264,12 @@ class LossTerms:
             kind = "categorical"
         else:
             kind = "sparse"
-        if kind not in self._defaults:
-            self._defaults[kind] = _DEFAULT_LABEL_LOSSES[kind](from_logits=True)
-        return self._defaults[kind]
+        reduction = default_reduction(student_logits)
+        if (kind, reduction) not in self._defaults:
+            self._defaults[kind, reduction] = _DEFAULT_LABEL_LOSSES[kind](
+                from_logits=True, reduction=reduction
+            )
+        return self._defaults[kind, reduction]
 
     def compute(
         self,
@@ -267,22 +282,41 @@ class LossTerms:
         temperature,
         epoch=None,
         feature_values=None,
+        padding_mask=None,
     ):
         """`Loss(total, label, distillation, terms)` of a batch, without the
         regularisation; `weight` is λ, `feature_values` the feature losses'
-        values per example by their place among the losses.
+        values per example (or per position) by their place among the
+        losses, `padding_mask` the inputs' `"padding_mask"` (KerasHub's),
+        if any.
 
         The mask is the student logits' Keras mask, together with any mask
-        the label loss sets itself (such as `ignore_class`).
+        the label loss sets itself (such as `ignore_class`). For sequence
+        logits without `sample_weight`, the padding mask weighs the tokens.
         """
-        check_same_shape(teacher_logits.shape, student_logits.shape)
+        shared = self.check_shapes(teacher_logits.shape, student_logits.shape)
         weight = ops.convert_to_tensor(weight)
         mask = _keras_internals.keras_mask(student_logits)
+        if sample_weight is None and _per_token(padding_mask, student_logits):
+            sample_weight = padding_mask
         term_values = self._term_values(
-            y, student_logits, teacher_logits, temperature, epoch, feature_values
+            y,
+            _vocabulary.cut(student_logits, shared),
+            _vocabulary.cut(teacher_logits, shared),
+            temperature,
+            epoch,
+            feature_values,
         )
+        term_values = [
+            values
+            if _compatible(values.shape, student_logits.shape[:-1])
+            else _spread(values, student_logits, padding_mask)
+            for values in term_values
+        ]
         if y is None:
-            reduction = getattr(self.student_loss, "reduction", "sum_over_batch_size")
+            reduction = getattr(
+                self.student_loss, "reduction", default_reduction(student_logits)
+            )
             label = ops.zeros((), "float32")
         else:
             label_loss = self.label_loss(y, student_logits)
@@ -323,7 +357,7 @@ class LossTerms:
         values = []
         for index, (loss, _) in enumerate(self.weighted):
             if feature_values is not None and index in feature_values:
-                values.append(_spread(feature_values[index], student_logits))
+                values.append(ops.cast(feature_values[index], "float32"))
                 continue
             values.append(
                 loss.per_position(
@@ -337,11 +371,46 @@ class LossTerms:
         return values
 
 
-def _spread(values, student_logits):
-    """A feature loss per example, spread over the logits' positions."""
+def padding_mask(inputs):
+    """The `"padding_mask"` of dict inputs (KerasHub's models), or None."""
+    if isinstance(inputs, dict):
+        return inputs.get("padding_mask")
+    return None
+
+
+def _per_token(mask, logits):
+    """Whether `mask` has one entry per position of the logits."""
+    if mask is None or len(logits.shape) < 3:
+        return False
+    return _compatible(mask.shape, logits.shape[:-1])
+
+
+def _compatible(shape, other):
+    """Whether two static shapes agree wherever both are known."""
+    shape, other = tuple(shape), tuple(other)
+    return len(shape) == len(other) and all(
+        a is None or b is None or a == b for a, b in zip(shape, other, strict=True)
+    )
+
+
+def _spread(values, student_logits, padding_mask=None):
+    """A feature loss per example, or per position of a sequence `(batch,
+    time)` that is not the logits', spread over the logits' positions. The
+    positions of a sequence are first averaged, over its real tokens if the
+    padding mask has its shape."""
+    values = ops.cast(values, "float32")
+    if len(values.shape) > 1:
+        values = ops.reshape(values, (ops.shape(values)[0], -1))
+        if padding_mask is not None and _compatible(padding_mask.shape, values.shape):
+            weights = ops.cast(padding_mask, "float32")
+            values = ops.divide_no_nan(
+                ops.sum(values * weights, axis=-1), ops.sum(weights, axis=-1)
+            )
+        else:
+            values = ops.mean(values, axis=-1)
     positions = ops.shape(student_logits)[:-1]
     rank = len(student_logits.shape)
-    values = ops.reshape(ops.cast(values, "float32"), (-1,) + (1,) * (rank - 2))
+    values = ops.reshape(values, (-1,) + (1,) * (rank - 2))
     return values * ops.ones(positions, "float32")
 
 

@@ -10,6 +10,7 @@ workers, and `_fit_callbacks` adds the callbacks every `fit` runs.
 
 import contextlib
 import functools
+import inspect
 import threading
 import weakref
 
@@ -31,7 +32,6 @@ from kd_keras import metrics as kd_metrics
 from kd_keras._hyperparameters import Hyperparameter
 from kd_keras._hyperparameters import Owner
 from kd_keras.losses import check_distillation_weight
-from kd_keras.losses import check_same_shape
 from kd_keras.losses import check_temperature
 
 # A cached batch carries its inputs and the teacher's logits under these keys
@@ -109,11 +109,12 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
     outside the gradient tape.
 
     Logits may have any rank `(batch, ..., classes)`, e.g. one per token of
-    a sequence: both terms are then means over every position. Positions
-    masked by Keras masking, or ignored by the label loss (`ignore_class`),
-    are left out of both; a `sample_weight` of shape `(batch, time)` weighs
-    each position, and one of shape `(batch,)` all positions of an example.
-    The distillation term is reduced exactly as the label loss is (its
+    a sequence: both terms are then means over the real tokens, weighted by
+    a `sample_weight` of shape `(batch, time)` (or, without one, by the
+    inputs' `"padding_mask"`, as KerasHub models take them); one of shape
+    `(batch,)` weighs all positions of an example. Positions masked by Keras
+    masking, or ignored by the label loss (`ignore_class`), are left out of
+    both. The distillation term is reduced exactly as the label loss is (its
     `reduction`, weights and mask). A model with a single logit is a binary
     classifier: its soft targets are `sigmoid(t/T)` against `sigmoid(s/T)`,
     with KD = T²·binary KL, and the default label loss is binary
@@ -162,6 +163,11 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
             were all checked when they were cached, are not checked again.
             Pass False for inputs that hold them on purpose, such as
             additive `-inf` attention masks.
+        shared_vocabulary: for logits over vocabularies that differ only
+            by padding (32,000 token ids in 32,064 logits), the number of
+            leading ids to distil over. By default, logits per token whose
+            larger size is a multiple of 64 and at most 256 more are cut to
+            the smaller; other mismatches are refused.
 
     Example:
 
@@ -193,6 +199,7 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
         student_loss=None,
         check_finite_inputs=True,
         losses=None,
+        shared_vocabulary=None,
         **kwargs,
     ):
         losses, distillation_weight = _loss_terms.keras_arguments(
@@ -204,12 +211,12 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
         # inputs were all checked when they were cached (see `fit`).
         self._step_checks_inputs, self._other_step = True, None
         weighted = kd_losses.as_weighted_losses(losses)
-        _check_models(teacher, student, weighted)
+        self._terms = _loss_terms.LossTerms(weighted, student_loss, shared_vocabulary)
+        _check_models(teacher, student, self._terms)
         check_temperature(temperature)
         check_distillation_weight(distillation_weight)
         self._student_loss_arg = student_loss
         self._compile_loss_arg = None
-        self._terms = _loss_terms.LossTerms(weighted, student_loss)
         teacher.trainable = False
         self.teacher = teacher
         self.student = student
@@ -353,6 +360,7 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
             feature_values=self._feature_values(
                 teacher_features, student_features, y_pred
             ),
+            padding_mask=_loss_terms.padding_mask(inputs),
         )
         self._terms.track(loss, ops.shape(y_pred)[0])
         total = loss.total + regularization
@@ -437,18 +445,7 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
 
     # Checks on the first batch, before any work is done.
 
-    def fit(
-        self,
-        x=None,
-        y=None,
-        batch_size=None,
-        epochs=1,
-        verbose="auto",
-        callbacks=None,
-        validation_split=0.0,
-        validation_data=None,
-        **kwargs,
-    ):
+    def fit(self, x=None, y=None, *args, **kwargs):
         """`keras.Model.fit`, with the data checked before the first step.
 
         Each epoch's logs also get the `temperature` and the
@@ -457,30 +454,10 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
         error and the student's last finite weights. Both callbacks run
         first, also with a `keras.callbacks.CallbackList`.
         """
-        self._check_data(x, y, "training data")
-        if self._features and any(
-            isinstance(c, keras.callbacks.ModelCheckpoint) and not c.save_weights_only
-            for c in _fit_callbacks.given(callbacks)
-        ):
-            self.get_config()  # Raises now if it cannot be saved, not after an epoch.
-        if isinstance(validation_data, tuple):
-            self._check_data(*validation_data[:2], "validation data")
-        elif validation_data is not None:
-            self._check_data(validation_data, None, "validation data")
-        callbacks = _fit_callbacks.with_fit_callbacks(callbacks, self, self._epoch)
+        arguments = _fit_arguments(self, x, y, args, kwargs)
         _use_step(self, checks=not _datasets.inputs_checked(x))
         try:
-            return super().fit(
-                x,
-                y,
-                batch_size=batch_size,
-                epochs=epochs,
-                verbose=verbose,
-                callbacks=callbacks,
-                validation_split=validation_split,
-                validation_data=validation_data,
-                **kwargs,
-            )
+            return super().fit(**arguments)
         finally:  # `train_on_batch` and later fits check again.
             _use_step(self, checks=True)
 
@@ -514,6 +491,7 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
             "student_loss": None,
             "check_finite_inputs": self.check_finite_inputs,
             "losses": kd_losses.serialize_weighted(self._terms.weighted),
+            "shared_vocabulary": self._terms.shared_vocabulary,
         }
         if self._student_loss_arg is not None:
             config["student_loss"] = keras.saving.serialize_keras_object(
@@ -543,6 +521,33 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
         if feature_shapes is not None and distiller._features:
             distiller._features.prepare(feature_shapes)
         return distiller
+
+
+def _fit_arguments(distiller, x, y, args, kwargs):
+    """`fit`'s arguments by name, once its data are checked, with the
+    Distiller's callbacks added."""
+    arguments = inspect.signature(keras.Model.fit).bind(
+        distiller, x, y, *args, **kwargs
+    )
+    arguments.apply_defaults()
+    arguments = dict(arguments.arguments)
+    del arguments["self"]
+    distiller._check_data(x, y, "training data")
+    callbacks = arguments["callbacks"]
+    if distiller._features and any(
+        isinstance(c, keras.callbacks.ModelCheckpoint) and not c.save_weights_only
+        for c in _fit_callbacks.given(callbacks)
+    ):
+        distiller.get_config()  # Raises now if it cannot be saved, not after an epoch.
+    validation_data = arguments["validation_data"]
+    if isinstance(validation_data, tuple):
+        distiller._check_data(*validation_data[:2], "validation data")
+    elif validation_data is not None:
+        distiller._check_data(validation_data, None, "validation data")
+    arguments["callbacks"] = _fit_callbacks.with_fit_callbacks(
+        callbacks, distiller, distiller._epoch
+    )
+    return arguments
 
 
 def _use_step(distiller, checks):
@@ -585,9 +590,10 @@ class _AdapterOwner:
         self._distiller().adapters = adapters
 
 
-def _check_models(teacher, student, weighted):
+def _check_models(teacher, student, terms):
     """Raises unless teacher and student are built models emitting logits of
-    the same shape, for the same inputs, that the losses can take."""
+    the same shape (but for padded vocabularies), for the same inputs, that
+    the losses can take."""
     _checks.check_keras_model(teacher, "teacher")
     _checks.check_keras_model(student, "student")
     _checks.check_emits_logits(teacher, "teacher")
@@ -596,14 +602,13 @@ def _check_models(teacher, student, weighted):
     teacher_shape = _checks.output_shape(teacher)
     student_shape = _checks.output_shape(student)
     if teacher_shape and student_shape:
-        check_same_shape(
+        terms.check_shapes(
             teacher_shape,
             student_shape,
             f" (teacher `{teacher.name}`, student `{student.name}`)",
         )
     if student_shape:
-        for loss, _ in weighted:
-            loss.check_logits_shape(student_shape)
+        terms.check_logits_shape(student_shape)
 
 
 def _all_finite(inputs):

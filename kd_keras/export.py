@@ -67,7 +67,9 @@ def _as_model(model):
 
 
 def _arrays(data, limit=None):
-    """(inputs, labels or None) from a dataset, an array, or (x, y)."""
+    """(inputs, labels or None) from a dataset, an array, or (x, y); inputs
+    may be a dict of arrays (e.g. a KerasHub model's token ids and padding
+    mask)."""
     if data is None:
         return None, None
     if _backend.is_tf_dataset(data) or isinstance(data, keras.utils.PyDataset):
@@ -76,18 +78,44 @@ def _arrays(data, limit=None):
             xs.append(x)
             if y is not None:
                 ys.append(y)
-            if limit and sum(len(a) for a in xs) >= limit:
+            if limit and sum(_rows(a) for a in xs) >= limit:
                 break
-        x = np.concatenate(xs)
+        x = keras.tree.map_structure(lambda *parts: np.concatenate(parts), *xs)
         y = np.concatenate(ys) if ys else None
     elif isinstance(data, tuple):
-        x, y = np.asarray(data[0]), np.asarray(data[1])
+        x, y = _as_arrays(data[0]), np.asarray(data[1])
     else:
-        x, y = np.asarray(data), None
+        x, y = _as_arrays(data), None
     if limit:
-        x = x[:limit]
+        x = _slice(x, 0, limit)
         y = None if y is None else y[:limit]
-    return x.astype("float32"), y
+    if isinstance(x, np.ndarray):
+        x = x.astype("float32")
+    return x, y
+
+
+def _as_arrays(x):
+    return keras.tree.map_structure(np.asarray, x)
+
+
+def _rows(x):
+    return len(keras.tree.flatten(x)[0])
+
+
+def _slice(x, start, stop):
+    return keras.tree.map_structure(lambda a: a[start:stop], x)
+
+
+def _like_model_inputs(model, x):
+    """Dict inputs in the dtypes of the model's inputs of the same names
+    (a bool padding mask for an int32 input), as the exports take them."""
+    if not isinstance(x, dict):
+        return x
+    dtypes = {t.name: t.dtype for t in getattr(model, "inputs", None) or []}
+    return {
+        name: value.astype(dtypes[name]) if name in dtypes else value
+        for name, value in x.items()
+    }
 
 
 def _size(path):
@@ -120,15 +148,22 @@ def _interpreter(content):
 
 
 class _TFLiteRunner:
-    """Runs a TFLite flatbuffer on batches of any size."""
+    """Runs a TFLite flatbuffer on batches of any size; dict inputs go to
+    its serving signature by name."""
 
     def __init__(self, content):
         self.interpreter = _interpreter(content)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
         self.batch = None
+        self.signature = None
 
     def __call__(self, x):
+        if isinstance(x, dict):
+            if self.signature is None:
+                self.signature = self.interpreter.get_signature_runner()
+            (outputs,) = self.signature(**x).values()
+            return outputs.astype("float32")
         if self.batch != x.shape:
             self.interpreter.resize_tensor_input(self.input["index"], x.shape)
             self.interpreter.allocate_tensors()
@@ -140,7 +175,7 @@ class _TFLiteRunner:
 
 def _in_batches(run, x, batch_size=500):
     return np.concatenate(
-        [run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        [run(_slice(x, i, i + batch_size)) for i in range(0, _rows(x), batch_size)]
     )
 
 
@@ -153,8 +188,9 @@ def _convert(saved_model_dir, fmt, representative):
     if fmt == "tflite_int8":
 
         def examples():
-            for row in representative:
-                yield [row[np.newaxis]]
+            for index in range(_rows(representative)):
+                row = _slice(representative, index, index + 1)
+                yield row if isinstance(row, dict) else [row]
 
         converter.representative_dataset = examples
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -205,6 +241,9 @@ def export_student(
             `(x, y)`) to calibrate int8; required for "tflite_int8".
         test_data: held-out inputs and labels (a batched dataset or
             `(x, y)`) to compare on; labels may be class ids or one-hot.
+            Inputs may be a dict of arrays by input name, as KerasHub
+            models take (`{"token_ids": ..., "padding_mask": ...}`); their
+            accuracy counts the real tokens only.
         tolerance: the largest logit difference a float format may show.
         calibration_examples: how many representative inputs calibrate int8.
         latency_repeats: timed single-example runs per format.
@@ -233,8 +272,10 @@ def export_student(
     representative, _ = _arrays(representative_data, calibration_examples)
     if representative is not None:
         _checks.check_batched(representative, model, "model", "representative_data")
+        representative = _like_model_inputs(model, representative)
     x_test, y_test, compared_on = _comparison_data(model, test_data, representative)
     _checks.check_batched(x_test, model, "model", "test_data")
+    x_test = _like_model_inputs(model, x_test)
     directory = _io.make_folder(directory, "directory")
     expected = _in_batches(
         lambda x: np.asarray(model.predict_on_batch(x), "float32"), x_test
@@ -242,11 +283,11 @@ def export_student(
     report = {
         "keras": {
             "latency_ms": _median_ms(
-                model.predict_on_batch, x_test[:1], latency_repeats
+                model.predict_on_batch, _slice(x_test, 0, 1), latency_repeats
             ),
             "params": model.count_params(),
             "compared_on": compared_on,
-            **_accuracy(expected, y_test),
+            **_accuracy(expected, y_test, x_test),
         }
     }
     failures = []
@@ -260,8 +301,8 @@ def export_student(
             "max_abs_diff": float(np.max(np.abs(got - expected))),
             "argmax_agreement_percent": 100.0
             * float(np.mean(predicted_classes(got) == predicted_classes(expected))),
-            "latency_ms": _median_ms(run, x_test[:1], latency_repeats),
-            **_accuracy(got, y_test),
+            "latency_ms": _median_ms(run, _slice(x_test, 0, 1), latency_repeats),
+            **_accuracy(got, y_test, x_test),
         }
         if fmt in FLOAT_FORMATS and report[fmt]["max_abs_diff"] > tolerance:
             failures.append(f"{fmt}: {report[fmt]['max_abs_diff']:.3g}")
@@ -306,14 +347,14 @@ def _comparison_data(model, test_data, representative):
         )
         return representative, None, "representative inputs (not held out)"
     try:
-        model_input = model.inputs[0]
-    except (AttributeError, IndexError, TypeError, ValueError):
+        (model_input,) = model.inputs
+    except (AttributeError, TypeError, ValueError):
         model_input = None
     shape = None if model_input is None else tuple(model_input.shape[1:])
     if shape is None or None in shape or "float" not in str(model_input.dtype):
+        given = _input_description(model)
         raise ValueError(
-            f"The model `{model.name}` takes inputs of shape {shape} and dtype "
-            f"{getattr(model_input, 'dtype', None)}, for which random float "
+            f"The model `{model.name}` takes {given}, for which random float "
             "inputs cannot be made. Pass `test_data` to compare the exports on."
         )
     rng = np.random.default_rng(0)
@@ -324,13 +365,21 @@ def _comparison_data(model, test_data, representative):
     )
 
 
-def _accuracy(logits, labels):
+def _input_description(model):
+    inputs = getattr(model, "inputs", None) or []
+    described = [f"{t.name} {tuple(t.shape)} {t.dtype}" for t in inputs]
+    return "inputs " + ", ".join(described) if described else "unknown inputs"
+
+
+def _accuracy(logits, labels, x):
+    """Accuracy, for tokens over the real ones (the inputs' padding mask)."""
     if labels is None:
         return {}
-    predicted = predicted_classes(logits).reshape(-1)
-    return {
-        "accuracy": float(np.mean(predicted == class_ids(labels, logits).reshape(-1)))
-    }
+    correct = predicted_classes(logits) == class_ids(labels, logits)
+    mask = x.get("padding_mask") if isinstance(x, dict) else None
+    if mask is None or np.shape(mask) != correct.shape:
+        mask = np.ones_like(correct)
+    return {"accuracy": float(np.sum(correct * mask) / max(np.sum(mask), 1))}
 
 
 def _write_formats(tf, model, directory, formats, representative):

@@ -1,7 +1,8 @@
 """Distillation losses in `keras.ops`, so they run on every Keras backend:
 the temperature softmax and T²·KL(p ‖ q) as functions, and the losses that a
 `Distiller` combines as serialisable objects: logit losses (`SoftTargets`,
-`LogitStandardization`, `DecoupledKD`, `DIST`), feature losses
+`LogitStandardization`, `DecoupledKD`, `DIST`), the language-model losses
+(`ReverseKL`, `GeneralizedJSD`, `SkewKL`, `SkewReverseKL`), feature losses
 (`FeatureHint`, `AttentionTransfer`), and wrappers of `keras.distillation`'s
 own."""
 
@@ -200,6 +201,16 @@ def reduce_like_keras(
 _MEANS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
+def default_reduction(logits):
+    """The default reduction of the label and distillation terms: for
+    logits per token `(batch, time, ..., classes)`, a mean over the real
+    tokens (weighted by the sample weights, masks left out); else Keras'
+    default, a mean over the batch."""
+    if len(logits.shape) >= 3:
+        return "mean_with_sample_weight"
+    return "sum_over_batch_size"
+
+
 def check_same_shape(teacher_shape, student_shape, where=""):
     """Raises unless two logit shapes agree wherever both are known."""
     teacher_shape, student_shape = tuple(teacher_shape), tuple(student_shape)
@@ -220,9 +231,10 @@ def distillation_loss(teacher_logits, student_logits, temperature, sample_weight
 
     `p = softmax(teacher_logits / T)` and `q = softmax(student_logits / T)`.
     The KL divergence is summed over classes and averaged over the batch (not
-    over batch × classes); logits of shape `(batch, ..., classes)`, such as
-    sequences, are averaged over every position, so a sequence's loss is the
-    per-token mean. A single logit is a binary classifier, whose
+    over batch × classes); logits of shape `(batch, time, ..., classes)`,
+    such as sequences, are averaged over the real tokens (those the sample
+    weights keep and no mask hides), as the Distiller averages them. A
+    single logit is a binary classifier, whose
     distributions are `(sigmoid(z/T), 1 − sigmoid(z/T))`. It is computed from
     log-softmax, so large logits do not overflow, and in float32 whatever
     the inputs' dtype, so a mixed-precision policy does not lose the small
@@ -235,8 +247,9 @@ def distillation_loss(teacher_logits, student_logits, temperature, sample_weight
         student_logits: tensor of the same shape.
         temperature: a number > 0 (a scalar tensor or variable as well).
         sample_weight: optional weights of shape `(batch,)` or
-            `(batch, ...)`; the weighted sum is divided by the number of
-            positions, as Keras' own losses do. Positions that the student
+            `(batch, ...)`; for logits `(batch, classes)` the weighted sum
+            is divided by the batch size, as Keras' own losses do, and for
+            sequences by the sum of the weights. Positions that the student
             logits' Keras mask hides are left out.
 
     Returns:
@@ -256,6 +269,7 @@ def distillation_loss(teacher_logits, student_logits, temperature, sample_weight
         per_position_distillation_loss(teacher_logits, student_logits, temperature),
         sample_weight,
         mask,
+        default_reduction(student_logits),
     )
 
 
@@ -565,6 +579,143 @@ class DIST(LogitLoss):
         }
 
 
+# Language-model losses (MiniLLM, GKD, DistiLLM): divergences between the
+# teacher's and the student's distributions over the vocabulary, per token.
+
+
+def _log_softmaxes(teacher_logits, student_logits, temperature):
+    t, s, temperature = _scaled(teacher_logits, student_logits, temperature)
+    return ops.log_softmax(t, axis=-1), ops.log_softmax(s, axis=-1), temperature
+
+
+def _kl(log_a, log_b):
+    """KL(a ‖ b) over the last axis, from log-probabilities."""
+    return ops.sum(ops.exp(log_a) * (log_a - log_b), axis=-1)
+
+
+def _log_mixture(log_a, log_b, share):
+    """log(share·a + (1 − share)·b), for 0 < share < 1."""
+    return ops.logaddexp(log_a + math.log(share), log_b + math.log1p(-share))
+
+
+def _check_share(value, name, high_inclusive=True):
+    high = "1]" if high_inclusive else "1)"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not (0 <= value <= 1 if high_inclusive else 0 <= value < 1)
+    ):
+        raise ValueError(f"Expected `{name}` in [0, {high}. Received: {name}={value!r}")
+    return float(value)
+
+
+class _DivergenceLoss(LogitLoss):
+    """A divergence of P = softmax(t/T) and Q = softmax(s/T) at every
+    position, times T² as `SoftTargets` is (so that its gradient keeps its
+    size as T changes; at T = 1 it is the divergence itself)."""
+
+    min_classes = 2
+
+    def per_position(
+        self, teacher_logits, student_logits, temperature, labels=None, epoch=None
+    ):
+        log_p, log_q, temperature = _log_softmaxes(
+            teacher_logits, student_logits, temperature
+        )
+        return ops.square(temperature) * self.divergence(log_p, log_q)
+
+    def divergence(self, log_p, log_q):
+        raise NotImplementedError
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class ReverseKL(_DivergenceLoss):
+    """MiniLLM (Gu et al., ICLR 2024): T²·KL(Q ‖ P), the reverse KL, at
+    every position (token). Mode-seeking: the student puts its mass where
+    the teacher's is high rather than covering all of it.
+
+    Args:
+        temperature: T for this loss, or None for the Distiller's.
+        name: the name of its term in the logs.
+    """
+
+    def divergence(self, log_p, log_q):
+        return _kl(log_q, log_p)
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class GeneralizedJSD(_DivergenceLoss):
+    """GKD (Agarwal et al., ICLR 2024): the generalized Jensen–Shannon
+    divergence β·KL(P ‖ M) + (1 − β)·KL(Q ‖ M), with M = β·P + (1 − β)·Q,
+    times T², at every position. As in TRL's GKD trainer, β = 0 is KL(P ‖ Q)
+    (forward KL) and β = 1 is KL(Q ‖ P) (reverse KL).
+
+    Args:
+        beta: β in [0, 1].
+        temperature: T for this loss, or None for the Distiller's.
+        name: the name of its term in the logs.
+    """
+
+    def __init__(self, beta=0.5, temperature=None, name=None):
+        super().__init__(temperature=temperature, name=name)
+        self.beta = _check_share(beta, "beta")
+
+    def divergence(self, log_p, log_q):
+        if self.beta == 0.0:
+            return _kl(log_p, log_q)
+        if self.beta == 1.0:
+            return _kl(log_q, log_p)
+        log_m = _log_mixture(log_p, log_q, self.beta)
+        return self.beta * _kl(log_p, log_m) + (1.0 - self.beta) * _kl(log_q, log_m)
+
+    def get_config(self):
+        return {"beta": self.beta, **super().get_config()}
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class SkewKL(_DivergenceLoss):
+    """DistiLLM (Ko et al., ICML 2024): the skew KL, KL(P ‖ α·P + (1 − α)·Q),
+    times T², at every position. Mixing a little of P into Q bounds the
+    divergence where the student gives a token almost no mass, which keeps
+    the gradient stable; α = 0 is the forward KL.
+
+    Args:
+        alpha: α in [0, 1).
+        temperature: T for this loss, or None for the Distiller's.
+        name: the name of its term in the logs.
+    """
+
+    def __init__(self, alpha=0.1, temperature=None, name=None):
+        super().__init__(temperature=temperature, name=name)
+        self.alpha = _check_share(alpha, "alpha", high_inclusive=False)
+
+    def divergence(self, log_p, log_q):
+        if self.alpha == 0.0:
+            return _kl(log_p, log_q)
+        return _kl(log_p, _log_mixture(log_p, log_q, self.alpha))
+
+    def get_config(self):
+        return {"alpha": self.alpha, **super().get_config()}
+
+
+@keras.saving.register_keras_serializable(package="kd_keras")
+class SkewReverseKL(SkewKL):
+    """DistiLLM (Ko et al., ICML 2024): the skew reverse KL,
+    KL(Q ‖ (1 − α)·P + α·Q), times T², at every position; α = 0 is the
+    reverse KL.
+
+    Args:
+        alpha: α in [0, 1).
+        temperature: T for this loss, or None for the Distiller's.
+        name: the name of its term in the logs.
+    """
+
+    def divergence(self, log_p, log_q):
+        if self.alpha == 0.0:
+            return _kl(log_q, log_p)
+        return _kl(log_q, _log_mixture(log_q, log_p, self.alpha))
+
+
 def _safe_sqrt(x):
     """sqrt(x), with gradient 0 rather than NaN where x is 0 (a constant
     vector), as `Tensor.norm` in the authors' code."""
@@ -659,8 +810,12 @@ class FeatureLoss(_Term):
 
     The teacher must run for its features, so these losses take uncached
     data (`cache_teacher_logits` stores logits only). A loss returns one
-    value per example, which the Distiller spreads over the positions of
-    the logits and reduces with the label loss's sample weights.
+    value per example, or, for features of a sequence `(batch, time, dim)`,
+    one per token `(batch, time)`. Values per token of logits per token are
+    reduced as the logit losses are, over the real tokens; others are first
+    averaged over the example (over its real tokens, by the inputs'
+    `"padding_mask"`), then spread over the positions of the logits and
+    reduced with the label loss's sample weights.
 
     Subclasses implement `layer_pairs()`, `per_example(teacher_features,
     student_features, adapters)` (lists with one entry per pair), and may
@@ -715,7 +870,9 @@ class FeatureHint(FeatureLoss):
     to the teacher's width, which for a convolutional feature is a 1×1
     convolution; other axes (the spatial size) must match. The Distiller
     builds one adapter per Distiller, trains it with the student, and keeps
-    it out of `distiller.student` (see `distiller.adapters`).
+    it out of `distiller.student` (see `distiller.adapters`). Hidden states
+    of a sequence `(batch, time, dim)` give one value per token, so that
+    padding tokens are left out (see `FeatureLoss`).
 
     Args:
         teacher_layer: the teacher's layer: a name, a path through nested
@@ -797,7 +954,10 @@ class FeatureHint(FeatureLoss):
         student = _as_float32(student)
         if adapter is not None:
             student = _as_float32(adapter(student))
-        return _per_example_mean(ops.square(student - _as_float32(teacher)))
+        squares = ops.square(student - _as_float32(teacher))
+        if len(squares.shape) == 3:  # Per token of a sequence (batch, time, dim).
+            return ops.mean(squares, axis=-1)
+        return _per_example_mean(squares)
 
     def get_config(self):
         adapter = self.adapter
@@ -1062,8 +1222,8 @@ def as_weighted_losses(losses):
         if not isinstance(loss, _Term):
             raise ValueError(
                 "Expected each loss to be a `kd_keras.losses.LogitLoss` (such "
-                "as `SoftTargets()`, `LogitStandardization()`, `DecoupledKD()` "
-                "or `DIST()`), a `FeatureLoss` (`FeatureHint(...)`, "
+                "as `SoftTargets()`, `LogitStandardization()`, `DecoupledKD()`, "
+                "`DIST()` or `ReverseKL()`), a `FeatureLoss` (`FeatureHint(...)`, "
                 "`AttentionTransfer(...)`) or a `keras.distillation` loss. "
                 f"Received: {item!r}"
             )

@@ -63,11 +63,55 @@ def dist(t, s, labels=None, temperature=T, beta=1.0, gamma=1.0):
     return temperature**2 * (beta * inter + gamma * intra)
 
 
+def reverse_kl(t, s, labels=None, temperature=T):
+    return temperature**2 * kl(softmax(s / temperature), softmax(t / temperature))
+
+
+def generalized_jsd(beta):
+    """GKD's divergence as the paper writes it (TRL's endpoints)."""
+
+    def loss(t, s, labels=None, temperature=T):
+        p, q = softmax(t / temperature), softmax(s / temperature)
+        if beta == 0:
+            return temperature**2 * kl(p, q)
+        if beta == 1:
+            return temperature**2 * kl(q, p)
+        m = beta * p + (1 - beta) * q
+        return temperature**2 * (beta * kl(p, m) + (1 - beta) * kl(q, m))
+
+    return loss
+
+
+def skew_kl(alpha):
+    def loss(t, s, labels=None, temperature=T):
+        p, q = softmax(t / temperature), softmax(s / temperature)
+        return temperature**2 * kl(p, alpha * p + (1 - alpha) * q)
+
+    return loss
+
+
+def skew_reverse_kl(alpha):
+    def loss(t, s, labels=None, temperature=T):
+        p, q = softmax(t / temperature), softmax(s / temperature)
+        return temperature**2 * kl(q, (1 - alpha) * p + alpha * q)
+
+    return loss
+
+
 REFERENCES = {
     "SoftTargets": (losses.SoftTargets(), soft_targets),
     "LogitStandardization": (losses.LogitStandardization(), logit_standardization),
     "DecoupledKD": (losses.DecoupledKD(), decoupled_kd),
     "DIST": (losses.DIST(), dist),
+    "ReverseKL": (losses.ReverseKL(), reverse_kl),
+    "GeneralizedJSD": (losses.GeneralizedJSD(), generalized_jsd(0.5)),
+    "GeneralizedJSD(0.9)": (losses.GeneralizedJSD(0.9), generalized_jsd(0.9)),
+    "GeneralizedJSD(0)": (losses.GeneralizedJSD(0.0), generalized_jsd(0.0)),
+    "GeneralizedJSD(1)": (losses.GeneralizedJSD(1.0), generalized_jsd(1.0)),
+    "SkewKL": (losses.SkewKL(), skew_kl(0.1)),
+    "SkewKL(0)": (losses.SkewKL(0.0), skew_kl(0.0)),
+    "SkewReverseKL": (losses.SkewReverseKL(), skew_reverse_kl(0.1)),
+    "SkewReverseKL(0.5)": (losses.SkewReverseKL(0.5), skew_reverse_kl(0.5)),
 }
 
 
@@ -235,6 +279,83 @@ def test_losses_survive_save_and_load(tiny_mlp, tiny_data, tmp_path):
     assert after["distillation_loss"] == pytest.approx(
         before["distillation_loss"], rel=1e-5
     )
+
+
+LANGUAGE_MODEL_LOSSES = [
+    losses.ReverseKL(temperature=2.0),
+    losses.GeneralizedJSD(beta=0.3),
+    losses.SkewKL(alpha=0.2),
+    losses.SkewReverseKL(alpha=0.05, name="srkl"),
+]
+
+
+@pytest.mark.parametrize("loss", LANGUAGE_MODEL_LOSSES, ids=repr)
+def test_language_model_losses_round_trip_through_their_config(loss):
+    config = keras.saving.serialize_keras_object(loss)
+    again = keras.saving.deserialize_keras_object(config)
+    assert type(again) is type(loss) and repr(again) == repr(loss)
+
+
+def test_language_model_losses_are_saved_with_the_distiller(
+    tiny_mlp, tiny_data, tmp_path
+):
+    x, y = tiny_data
+    distiller = kd_keras.Distiller(
+        tiny_mlp(seed=1), tiny_mlp(8, seed=2), losses=LANGUAGE_MODEL_LOSSES
+    )
+    distiller.compile(optimizer="adam")
+    before = distiller.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
+    distiller.save(tmp_path / "d.keras")
+    loaded = keras.saving.load_model(tmp_path / "d.keras")
+    after = loaded.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
+    assert [repr(loss) for loss, _ in loaded._terms.weighted] == [
+        repr(loss) for loss in LANGUAGE_MODEL_LOSSES
+    ]
+    for name in ("reverse_kl", "generalized_jsd", "skew_kl", "srkl"):
+        assert after[f"{name}_loss"] == pytest.approx(before[f"{name}_loss"], rel=1e-5)
+
+
+def test_language_model_losses_take_sequences_and_their_endpoints_agree():
+    rng = np.random.default_rng(5)
+    t = rng.normal(scale=3.0, size=(2, 7, 11)).astype("float32")
+    s = rng.normal(scale=3.0, size=(2, 7, 11)).astype("float32")
+
+    def value(loss):
+        return values_of(loss, t, s, None)
+
+    forward, reverse = value(losses.SoftTargets()), value(losses.ReverseKL())
+    assert forward.shape == (2, 7)
+    np.testing.assert_allclose(value(losses.GeneralizedJSD(0.0)), forward, rtol=1e-6)
+    np.testing.assert_allclose(value(losses.GeneralizedJSD(1.0)), reverse, rtol=1e-6)
+    np.testing.assert_allclose(value(losses.SkewKL(0.0)), forward, rtol=1e-6)
+    np.testing.assert_allclose(value(losses.SkewReverseKL(0.0)), reverse, rtol=1e-6)
+    # Skewing bounds the divergence: never above the plain one.
+    assert (value(losses.SkewKL(0.1)) <= forward + 1e-6).all()
+    assert (value(losses.SkewReverseKL(0.1)) <= reverse + 1e-6).all()
+
+
+@pytest.mark.parametrize(
+    "make, error",
+    [
+        (lambda: losses.GeneralizedJSD(beta=1.5), r"`beta` in \[0, 1\]. .*beta=1.5"),
+        (lambda: losses.GeneralizedJSD(beta="0.5"), r"beta='0.5'"),
+        (lambda: losses.SkewKL(alpha=1.0), r"`alpha` in \[0, 1\). .*alpha=1.0"),
+        (lambda: losses.SkewReverseKL(alpha=-0.1), r"alpha=-0.1"),
+        (lambda: losses.ReverseKL(temperature=0), r"temperature"),
+    ],
+)
+def test_language_model_losses_refuse_bad_arguments(make, error):
+    with pytest.raises(ValueError, match=error):
+        make()
+
+
+def test_language_model_losses_need_two_classes(tiny_mlp):
+    with pytest.raises(ValueError, match="ReverseKL needs at least 2 classes"):
+        kd_keras.Distiller(
+            tiny_mlp(num_classes=1),
+            tiny_mlp(8, num_classes=1),
+            losses=losses.ReverseKL(),
+        )
 
 
 def test_decoupled_kd_warmup_follows_fit_epochs(tiny_mlp, tiny_data):

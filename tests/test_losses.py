@@ -162,8 +162,8 @@ def test_sequence_sample_weights_weigh_each_token(reference):
     weights = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], "float32")
     got = float(kd_keras.distillation_loss(t, s, 3.0, sample_weight=weights))
     per_token = reference.per_position_kd(t, s, 3.0)
-    # Keras' "sum_over_batch_size": weighted sum over every position.
-    assert got == pytest.approx((per_token * weights).sum() / 8, rel=1e-5)
+    # A mean over the real tokens: the weighted sum over the weights' sum.
+    assert got == pytest.approx((per_token * weights).sum() / 5, rel=1e-5)
 
 
 def test_one_logit_is_a_binary_classifier(reference):

@@ -110,11 +110,12 @@ def test_sample_weights_per_token_weigh_both_terms(reference):
         temperature=3.0,
         distillation_weight=0.5,
     )
-    positions = weights.size
+    # Means over the real tokens: weighted sums over the weights' sum.
+    real = weights.sum()
     assert_logged_terms(
         logs,
-        (reference.token_cross_entropy(s, y) * weights).sum() / positions,
-        (reference.per_position_kd(t, s, 3.0) * weights).sum() / positions,
+        (reference.token_cross_entropy(s, y) * weights).sum() / real,
+        (reference.per_position_kd(t, s, 3.0) * weights).sum() / real,
     )
 
 
@@ -238,8 +239,8 @@ def test_binary_sequences_weigh_and_mask_tokens_not_examples(reference):
     label = -(y * np.log(p) + (1 - y) * np.log(1 - p))
     kd = reference.per_position_kd(t, s, 2.0)
     valid = (weights * (np.arange(TIME) < 3))[..., :]
-    # Keras' "sum_over_batch_size" with a mask: over the unmasked tokens.
-    count = 3 * TIME
+    # A weighted mean over the unmasked tokens.
+    count = valid.sum()
     assert_logged_terms(
         logs, (label * valid).sum() / count, (kd * valid).sum() / count, weight=0.5
     )
@@ -282,8 +283,8 @@ def test_one_weight_per_sequence_weighs_all_its_tokens(reference):
     per_token = weights[:, None] * np.ones((TIME, TIME))
     assert_logged_terms(
         logs,
-        (reference.token_cross_entropy(s, y) * per_token).sum() / per_token.size,
-        (reference.per_position_kd(t, s, 3.0) * per_token).sum() / per_token.size,
+        (reference.token_cross_entropy(s, y) * per_token).sum() / per_token.sum(),
+        (reference.per_position_kd(t, s, 3.0) * per_token).sum() / per_token.sum(),
     )
 
 
