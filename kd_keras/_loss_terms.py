@@ -204,6 +204,7 @@ class LossTerms:
         self.weighted = weighted_losses
         self.student_loss = check_student_loss(student_loss)
         self.shared_vocabulary = _vocabulary.check_argument(shared_vocabulary)
+        self._cut_told = False  # Whether the padding rule's cut was logged.
         self._defaults = {}
         self.trackers = Trackers(
             BatchMean(name="student_loss"),
@@ -249,9 +250,15 @@ class LossTerms:
     def check_shapes(self, teacher_shape, student_shape, where=""):
         """The classes to distil over (None for all): raises unless the
         teacher's and the student's logit shapes can be distilled."""
-        return _vocabulary.check_shapes(
+        size = _vocabulary.check_shapes(
             teacher_shape, student_shape, self.shared_vocabulary, where
         )
+        if size is not None:
+            self.check_logits_shape((size,))
+            if self.shared_vocabulary is None and not self._cut_told:
+                self._cut_told = True
+                _vocabulary.tell_cut(teacher_shape[-1], student_shape[-1], size)
+        return size
 
     def label_loss(self, y, student_logits):
         """The label loss: the user's, or cross-entropy chosen by shapes,
@@ -292,13 +299,19 @@ class LossTerms:
 
         The mask is the student logits' Keras mask, together with any mask
         the label loss sets itself (such as `ignore_class`). For sequence
-        logits without `sample_weight`, the padding mask weighs the tokens.
+        logits without `sample_weight`, the padding mask weighs the values
+        that have one per token.
         """
         shared = self.check_shapes(teacher_logits.shape, student_logits.shape)
         weight = ops.convert_to_tensor(weight)
         mask = _keras_internals.keras_mask(student_logits)
-        if sample_weight is None and _per_token(padding_mask, student_logits):
-            sample_weight = padding_mask
+        tokens = token_weights(student_logits, None, {"padding_mask": padding_mask})
+
+        def weights_of(values):
+            if sample_weight is not None or tokens is None:
+                return sample_weight
+            return tokens if _same_positions(values.shape, tokens.shape) else None
+
         term_values = self._term_values(
             y,
             _vocabulary.cut(student_logits, shared),
@@ -306,13 +319,8 @@ class LossTerms:
             temperature,
             epoch,
             feature_values,
+            padding_mask,
         )
-        term_values = [
-            values
-            if _compatible(values.shape, student_logits.shape[:-1])
-            else _spread(values, student_logits, padding_mask)
-            for values in term_values
-        ]
         if y is None:
             reduction = getattr(
                 self.student_loss, "reduction", default_reduction(student_logits)
@@ -330,12 +338,12 @@ class LossTerms:
             elif label_mask is None:
                 label_mask = mask
             label = reduce_like_keras(
-                label_values, sample_weight, label_mask, reduction
+                label_values, weights_of(label_values), label_mask, reduction
             )
             if len(label_values.shape) == len(term_values[0].shape):
                 mask = label_mask
         terms = [
-            reduce_like_keras(values, sample_weight, mask, reduction)
+            reduce_like_keras(values, weights_of(values), mask, reduction)
             for values in term_values
         ]
         kd = ops.sum(
@@ -345,7 +353,14 @@ class LossTerms:
         return Loss((1.0 - weight) * label + weight * kd, label, kd, terms)
 
     def _term_values(
-        self, y, student_logits, teacher_logits, temperature, epoch, feature_values
+        self,
+        y,
+        student_logits,
+        teacher_logits,
+        temperature,
+        epoch,
+        feature_values,
+        padding_mask=None,
     ):
         """Each distillation loss at every position, before its reduction."""
         labels = None
@@ -357,7 +372,9 @@ class LossTerms:
         values = []
         for index, (loss, _) in enumerate(self.weighted):
             if feature_values is not None and index in feature_values:
-                values.append(ops.cast(feature_values[index], "float32"))
+                values.append(
+                    _spread(feature_values[index], student_logits, padding_mask)
+                )
                 continue
             values.append(
                 loss.per_position(
@@ -378,30 +395,45 @@ def padding_mask(inputs):
     return None
 
 
-def _per_token(mask, logits):
-    """Whether `mask` has one entry per position of the logits."""
+def token_weights(logits, sample_weight, inputs):
+    """The weights of a batch's tokens: `sample_weight` if given, else, for
+    logits per token, the inputs' `"padding_mask"` (KerasHub's) if it has
+    one entry per token, else None."""
+    if sample_weight is not None:
+        return sample_weight
+    mask = padding_mask(inputs)
     if mask is None or len(logits.shape) < 3:
-        return False
-    return _compatible(mask.shape, logits.shape[:-1])
+        return None
+    return mask if _same_positions(mask.shape, logits.shape[:-1]) else None
 
 
-def _compatible(shape, other):
-    """Whether two static shapes agree wherever both are known."""
-    shape, other = tuple(shape), tuple(other)
+def _same_positions(shape, other, known=False):
+    """Whether two static shapes agree after the batch axis: wherever both
+    sizes are known, or, with `known`, known and equal everywhere."""
+    shape, other = tuple(shape)[1:], tuple(other)[1:]
+    if known:
+        return shape == other and None not in shape
     return len(shape) == len(other) and all(
         a is None or b is None or a == b for a, b in zip(shape, other, strict=True)
     )
 
 
 def _spread(values, student_logits, padding_mask=None):
-    """A feature loss per example, or per position of a sequence `(batch,
-    time)` that is not the logits', spread over the logits' positions. The
-    positions of a sequence are first averaged, over its real tokens if the
-    padding mask has its shape."""
+    """A feature loss's values over the logits' positions: values per token
+    of the logits' own known length as they are; others (per example, or
+    per token of another sequence) averaged over each example, over its
+    real tokens where the padding mask has their shape, and spread over the
+    logits' positions."""
     values = ops.cast(values, "float32")
+    if len(values.shape) > 1 and _same_positions(
+        values.shape, student_logits.shape[:-1], known=True
+    ):
+        return values
     if len(values.shape) > 1:
         values = ops.reshape(values, (ops.shape(values)[0], -1))
-        if padding_mask is not None and _compatible(padding_mask.shape, values.shape):
+        if padding_mask is not None and _same_positions(
+            padding_mask.shape, values.shape
+        ):
             weights = ops.cast(padding_mask, "float32")
             values = ops.divide_no_nan(
                 ops.sum(values * weights, axis=-1), ops.sum(weights, axis=-1)

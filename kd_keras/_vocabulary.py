@@ -8,12 +8,14 @@ then distils over the shared ids: by `shared_vocabulary=N`, or by the rule
 in `shared_size`.
 """
 
+from absl import logging
+
 from kd_keras import _checks
 from kd_keras.losses import check_same_shape
 
 # Embeddings are padded to a multiple of this (64 or 128 in practice) ...
 PADDING_MULTIPLE = 64
-# ... by fewer than this many logits.
+# ... by at most this many logits.
 MOST_PADDING = 256
 
 
@@ -50,11 +52,7 @@ def shared_size(teacher_shape, student_shape, given=None):
     if len(teacher_shape) < 3:
         return None  # Classes, not tokens: `check_same_shape` says so.
     larger, smaller = max(teacher, student), min(teacher, student)
-    if (
-        len(teacher_shape) >= 3
-        and larger % PADDING_MULTIPLE == 0
-        and larger - smaller <= MOST_PADDING
-    ):
+    if larger % PADDING_MULTIPLE == 0 and larger - smaller <= MOST_PADDING:
         return smaller
     raise ValueError(
         f"The teacher gives {teacher} logits per token and the student "
@@ -81,6 +79,22 @@ def check_shapes(teacher_shape, student_shape, given=None, where=""):
         student_shape = (*student_shape[:-1], size)
     check_same_shape(teacher_shape, student_shape, where)
     return size
+
+
+def tell_cut(teacher, student, size):
+    """Logs, once per Distiller, that the padding rule cut the logits: the
+    rule cannot tell padding from another tokenizer of nearly one size."""
+    logging.warning(
+        "Distilling over the first %d token ids: the teacher's %d logits and "
+        "the student's %d are taken as one vocabulary, the larger padded. If "
+        "the two models use different tokenizers, this is wrong: token-level "
+        "distillation needs one tokenizer. Pass `shared_vocabulary=%d` to "
+        "say so and silence this warning.",
+        size,
+        teacher,
+        student,
+        size,
+    )
 
 
 def cut(logits, size):

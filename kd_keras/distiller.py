@@ -133,7 +133,8 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
     Args:
         teacher: a built, trained `keras.Model` that outputs logits. It is
             frozen (`teacher.trainable = False`).
-        student: a built `keras.Model` with the same output shape, also
+        student: a built `keras.Model` with the same output shape (but
+            for a padded vocabulary, see `shared_vocabulary`), also
             emitting logits.
         temperature: T > 0, the softmax temperature of the distillation term.
         distillation_weight: λ in [0, 1], the weight of the distillation
@@ -404,10 +405,12 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
         if self._hyperparameters.teacher_on:
             return run_teacher(), None
         weight = ops.convert_to_tensor(self._distillation_weight)
+        # Zeros in the teacher's shape: its vocabulary may be the student's
+        # but for padding (see `_vocabulary`).
+        classes = _checks.num_classes(self.teacher) or student_logits.shape[-1]
+        positions = tuple(ops.shape(student_logits)[:-1])
         return ops.cond(
-            weight > 0.0,
-            run_teacher,
-            lambda: ops.zeros_like(student_logits, dtype="float32"),
+            weight > 0.0, run_teacher, lambda: ops.zeros((*positions, classes))
         ), None
 
     def _feature_values(self, teacher_features, student_features, logits):
@@ -422,7 +425,9 @@ class Distiller(_keras_internals.SymbolicBuildFromFirstReplica, keras.Model):
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if y is None:  # Unlabeled data: label metrics cannot be computed.
             return self.get_metrics_result()
-        return super().compute_metrics(x, y, y_pred, sample_weight)
+        inputs, _ = split_cached(x)
+        weights = _loss_terms.token_weights(y_pred, sample_weight, inputs)
+        return super().compute_metrics(x, y, y_pred, weights)
 
     # The steps: Keras' own, except on TensorFlow (see `_tf_step`).
 

@@ -67,38 +67,42 @@ def _as_model(model):
 
 
 def _arrays(data, limit=None):
-    """(inputs, labels or None) from a dataset, an array, or (x, y); inputs
-    may be a dict of arrays (e.g. a KerasHub model's token ids and padding
-    mask)."""
+    """(inputs, labels or None, sample weights or None) from a dataset, an
+    array, `(x, y)` or `(x, y, sample_weight)`; inputs may be a dict of
+    arrays (e.g. a KerasHub model's token ids and padding mask)."""
     if data is None:
-        return None, None
+        return None, None, None
     if _backend.is_tf_dataset(data) or isinstance(data, keras.utils.PyDataset):
-        xs, ys = [], []
-        for x, y, _ in _datasets.numpy_batches(data):
+        xs, ys, ws = [], [], []
+        for x, y, w in _datasets.numpy_batches(data):
             xs.append(x)
-            if y is not None:
-                ys.append(y)
-            if limit and sum(_rows(a) for a in xs) >= limit:
+            ys.extend([] if y is None else [y])
+            ws.extend([] if w is None else [w])
+            if limit and sum(_example_count(a) for a in xs) >= limit:
                 break
         x = keras.tree.map_structure(lambda *parts: np.concatenate(parts), *xs)
         y = np.concatenate(ys) if ys else None
+        w = np.concatenate(ws) if ws and len(ws) == len(xs) else None
     elif isinstance(data, tuple):
         x, y = _as_arrays(data[0]), np.asarray(data[1])
+        w = np.asarray(data[2]) if len(data) > 2 and data[2] is not None else None
     else:
-        x, y = _as_arrays(data), None
+        x, y, w = _as_arrays(data), None, None
     if limit:
         x = _slice(x, 0, limit)
         y = None if y is None else y[:limit]
-    if isinstance(x, np.ndarray):
-        x = x.astype("float32")
-    return x, y
+        w = None if w is None else w[:limit]
+    return x, y, w
 
 
 def _as_arrays(x):
-    return keras.tree.map_structure(np.asarray, x)
+    """A dict of arrays as it is; anything else as one float32 array."""
+    if isinstance(x, dict):
+        return {name: np.asarray(value) for name, value in x.items()}
+    return np.asarray(x).astype("float32")
 
 
-def _rows(x):
+def _example_count(x):
     return len(keras.tree.flatten(x)[0])
 
 
@@ -175,7 +179,10 @@ class _TFLiteRunner:
 
 def _in_batches(run, x, batch_size=500):
     return np.concatenate(
-        [run(_slice(x, i, i + batch_size)) for i in range(0, _rows(x), batch_size)]
+        [
+            run(_slice(x, i, i + batch_size))
+            for i in range(0, _example_count(x), batch_size)
+        ]
     )
 
 
@@ -188,7 +195,7 @@ def _convert(saved_model_dir, fmt, representative):
     if fmt == "tflite_int8":
 
         def examples():
-            for index in range(_rows(representative)):
+            for index in range(_example_count(representative)):
                 row = _slice(representative, index, index + 1)
                 yield row if isinstance(row, dict) else [row]
 
@@ -239,11 +246,13 @@ def export_student(
             "tflite_int8", which needs data to calibrate.
         representative_data: training inputs (a batched dataset, an array, or
             `(x, y)`) to calibrate int8; required for "tflite_int8".
-        test_data: held-out inputs and labels (a batched dataset or
-            `(x, y)`) to compare on; labels may be class ids or one-hot.
-            Inputs may be a dict of arrays by input name, as KerasHub
-            models take (`{"token_ids": ..., "padding_mask": ...}`); their
-            accuracy counts the real tokens only.
+        test_data: held-out inputs and labels (a batched dataset, `(x, y)`
+            or `(x, y, sample_weight)`) to compare on; labels may be class
+            ids or one-hot. Inputs may be a dict of arrays by input name, as
+            KerasHub models take (`{"token_ids": ..., "padding_mask":
+            ...}`). Accuracy weighs examples (or tokens) by the sample
+            weights, else tokens by the inputs' padding mask; the logit
+            difference and the argmax agreement take every position.
         tolerance: the largest logit difference a float format may show.
         calibration_examples: how many representative inputs calibrate int8.
         latency_repeats: timed single-example runs per format.
@@ -269,11 +278,13 @@ def export_student(
     )
     model = _as_model(model)
     formats = _check_formats(formats, representative_data)
-    representative, _ = _arrays(representative_data, calibration_examples)
+    representative, _, _ = _arrays(representative_data, calibration_examples)
     if representative is not None:
         _checks.check_batched(representative, model, "model", "representative_data")
         representative = _like_model_inputs(model, representative)
-    x_test, y_test, compared_on = _comparison_data(model, test_data, representative)
+    (x_test, y_test, w_test), compared_on = _comparison_data(
+        model, test_data, representative
+    )
     _checks.check_batched(x_test, model, "model", "test_data")
     x_test = _like_model_inputs(model, x_test)
     directory = _io.make_folder(directory, "directory")
@@ -287,7 +298,7 @@ def export_student(
             ),
             "params": model.count_params(),
             "compared_on": compared_on,
-            **_accuracy(expected, y_test, x_test),
+            **_accuracy(expected, y_test, w_test, x_test),
         }
     }
     failures = []
@@ -302,7 +313,7 @@ def export_student(
             "argmax_agreement_percent": 100.0
             * float(np.mean(predicted_classes(got) == predicted_classes(expected))),
             "latency_ms": _median_ms(run, _slice(x_test, 0, 1), latency_repeats),
-            **_accuracy(got, y_test, x_test),
+            **_accuracy(got, y_test, w_test, x_test),
         }
         if fmt in FLOAT_FORMATS and report[fmt]["max_abs_diff"] > tolerance:
             failures.append(f"{fmt}: {report[fmt]['max_abs_diff']:.3g}")
@@ -333,19 +344,21 @@ RANDOM_INPUTS = 300
 
 
 def _comparison_data(model, test_data, representative):
-    """`(inputs, labels or None, what they are)` to compare the exports on:
+    """`((inputs, labels or None, weights or None), what they are)` to
+    compare the exports on:
     the test data, else the representative inputs, else seeded random
     inputs of the model's input shape."""
-    x_test, y_test = _arrays(test_data)
-    if x_test is not None:
-        return x_test, y_test, "test data"
+    arrays = _arrays(test_data)
+    if arrays[0] is not None:
+        return arrays, "test data"
     if representative is not None:
         logging.warning(
             "No `test_data`: comparing the exports with the Keras model on "
             "the representative (training) inputs, which are not held out. "
             "Pass `test_data` for a held-out comparison and accuracy."
         )
-        return representative, None, "representative inputs (not held out)"
+        arrays = (representative, None, None)
+        return arrays, "representative inputs (not held out)"
     try:
         (model_input,) = model.inputs
     except (AttributeError, TypeError, ValueError):
@@ -358,11 +371,8 @@ def _comparison_data(model, test_data, representative):
             "inputs cannot be made. Pass `test_data` to compare the exports on."
         )
     rng = np.random.default_rng(0)
-    return (
-        rng.standard_normal((RANDOM_INPUTS, *shape)).astype("float32"),
-        None,
-        f"{RANDOM_INPUTS} random normal inputs (seed 0)",
-    )
+    inputs = rng.standard_normal((RANDOM_INPUTS, *shape)).astype("float32")
+    return (inputs, None, None), f"{RANDOM_INPUTS} random normal inputs (seed 0)"
 
 
 def _input_description(model):
@@ -371,15 +381,18 @@ def _input_description(model):
     return "inputs " + ", ".join(described) if described else "unknown inputs"
 
 
-def _accuracy(logits, labels, x):
-    """Accuracy, for tokens over the real ones (the inputs' padding mask)."""
+def _accuracy(logits, labels, weights, x):
+    """Accuracy; for tokens over the real ones: those the sample weights
+    keep, else those of the inputs' padding mask."""
     if labels is None:
         return {}
     correct = predicted_classes(logits) == class_ids(labels, logits)
-    mask = x.get("padding_mask") if isinstance(x, dict) else None
-    if mask is None or np.shape(mask) != correct.shape:
-        mask = np.ones_like(correct)
-    return {"accuracy": float(np.sum(correct * mask) / max(np.sum(mask), 1))}
+    if weights is None and isinstance(x, dict):
+        weights = x.get("padding_mask")
+    if weights is None or np.shape(weights) != correct.shape:
+        weights = np.ones_like(correct)
+    weights = np.asarray(weights, "float64")
+    return {"accuracy": float(np.sum(correct * weights) / max(np.sum(weights), 1e-12))}
 
 
 def _write_formats(tf, model, directory, formats, representative):

@@ -589,8 +589,10 @@ def _log_softmaxes(teacher_logits, student_logits, temperature):
 
 
 def _kl(log_a, log_b):
-    """KL(a ‖ b) over the last axis, from log-probabilities."""
-    return ops.sum(ops.exp(log_a) * (log_a - log_b), axis=-1)
+    """KL(a ‖ b) over the last axis, from log-probabilities; classes that a
+    does not give (a logit of −inf) count 0."""
+    a = ops.exp(log_a)
+    return ops.sum(a * ops.where(a > 0.0, log_a - log_b, 0.0), axis=-1)
 
 
 def _log_mixture(log_a, log_b, share):

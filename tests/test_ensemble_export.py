@@ -235,3 +235,26 @@ def test_export_accuracy_reads_one_hot_labels(trained_student, tmp_path):
         latency_repeats=1,
     )
     assert dense["tflite"]["accuracy"] == sparse["tflite"]["accuracy"] > 0.5
+
+
+def test_export_takes_inputs_as_nested_lists(trained_student, tmp_path):
+    student, _, test = trained_student
+    x, y = data.to_arrays(test)
+    x, y = x[:20], y[:20]
+    report = export.export_student(
+        student,
+        tmp_path,
+        formats=("tflite",),
+        test_data=(x.tolist(), y.tolist()),
+        latency_repeats=1,
+    )
+    assert report["tflite"]["max_abs_diff"] < 1e-4
+    weighted = export.export_student(
+        student,
+        tmp_path / "weighted",
+        formats=("tflite",),
+        test_data=(x, y, (np.arange(20) < 10).astype("float32")),
+        latency_repeats=1,
+    )
+    predicted = np.asarray(student.predict(x[:10], verbose=0)).argmax(-1)
+    assert weighted["keras"]["accuracy"] == pytest.approx(np.mean(predicted == y[:10]))

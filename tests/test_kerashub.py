@@ -228,23 +228,22 @@ def test_top_k_logits_of_a_large_vocabulary_cache_on_disk(tmp_path):
 @pytest.mark.tensorflow_only
 def test_a_causal_lm_with_dict_inputs_exports_with_its_parity_check(tmp_path):
     student = causal_lm(8, seed=2)
-    x, y, _ = lm_data(rows=12)
+    x, y, weights = lm_data(rows=12)
     report = kd_keras.export.export_student(
         student,
         tmp_path,
         formats=["saved_model", "tflite"],
-        test_data=(x, y),
+        test_data=(x, y, weights),
         latency_repeats=2,
     )
     for fmt in ("saved_model", "tflite"):
         assert report[fmt]["max_abs_diff"] < 1e-4
         assert report[fmt]["argmax_agreement_percent"] == 100.0
     assert (tmp_path / "student.tflite").exists()
-    # Accuracy over the real tokens: the padding mask's.
+    # Accuracy over the real next tokens: the sample weights'.
     predicted = numpy_logits(student, x).argmax(-1)
-    mask = x["padding_mask"]
     assert report["keras"]["accuracy"] == pytest.approx(
-        float(((predicted == y) * mask).sum() / mask.sum())
+        float(((predicted == y) * weights).sum() / weights.sum())
     )
 
 
@@ -261,6 +260,37 @@ def test_a_text_classifier_with_three_named_inputs_exports(tmp_path):
         latency_repeats=2,
     )
     assert report["tflite"]["max_abs_diff"] < 1e-4
+
+
+def test_a_step_traced_with_the_teacher_off_takes_a_padded_vocabulary(caplog):
+    teacher = causal_lm(16, vocabulary=60, seed=1)
+    student = causal_lm(8, vocabulary=64, seed=2)
+    x, y, weights = lm_data(vocabulary=60)
+    distiller = kd_keras.Distiller(teacher, student, distillation_weight=0.0)
+    distiller.compile(optimizer="adam")
+    distiller.distillation_weight = 0.5  # The step was traced with λ = 0.
+    logs = evaluated(distiller, x, y, weights)
+    t, s = numpy_logits(teacher, x), numpy_logits(student, x)
+    assert logs["distillation_loss"] == pytest.approx(
+        masked_mean(kd_per_token(t, s[..., :60]), weights), rel=1e-3
+    )
+
+
+def test_a_per_sequence_label_loss_takes_no_token_weights():
+    def per_sequence(y, logits):
+        losses = keras.losses.sparse_categorical_crossentropy(
+            y, logits, from_logits=True
+        )
+        return keras.ops.mean(losses, axis=-1)
+
+    teacher, student = causal_lm(16, seed=1), causal_lm(8, seed=2)
+    x, y, _ = lm_data()
+    distiller = kd_keras.Distiller(teacher, student, student_loss=per_sequence)
+    distiller.compile(optimizer="adam")
+    logs = evaluated(distiller, x, y)
+    s = numpy_logits(student, x)
+    cross_entropy = -np.take_along_axis(log_softmax(s), y[..., None], -1)[..., 0]
+    assert logs["student_loss"] == pytest.approx(cross_entropy.mean(), rel=1e-4)
 
 
 def test_vocabularies_that_differ_by_padding_distil_over_the_shared_ids():
