@@ -3,7 +3,8 @@
 Importing kd_keras imports Keras and the modules whose classes Keras must
 know to load saved models (the Distiller, teacher ensembles, logit
 metrics), and `data`, which teachers use; it has no side effects. The other
-modules (callbacks, assistants, store, tuning, export, models, training)
+modules (callbacks, assistants, store, tuning, export, language, models,
+training)
 load the first time they are used; keras-tuner only with `tuning`. The
 applications (command line, demo, paper reproductions, plots) live in
 `kd_keras.apps`.
@@ -34,6 +35,7 @@ _LAZY_SUBMODULES = (
     "callbacks",
     "data",
     "export",
+    "language",
     "models",
     "store",
     "training",
