@@ -172,3 +172,68 @@ def test_on_policy_batches_mix_the_students_continuations(tmp_path):
 def test_bad_prompts_are_refused(bad, error):
     with pytest.raises(ValueError, match=error):
         language.teacher_generations(causal_lm(8, seed=1), bad)
+
+
+def test_a_sampler_is_used_for_the_call_only_and_compile_settings_stay():
+    teacher = causal_lm(16, seed=1)
+    teacher.compile(optimizer="sgd", loss="mse")
+    own = teacher.sampler
+    language.teacher_generations(teacher, prompts(), sampler="greedy")
+    assert teacher.sampler is own
+    assert type(teacher.optimizer).__name__ == "SGD" and teacher.loss == "mse"
+    with pytest.raises(ValueError, match="sampler='gredy'"):
+        language.teacher_generations(teacher, prompts(), sampler="gredy")
+
+
+def test_a_stop_token_that_pads_the_prompts_is_refused():
+    with pytest.raises(ValueError, match=r"padded with a stop token \(\[0\]\)"):
+        language.teacher_generations(causal_lm(8, seed=1), prompts(), stop_token_ids=0)
+
+
+def test_a_model_with_a_preprocessor_is_refused():
+    with pytest.raises(ValueError, match="generate"):
+        language.teacher_generations(keras.Sequential([keras.Input((2,))]), prompts())
+
+
+def test_the_buffer_keeps_its_size_and_draws_change_with_the_epoch():
+    student = causal_lm(8, seed=2)
+    x, y, w = language.training_triples(
+        *[prompts(rows=12)[k] for k in ("token_ids", "padding_mask")],
+        np.zeros((12, LENGTH), bool),
+    )
+    data = language.OnPolicyData(
+        x,
+        y,
+        w,
+        prompts=prompts(rows=4, length=LENGTH),
+        fraction=0.5,
+        batch_size=2,
+        buffer_size=5,
+    )
+    data.refresh(student, 12)
+    assert len(data.buffer[1]) == 5
+    kinds = []
+    for _ in range(2):
+        kinds.append([data[i][0]["token_ids"].tobytes() for i in range(len(data))])
+        data.on_epoch_end()
+    assert kinds[0] != kinds[1]
+
+
+@pytest.mark.parametrize(
+    "change, error",
+    [
+        (dict(fraction=1.5), "fraction"),
+        (dict(seed=None), "seed"),
+        (dict(use_multiprocessing=True), "use_multiprocessing=False"),
+        (dict(y=np.zeros((3, LENGTH - 1), "int32")), "one shape"),
+    ],
+)
+def test_on_policy_data_refuses_bad_arguments(change, error):
+    x, y, w = language.training_triples(
+        *[prompts(rows=6)[k] for k in ("token_ids", "padding_mask")],
+        np.zeros((6, LENGTH), bool),
+    )
+    arguments = dict(x=x, y=y, sample_weight=w, prompts=prompts(rows=4), batch_size=2)
+    arguments.update(change)
+    with pytest.raises(ValueError, match=error):
+        language.OnPolicyData(**arguments)
