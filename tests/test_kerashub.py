@@ -9,7 +9,8 @@ import pytest
 
 keras_hub = pytest.importorskip("keras_hub")
 
-import tensorflow as tf  # noqa: E402 (after the skip)
+import hub_models  # noqa: E402 (after the skip)
+import tensorflow as tf  # noqa: E402
 
 import kd_keras  # noqa: E402
 from kd_keras import losses  # noqa: E402
@@ -21,17 +22,9 @@ VOCABULARY, LENGTH, T = 64, 10, 2.0
 
 
 def causal_lm(hidden, layers=1, vocabulary=VOCABULARY, seed=0):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=vocabulary,
-        num_layers=layers,
-        num_heads=2,
-        hidden_dim=hidden,
-        intermediate_dim=2 * hidden,
-        max_sequence_length=LENGTH,
-        name="gpt2_backbone",  # So that feature paths name it alike.
+    return hub_models.gpt2(
+        hidden, vocabulary=vocabulary, length=LENGTH, layers=layers, seed=seed
     )
-    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
 
 
 def text_classifier(hidden, seed=0):

@@ -7,6 +7,8 @@ import pytest
 
 keras_hub = pytest.importorskip("keras_hub")
 
+import hub_models  # noqa: E402
+
 import kd_keras  # noqa: E402
 from kd_keras import language  # noqa: E402
 
@@ -16,16 +18,7 @@ VOCABULARY, LENGTH = 32, 8
 
 
 def causal_lm(hidden, seed):
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCABULARY,
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=hidden,
-        intermediate_dim=2 * hidden,
-        max_sequence_length=LENGTH,
-    )
-    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    return hub_models.gpt2(hidden, vocabulary=VOCABULARY, length=LENGTH, seed=seed)
 
 
 def prompts(rows=6, seed=0, length=LENGTH):
