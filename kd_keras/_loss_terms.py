@@ -305,7 +305,7 @@ class LossTerms:
         shared = self.check_shapes(teacher_logits.shape, student_logits.shape)
         weight = ops.convert_to_tensor(weight)
         mask = _keras_internals.keras_mask(student_logits)
-        tokens = token_weights(student_logits, None, {"padding_mask": padding_mask})
+        tokens = _per_token(padding_mask, student_logits)
 
         def weights_of(values):
             if sample_weight is not None or tokens is None:
@@ -401,7 +401,12 @@ def token_weights(logits, sample_weight, inputs):
     one entry per token, else None."""
     if sample_weight is not None:
         return sample_weight
-    mask = padding_mask(inputs)
+    return _per_token(padding_mask(inputs), logits)
+
+
+def _per_token(mask, logits):
+    """`mask` if it has one entry per position of logits per token, else
+    None."""
     if mask is None or len(logits.shape) < 3:
         return None
     return mask if _same_positions(mask.shape, logits.shape[:-1]) else None
