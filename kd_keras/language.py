@@ -333,6 +333,7 @@ class OnPolicyData(keras.utils.PyDataset):
         self.buffer_size, self.seed = buffer_size, int(seed)
         self.buffer = None  # (x, y, sample_weight) of the continuations.
         self.refreshes, self.epoch = 0, 0
+        self._orders = (None, None)  # (epoch, its order of the data's rows).
         self._lock = threading.Lock()
 
     def __len__(self):
@@ -351,9 +352,7 @@ class OnPolicyData(keras.utils.PyDataset):
             rows = rng.choice(len(buffer[1]), self.batch_size, replace=True)
             x, y, w = buffer
         else:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(
-                len(self.y)
-            )
+            order = self._order()
             rows = order[index * self.batch_size : (index + 1) * self.batch_size]
             x, y, w = self.x, self.y, self.sample_weight
         return (
@@ -364,6 +363,16 @@ class OnPolicyData(keras.utils.PyDataset):
             y[rows].astype("int32"),
             w[rows].astype("float32"),
         )
+
+    def _order(self):
+        """The data's rows in this epoch's order, drawn once per epoch."""
+        epoch, order = self._orders
+        if epoch != self.epoch:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(
+                len(self.y)
+            )
+            self._orders = self.epoch, order
+        return order
 
     def refresh(self, student, count, stop_token_ids=None):
         """Generates `count` continuations of prompts drawn at random with
