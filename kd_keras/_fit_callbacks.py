@@ -2,6 +2,8 @@
 the temperature and the distillation weight, and the stop on a non-finite
 loss."""
 
+import threading
+
 import keras
 import numpy as np
 
@@ -40,23 +42,28 @@ class StopOnNonFinite(keras.callbacks.Callback):
     says where; the student gets back the weights it had at the start of
     that epoch, the last ones known finite. Keras' `TerminateOnNaN`, with
     the weights kept. The batch hook only takes note (it is safe to run
-    asynchronously, so it never makes a step wait); the epoch's end, which
-    Keras reaches right after `stop_training`, restores and raises."""
+    asynchronously, so it never makes a step wait, and out of order, so it
+    keeps the earliest batch); the epoch's end, which Keras reaches right
+    after `stop_training`, restores and raises."""
 
     def __init__(self):
         super().__init__()
         self.async_safe = True
+        self._noting = threading.Lock()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._bad = None
+        self._bad = None  # (batch, loss) of the first non-finite loss.
         self._weights = self.model.student.get_weights()
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
-        if self._bad is None and loss is not None and not np.isfinite(loss):
-            self._bad = f"the loss is {loss} at batch {batch + 1}"
-            # Not `self.model`, which on JAX would sync the training state.
-            _keras_internals.callback_model(self).stop_training = True
+        if loss is None or np.isfinite(loss):
+            return
+        with self._noting:
+            if self._bad is None or batch < self._bad[0]:
+                self._bad = (batch, loss)
+        # Not `self.model`, which on JAX would sync the training state.
+        _keras_internals.callback_model(self).stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         student = self.model.student
@@ -64,7 +71,9 @@ class StopOnNonFinite(keras.callbacks.Callback):
             np.isfinite(w).all() for w in student.get_weights()
         ):
             return
-        what = self._bad or "the student's weights turned non-finite during"
+        what = "the student's weights turned non-finite during"
+        if self._bad is not None:
+            what = f"the loss is {self._bad[1]} at batch {self._bad[0] + 1}"
         student.set_weights(self._weights)
         raise FloatingPointError(
             f"Training stopped: {what} of epoch {epoch + 1} (counted from 1, "
