@@ -15,10 +15,15 @@ KD, and the heuristics. For a fair comparison each method is treated alike:
   batches alike for every method, so differences are paired;
 - 3 seeds, or 5 when some method's paired difference from scratch on the
   *validation* split is under two standard deviations of those differences
-  (then every method gets 5, so that all rows share their seeds);
+  (then every method gets 5, so that all rows share their seeds); a study's
+  settings may set other counts ("seeds", "more_seeds");
 - the test set is read once per final run, at the end, and nothing is chosen
   from it. Each method is reported as mean ± std of its test accuracy, and as
   its paired difference from scratch with a 95% t interval.
+
+The studies of images score accuracy; a study of other data gives the
+harness a data object with its own `objective` and `score(model, split)`
+(the language-model study: log-perplexity, minimised).
 
 Interrupted studies resume from their work folder: keras-tuner keeps each
 search's state, and finished runs and trained teachers are kept beside it.
@@ -120,6 +125,8 @@ class Data:
     """
 
     KEEP = 3  # Transfer sets with cached logits kept at once (memory).
+    # What the searches maximise or minimise, and how `score` computes it.
+    objective = OBJECTIVE
 
     def __init__(self, idx_dir, train_examples, tune_examples, batch_size=128):
         (x, y), (x_test, y_test) = common.mnist_arrays(idx_dir)
@@ -169,6 +176,14 @@ class Data:
         errors, examples = training.test_errors(model, self.batches(split))
         return 1.0 - errors / examples
 
+    score = accuracy
+
+
+def _trained(result):
+    """`(student, info)` from a method's `train`, which returns the student
+    or `(student, info)`: a dict of JSON facts kept with the final run."""
+    return result if isinstance(result, tuple) else (result, {})
+
 
 class _Space(keras_tuner.HyperModel):
     """Declares a method's settings; the search trains in `run_trial`."""
@@ -191,8 +206,9 @@ class _Search(keras_tuner.Tuner):
 
     def run_trial(self, trial, *args, **kwargs):
         keras.utils.set_random_seed(0)
-        student = self.method.train(trial.hyperparameters, "tune", 0)
-        return {"val_accuracy": self.study.data.accuracy(student, "val")}
+        student, _ = _trained(self.method.train(trial.hyperparameters, "tune", 0))
+        data = self.study.data
+        return {data.objective.name: data.score(student, "val")}
 
 
 # Settings that `kd_keras.tuning.DistillationHyperModel` declares with one
@@ -359,7 +375,7 @@ class Study:
             method,
             self,
             oracle=keras_tuner.oracles.BayesianOptimizationOracle(
-                objective=OBJECTIVE,
+                objective=self.data.objective,
                 max_trials=self.trials,
                 num_initial_points=RANDOM_STARTS,
                 seed=0,
@@ -374,40 +390,48 @@ class Study:
         return best
 
     def _run(self, method, best, seed):
-        """{"val": ..., "test": ...} accuracies of the method's final run."""
+        """{"val": ..., "test": ...} scores of the method's final run (and
+        the facts its `train` returned)."""
         key = f"{method.name} / {seed}"
         if key not in self.runs:
             keras.utils.set_random_seed(seed)
-            student = method.train(best, "train", seed)
-            self.runs[key] = {
-                split: self.data.accuracy(student, split) for split in ("val", "test")
-            }
+            student, info = _trained(method.train(best, "train", seed))
+            self.runs[key] = dict(
+                info,
+                **{split: self.data.score(student, split) for split in ("val", "test")},
+            )
             store.write_json(self._runs_path, self.runs)
         return self.runs[key]
 
-    def compare(self, methods, baseline="scratch"):
-        """Tunes every method, runs it over the seeds and returns the table's
-        rows (dicts); differences are from the baseline (a method's name)."""
+    def scores(self, methods, baseline="scratch"):
+        """Tunes every method and runs it over the seeds; returns
+        `{method: test scores, one per seed}` (and sets `seeds`)."""
         best = {m.name: self.tune(m) for m in methods}
 
         def runs(seeds, split):
-            return {
-                m.name: np.asarray(
-                    [self._run(m, best[m.name], s)[split] for s in range(seeds)]
-                )
-                for m in methods
-            }
+            # Seed by seed, so that the methods' runs interleave in time
+            # (their epoch times then share the machine's slow spells).
+            scores = {m.name: [] for m in methods}
+            for seed in range(seeds):
+                for m in methods:
+                    scores[m.name].append(self._run(m, best[m.name], seed)[split])
+            return {name: np.asarray(values) for name, values in scores.items()}
 
-        seeds = SEEDS
+        seeds = self.settings.get("seeds", SEEDS)
         val = runs(seeds, "val")
         if any(
             _close(100 * (val[m.name] - val[baseline]))
             for m in methods
             if m.name != baseline
         ):
-            seeds = MORE_SEEDS
-        accuracies = runs(seeds, "test")
-        self.accuracies = accuracies
+            seeds = max(seeds, self.settings.get("more_seeds", MORE_SEEDS))
+        self.seeds = seeds
+        return runs(seeds, "test")
+
+    def compare(self, methods, baseline="scratch"):
+        """Tunes every method, runs it over the seeds and returns the table's
+        rows (dicts); differences are from the baseline (a method's name)."""
+        accuracies = self.accuracies = self.scores(methods, baseline)
         rows = []
         for method in methods:
             values = accuracies[method.name]
@@ -430,7 +454,6 @@ class Study:
                     "per_seed": [round(100 * v, 2) for v in values],
                 }
             )
-        self.seeds = seeds
         return rows
 
     def report(self, flag_values, heading, rows, extra_markdown="", payload=None):

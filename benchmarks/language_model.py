@@ -1,0 +1,699 @@
+"""Distilling a language model on Shakespeare's works: token-level losses,
+sequence-level and on-policy distillation, and the seed's remedies for a
+capacity gap (a teacher assistant, the student's early stop).
+
+A KerasHub GPT-2 teacher of 2.6 M parameters is trained on the training
+plays (a SentencePiece tokenizer of 4,000 pieces, windows of 64 tokens)
+with early stopping on the validation works; a student 7 × smaller then
+learns from a transfer set of windows drawn from the training plays, by
+each method. Every method is tuned alike by the harness of `fair.py`
+(keras-tuner, the same number of trials, scored on the validation works'
+log-perplexity) and run over 3 or more seeds; the test works are read once
+per final run.
+
+Reported per method: test perplexity over real tokens; the share of the
+scratch-to-teacher gap in log-perplexity it closes (per seed, against that
+seed's scratch student); the teacher's mean negative log-likelihood of the
+student's sampled continuations of test prompts; its epoch cost against
+scratch and its tokens per second (minimum over interleaved epochs); a plot
+of validation perplexity per epoch; samples.
+
+    python benchmarks/language_model.py [--quick] [--backend jax]
+"""
+
+import dataclasses
+import math
+import pathlib
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import common  # Before Keras: it sets the backend from --backend.
+import fair
+import keras
+import keras_tuner
+import numpy as np
+import shakespeare
+
+import kd_keras
+from kd_keras import callbacks as kd_callbacks
+from kd_keras import language
+from kd_keras import losses
+from kd_keras import store
+
+FLAGS = flags.FLAGS
+common.define_backend_flag()
+flags.DEFINE_bool("quick", False, "A smaller run, about 6 minutes on 2 cores.")
+flags.DEFINE_integer("trials", None, "Tuner trials per method (default: the mode's).")
+flags.DEFINE_string("shakespeare_dir", None, "Folder of the gzipped texts.")
+flags.DEFINE_string(
+    "workdir",
+    None,
+    "Where the tokenizer, teacher, searches and finished runs are kept, so "
+    "that a rerun resumes (default: a folder in the temporary folder).",
+)
+flags.DEFINE_string("output_dir", str(common.RESULTS), "Where to write the results.")
+
+LENGTH = 64  # Tokens a window trains on (and the continuations' length).
+BATCH = 32
+PROMPT = 16  # Real tokens of the prompts of samples and on-policy data.
+SETTINGS = {
+    "quick": {
+        "teacher": [128, 3],
+        "assistant": [80, 2],
+        "student": [48, 1],
+        "teacher_windows": 3072,
+        "teacher_epochs": 1,
+        "train_windows": 256,
+        "tune_windows": 128,
+        "epochs": 2,
+        "val_windows": 128,
+        "test_windows": 128,
+        "samples": 32,
+        "refresh_every": 4,
+        "trials": 1,
+        "seeds": 3,
+        "more_seeds": 3,
+    },
+    "full": {
+        "teacher": [192, 4],
+        "assistant": [128, 3],
+        "student": [64, 2],
+        "teacher_windows": None,  # All of them.
+        "teacher_epochs": 3,
+        "train_windows": 2048,
+        "tune_windows": 1024,
+        "epochs": 3,
+        "val_windows": None,
+        "test_windows": None,
+        "samples": 64,
+        "refresh_every": 16,
+        "trials": 3,
+        "seeds": 3,
+        "more_seeds": 5,
+    },
+}
+TEMPERATURES = [1.0, 2.0, 4.0]
+WEIGHTS = [0.25, 0.5, 0.75, 1.0]
+PEAK_RATE = 2e-3
+
+
+def gpt2(size, seed=0):
+    hidden, layers = size
+    return shakespeare.gpt2(hidden, layers, max(1, hidden // 64), LENGTH + 1, seed=seed)
+
+
+def nll(logits, y, weights):
+    """Sum of −log p(y) over the weighted tokens, and the weights' sum."""
+    logits = logits.astype("float64")
+    top = logits.max(-1, keepdims=True)
+    log_z = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+    picked = np.take_along_axis(logits, y[..., None], -1)[..., 0]
+    return float(((log_z - picked) * weights).sum()), float(weights.sum())
+
+
+def mean_nll(model, x, y, weights, batch=64):
+    """A causal LM's mean negative log-likelihood (nats) per weighted token."""
+    total = count = 0.0
+    for start in range(0, len(y), batch):
+        rows = slice(start, start + batch)
+        logits = keras.ops.convert_to_numpy(
+            model.predict_on_batch({k: v[rows] for k, v in x.items()})
+        )
+        s, c = nll(logits, y[rows], weights[rows])
+        total, count = total + s, count + c
+    return total / count
+
+
+class Text:
+    """The Shakespeare split as windows of token ids, tokenized once and
+    kept in the work folder; the harness's data (`objective`, `score`).
+
+    `train`: `train_windows` windows drawn at random (seed 0) from the
+    training plays; `tune`: the first `tune_windows` of them; `teacher`: the teacher's training windows (all,
+    or the first `teacher_windows` of the same draw); `val` and `test`: the
+    validation and test works' windows (the first `val_windows` and
+    `test_windows`, or all); `curve`: the first 256 of `val`.
+    """
+
+    objective = keras_tuner.Objective("val_log_perplexity", "min")
+
+    def __init__(self, settings, folder, workdir):
+        cached = pathlib.Path(workdir) / "tokens.npz"
+        if not cached.exists():
+            parts = shakespeare.split(folder)
+            tokenizer = shakespeare.tokenizer(parts["train"])
+            ids = {k: shakespeare.token_ids(tokenizer, v) for k, v in parts.items()}
+            np.savez(cached, proto=np.frombuffer(tokenizer.proto, "uint8"), **ids)
+        with np.load(cached) as stored:
+            import keras_hub
+
+            self.tokenizer = keras_hub.tokenizers.SentencePieceTokenizer(
+                proto=stored["proto"].tobytes()
+            )
+            ids = {k: stored[k] for k in ("train", "validation", "test")}
+        self.tokens = {k: len(v) for k, v in ids.items()}
+        train = shakespeare.windows(ids["train"], LENGTH)
+        train = train[np.random.default_rng(0).permutation(len(train))]
+        val = shakespeare.windows(ids["validation"], LENGTH)
+        test = shakespeare.windows(ids["test"], LENGTH)
+        self.windows = {
+            "teacher": train[: settings["teacher_windows"]],
+            "train": train[: settings["train_windows"]],
+            "tune": train[: settings["tune_windows"]],
+            "val": val[: settings["val_windows"]],
+            "curve": val[: settings["val_windows"]][:256],
+            "test": test[: settings["test_windows"]],
+        }
+        self.arrays = {k: shakespeare.lm_arrays(v) for k, v in self.windows.items()}
+
+    def prompts(self, split, length=PROMPT):
+        """Each window's first `length` tokens, padded to the window's
+        length + 1 (the continuations' length)."""
+        ids = self.windows[split].copy()
+        mask = np.zeros(ids.shape, bool)
+        mask[:, :length] = True
+        ids[~mask] = shakespeare.PAD
+        return {"token_ids": ids, "padding_mask": mask}
+
+    def score(self, model, split):
+        """Log-perplexity: mean NLL per real token of the split."""
+        return mean_nll(model, *self.arrays[split])
+
+    def text(self, ids):
+        return str(keras.ops.convert_to_numpy(self.tokenizer.detokenize(ids)))
+
+
+class Curve(keras.callbacks.Callback):
+    """Validation perplexity of the student after every epoch."""
+
+    def __init__(self, data, student):
+        super().__init__()
+        self.data, self.student, self.values = data, student, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.values.append(math.exp(self.data.score(self.student, "curve")))
+
+
+@dataclasses.dataclass
+class Run:
+    """What a method trains: `model.fit(**fit, callbacks=callbacks)` trains
+    `student`; `one_off` seconds of work came first (generations, an
+    assistant)."""
+
+    model: object
+    student: object
+    fit: dict
+    callbacks: list = dataclasses.field(default_factory=list)
+    one_off: float = 0.0
+
+
+def optimizer(epochs, steps):
+    """Adam warming up over the first epoch, then a cosine to 0."""
+    return keras.optimizers.Adam(
+        keras.optimizers.schedules.CosineDecay(
+            0.0,
+            decay_steps=max(1, (epochs - 1) * steps),
+            warmup_target=PEAK_RATE,
+            warmup_steps=steps,
+        ),
+        clipnorm=1.0,
+    )
+
+
+def label_loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def sampler(name, seed=0):
+    """A KerasHub sampler by name; the random ones seeded."""
+    import keras_hub
+
+    if name == "greedy":
+        return keras_hub.samplers.GreedySampler()
+    if name == "top_k":
+        return keras_hub.samplers.TopKSampler(k=10, seed=seed)
+    return keras_hub.samplers.RandomSampler(seed=seed)  # "random": T = 1.
+
+
+def temperature_and_weight(hp):
+    return (
+        hp.Choice("temperature", TEMPERATURES),
+        hp.Choice("distillation_weight", WEIGHTS),
+    )
+
+
+def with_kd(*extra):
+    """A search space: T and λ, then `extra(hp)` declarations."""
+
+    def space(hp):
+        temperature_and_weight(hp)
+        for declare in extra:
+            declare(hp)
+
+    return space
+
+
+class Methods:
+    """The compared methods. Each run function `(hp, split, seed)` builds
+    the seed's student first (so that every method starts from the same
+    weights for a seed) and returns a `Run`."""
+
+    def __init__(self, study, teacher, settings):
+        self.study, self.data, self.teacher = study, study.data, teacher
+        self.settings, self.epochs = settings, settings["epochs"]
+
+    def steps(self, split):
+        return -(-len(self.data.windows[split]) // BATCH)
+
+    def student(self, seed):
+        return gpt2(self.settings["student"], seed=seed)
+
+    def shuffled(self, arrays, seed):
+        x, y, w = arrays
+        order = np.random.default_rng(seed).permutation(len(y))
+        return {
+            "x": {k: v[order] for k, v in x.items()},
+            "y": y[order],
+            "sample_weight": w[order],
+            "batch_size": BATCH,
+            "shuffle": True,
+        }
+
+    def distiller(self, teacher, student, split, **options):
+        distiller = kd_keras.Distiller(teacher, student, **options)
+        distiller.compile(optimizer(self.epochs, self.steps(split)))
+        return distiller
+
+    def scratch(self, hp, split, seed):
+        student = self.student(seed)
+        student.compile(optimizer(self.epochs, self.steps(split)), label_loss())
+        return Run(student, student, self.shuffled(self.data.arrays[split], seed))
+
+    def token_level(self, loss=lambda hp: None, *, teacher=None, callbacks=None):
+        """Distillation on the data with `loss(hp)` (None: forward KL)."""
+
+        def run(hp, split, seed):
+            student = self.student(seed)
+            distiller = self.distiller(
+                teacher() if teacher else self.teacher,
+                student,
+                split,
+                temperature=hp.get("temperature"),
+                distillation_weight=hp.get("distillation_weight"),
+                losses=loss(hp),
+            )
+            return Run(
+                distiller,
+                student,
+                self.shuffled(self.data.arrays[split], seed),
+                callbacks(hp) if callbacks else [],
+            )
+
+        return run
+
+    def assistant(self, split):
+        """The assistant of the split: distilled from the teacher once
+        (seed 0) with forward KL at the settings chosen for "forward KL",
+        kept in the work folder; and the seconds that took."""
+        start = time.perf_counter()
+
+        def build():
+            hp = keras_tuner.HyperParameters()
+            for name, value in self.study.chosen["forward KL"].items():
+                hp.Fixed(name, value)
+            assistant = gpt2(self.settings["assistant"], seed=0)
+            distiller = self.distiller(
+                self.teacher,
+                assistant,
+                split,
+                temperature=hp.get("temperature"),
+                distillation_weight=hp.get("distillation_weight"),
+            )
+            fit = self.shuffled(self.data.arrays[split], 0)
+            distiller.fit(**fit, epochs=self.epochs, verbose=0)
+            return assistant
+
+        assistant = self.study.model(f"assistant-{split}", build)
+        return assistant, time.perf_counter() - start
+
+    def assistant_path(self, hp, split, seed):
+        assistant, seconds = self.assistant(split)
+        run = self.token_level(teacher=lambda: assistant)(hp, split, seed)
+        run.one_off = seconds
+        return run
+
+    def sequence_level(self, hp, split, seed):
+        """The student learns the teacher's continuations of the windows'
+        first tokens (Kim & Rush), kept in the work folder."""
+        name, prompt = hp.get("sampler"), hp.get("prompt_tokens")
+        student = self.student(seed)
+        start = time.perf_counter()
+        generated = language.teacher_generations(
+            self.teacher,
+            self.data.prompts(split, prompt),
+            sampler=sampler(name),
+            batch_size=128,
+            directory=self.study.workdir / "generations" / f"{split}-{name}-{prompt}",
+        )
+        seconds = time.perf_counter() - start
+        student.compile(optimizer(self.epochs, self.steps(split)), label_loss())
+        return Run(student, student, self.shuffled(generated, seed), one_off=seconds)
+
+    def on_policy(self, hp, split, seed):
+        """GKD's mix: a `student_fraction` of batches are the student's own
+        continuations (sampled at T = 1, refreshed every few steps), the
+        rest the data's; generalized JSD(β) on both, at T = 1."""
+        student = self.student(seed)
+        distiller = self.distiller(
+            self.teacher,
+            student,
+            split,
+            temperature=1.0,
+            distillation_weight=1.0,
+            losses=losses.GeneralizedJSD(hp.get("beta")),
+        )
+        batches = language.OnPolicyData(
+            *self.data.arrays[split],
+            prompts=self.data.prompts(split),
+            fraction=hp.get("student_fraction"),
+            batch_size=BATCH,
+            buffer_size=8 * BATCH,
+            seed=seed,
+        )
+        refresh = language.OnPolicyRefresh(
+            batches,
+            every=self.settings["refresh_every"],
+            count=2 * BATCH,
+            sampler=sampler("random", seed),
+        )
+        return Run(distiller, student, {"x": batches}, [refresh])
+
+    def all(self):
+        """`[(fair.Method, its run function)]`, in the table's order."""
+
+        def choice(name, values):
+            return lambda hp: hp.Choice(name, values)
+
+        def stop(hp):
+            return [kd_callbacks.StudentEarlyStop(epoch=hp.get("kd_epochs"))]
+
+        table = [
+            ("scratch", self.scratch, None),
+            ("forward KL", self.token_level(), with_kd()),
+            (
+                "reverse KL",
+                self.token_level(lambda hp: losses.ReverseKL()),
+                with_kd(),
+            ),
+            (
+                "generalized JSD",
+                self.token_level(lambda hp: losses.GeneralizedJSD(hp.get("beta"))),
+                with_kd(choice("beta", [0.1, 0.5, 0.9])),
+            ),
+            (
+                "skew KL",
+                self.token_level(lambda hp: losses.SkewKL(hp.get("alpha"))),
+                with_kd(choice("alpha", [0.1, 0.3])),
+            ),
+            (
+                "sequence-level KD",
+                self.sequence_level,
+                lambda hp: (
+                    hp.Choice("sampler", ["greedy", "top_k"]),
+                    hp.Choice("prompt_tokens", [8, 16, 32]),
+                ),
+            ),
+            (
+                "on-policy (GKD mix)",
+                self.on_policy,
+                lambda hp: (
+                    hp.Choice("student_fraction", [0.25, 0.5, 0.75]),
+                    hp.Choice("beta", [0.1, 0.5, 0.9]),
+                ),
+            ),
+            ("teacher assistant", self.assistant_path, with_kd()),
+            (
+                "student early stop",
+                self.token_level(callbacks=stop),
+                with_kd(choice("kd_epochs", list(range(1, self.epochs)))),
+            ),
+        ]
+        return [
+            (fair.Method(name, self.trainer(run), space), run)
+            for name, run, space in table
+        ]
+
+    def trainer(self, run):
+        """The method's `train` for the harness; a final run also records
+        its validation curve, epoch times and samples."""
+
+        def train(hp, split, seed):
+            prepared = run(hp, split, seed)
+            if split != "train":
+                prepared.model.fit(
+                    **prepared.fit,
+                    epochs=self.epochs,
+                    callbacks=prepared.callbacks,
+                    verbose=0,
+                )
+                return prepared.student
+            curve, timer = Curve(self.data, prepared.student), common.EpochTimer()
+            prepared.model.fit(
+                **prepared.fit,
+                epochs=self.epochs,
+                callbacks=[*prepared.callbacks, timer, curve],
+                verbose=0,
+            )
+            return prepared.student, dict(
+                self.samples(prepared.student, seed),
+                val_perplexity=curve.values,
+                epoch_seconds=timer.seconds,
+                one_off_seconds=prepared.one_off,
+            )
+
+        return train
+
+    def continuations(self, model, seed):
+        """The model's top-k continuations of the first test windows'
+        first tokens, as `(x, y, sample_weight)` (weights: generated
+        tokens)."""
+        prompts = self.data.prompts("test")
+        return language.teacher_generations(
+            model,
+            {k: v[: self.settings["samples"]] for k, v in prompts.items()},
+            sampler=sampler("top_k", seed),
+            batch_size=self.settings["samples"],
+        )
+
+    def samples(self, model, seed, show=3):
+        """The teacher's mean NLL of the model's continuations, and a few
+        of them as text."""
+        x, y, w = self.continuations(model, seed)
+        return {
+            "teacher_nll_of_samples": mean_nll(self.teacher, x, y, w),
+            "samples": [
+                self.data.text(y[i][w[i] == 0]) + " ‖ " + self.data.text(y[i][w[i] > 0])
+                for i in range(show)
+            ],
+        }
+
+
+def train_teacher(study, settings):
+    """The teacher, trained on its windows with early stopping on the
+    validation works (the best epoch's weights), kept in the work folder."""
+
+    def build():
+        data = study.data
+        model = gpt2(settings["teacher"], seed=0)
+        x, y, w = data.arrays["teacher"]
+        steps = -(-len(y) // BATCH)
+        model.compile(
+            keras.optimizers.Adam(
+                keras.optimizers.schedules.CosineDecay(
+                    0.0,
+                    decay_steps=settings["teacher_epochs"] * steps,
+                    warmup_target=PEAK_RATE,
+                    warmup_steps=min(200, steps),
+                    alpha=0.1,
+                ),
+                clipnorm=1.0,
+            ),
+            label_loss(),
+        )
+        history = model.fit(
+            x,
+            y,
+            sample_weight=w,
+            batch_size=BATCH,
+            epochs=settings["teacher_epochs"],
+            validation_data=data.arrays["val"],
+            callbacks=[
+                keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
+            ],
+            verbose=2,
+        )
+        store.write_json(study.workdir / "teacher_history.json", history.history)
+        return model
+
+    return study.model("teacher", build)
+
+
+def epoch_costs(study, names):
+    """Seconds of an epoch of each method's final runs: the minimum over
+    its seeds' epochs after the first (which traces the step). The harness
+    runs seed by seed, each seed's methods in turn, so these epochs
+    interleave across methods (a stall only ever adds time)."""
+    return {
+        name: min(
+            seconds
+            for seed in range(study.seeds)
+            for seconds in study.runs[f"{name} / {seed}"]["epoch_seconds"][1:]
+        )
+        for name in names
+    }
+
+
+def spread(values, digits=1):
+    mean, std = common.mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def table(study, names, test, teacher_nll, costs, tokens_per_epoch):
+    """The rows: perplexity, share of the gap closed, samples' NLL under the
+    teacher, epoch cost and speed, settings chosen on validation."""
+    seeds = study.seeds
+    scratch = np.asarray(test["scratch"])
+    rows = []
+    for name in names:
+        nll_ = np.asarray(test[name])
+        runs = [study.runs[f"{name} / {s}"] for s in range(seeds)]
+        closed = 100 * (scratch - nll_) / (scratch - teacher_nll)
+        # In nats of log-perplexity, scratch's minus the method's.
+        difference = fair.paired_difference(-nll_ / 100, -scratch / 100)
+        rows.append(
+            {
+                "method": name,
+                "test_perplexity": spread(np.exp(nll_)),
+                "gap_closed_percent": "—" if name == "scratch" else spread(closed),
+                "log_ppl_gain_nats_95ci": "—"
+                if name == "scratch"
+                else fair.difference_text(difference),
+                "teacher_nll_of_samples": spread(
+                    [r["teacher_nll_of_samples"] for r in runs], 2
+                ),
+                "epoch_cost_x_scratch": f"{costs[name] / costs['scratch']:.2f}",
+                "tokens_per_s": f"{tokens_per_epoch / costs[name]:,.0f}",
+                # Made by the first run, then read from the work folder.
+                "one_off_s": f"{max(r['one_off_seconds'] for r in runs):.0f}",
+                "chosen_on_validation": fair._settings_text(study.chosen.get(name, {})),
+                "per_seed": [round(float(v), 4) for v in nll_],
+            }
+        )
+    return rows
+
+
+def main(argv):
+    del argv
+    mode = "quick" if FLAGS.quick else "full"
+    settings = dict(SETTINGS[mode])
+    if FLAGS.trials is not None:
+        settings["trials"] = FLAGS.trials
+    workdir = pathlib.Path(
+        FLAGS.workdir
+        or pathlib.Path(tempfile.gettempdir()) / f"kd_keras_language_model_{mode}"
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    data = Text(settings, FLAGS.shakespeare_dir, workdir)
+    study = fair.Study("language_model", mode, settings, data, workdir)
+    teacher = train_teacher(study, settings)
+    methods = Methods(study, teacher, settings)
+    runs = methods.all()
+    test = study.scores([method for method, _ in runs])
+    names = [method.name for method, _ in runs]
+    costs = epoch_costs(study, names)
+    tokens_per_epoch = len(data.windows["train"]) * LENGTH
+    teacher_nll = data.score(teacher, "test")
+    assistant, _ = methods.assistant("train")
+    rows = table(study, names, test, teacher_nll, costs, tokens_per_epoch)
+
+    teacher_samples = methods.samples(teacher, 0)
+    reference = [
+        f"- teacher ({teacher.count_params():,} parameters): test perplexity "
+        f"{math.exp(teacher_nll):.1f}; teacher NLL of its own samples "
+        f"{teacher_samples['teacher_nll_of_samples']:.2f}",
+        f"- assistant ({assistant.count_params():,}): test perplexity "
+        f"{math.exp(data.score(assistant, 'test')):.1f}",
+        f"- student: {methods.student(0).count_params():,} parameters",
+    ]
+    samples = ["teacher: " + teacher_samples["samples"][0]] + [
+        f"{name}: " + study.runs[f"{name} / 0"]["samples"][0] for name in names
+    ]
+    curves = {
+        name: {
+            "val perplexity": np.mean(
+                [study.runs[f"{name} / {s}"]["val_perplexity"] for s in range(study.seeds)],
+                axis=0,
+            ).tolist()
+        }
+        for name in names
+    }
+    from kd_keras.apps import plots
+
+    out = pathlib.Path(FLAGS.output_dir)
+    plots.plot_history(
+        curves,
+        metric="val perplexity",
+        path=out / f"language_model_{mode}.png",
+        title="Validation perplexity per epoch (mean over seeds)",
+    )
+    elapsed = time.perf_counter() - started
+    columns = [k for k in rows[0] if k != "per_seed"]
+    markdown = "\n".join(
+        [
+            common.markdown_table(
+                [dict(r, per_seed=" / ".join(map(str, r["per_seed"]))) for r in rows],
+                [*columns, "per_seed"],
+            ),
+            "",
+            *reference,
+            f"- tokens: {data.tokens} (train, validation, test); "
+            f"students' transfer set {len(data.windows['train']) * LENGTH:,} tokens, "
+            f"{settings['epochs']} epochs; the teacher's "
+            f"{len(data.windows['teacher']) * LENGTH:,}",
+            f"- {settings['trials']} trials per method on "
+            f"{len(data.windows['tune']) * LENGTH:,} tokens, scored on "
+            f"{len(data.windows['val']) * LENGTH:,} validation tokens; "
+            "epoch cost: the minimum over the final runs' epochs after the "
+            f"first, interleaved across methods; run time {elapsed / 60:.1f} min",
+            "",
+            "Samples (prompt: a test window's first 16 tokens; top-10 sampling):",
+            "",
+            *[f"- {line!r}" for line in samples],
+        ]
+    )
+    common.write_report(
+        FLAGS,
+        f"language_model_{mode}",
+        f"Distilling a GPT-2 on Shakespeare ({keras.backend.backend()}); "
+        f"{study.seeds} seeds",
+        markdown,
+        {
+            "settings": settings,
+            "rows": rows,
+            "runs": study.runs,
+            "chosen": study.chosen,
+            "seeds": study.seeds,
+            "epoch_seconds": costs,
+            "teacher_test_nll": teacher_nll,
+            "curves": curves,
+            "minutes": elapsed / 60,
+        },
+    )
+    print(f"\nWrote {out}/language_model_{mode}.{{md,json,png}}")
+
+
+if __name__ == "__main__":
+    app.run(main)
