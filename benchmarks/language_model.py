@@ -131,9 +131,9 @@ class Text:
     kept in the work folder; the harness's data (`objective`, `score`).
 
     `train`: `train_windows` windows drawn at random (seed 0) from the
-    training plays; `tune`: the first `tune_windows` of them; `teacher`: the teacher's training windows (all,
-    or the first `teacher_windows` of the same draw); `val` and `test`: the
-    validation and test works' windows (the first `val_windows` and
+    training plays; `tune`: the first `tune_windows` of them; `teacher`:
+    the teacher's training windows (all, or the first `teacher_windows` of
+    the same draw); `val` and `test`: the validation and test works' windows (the first `val_windows` and
     `test_windows`, or all); `curve`: the first 256 of `val`.
     """
 
@@ -402,11 +402,7 @@ class Methods:
         table = [
             ("scratch", self.scratch, None),
             ("forward KL", self.token_level(), with_kd()),
-            (
-                "reverse KL",
-                self.token_level(lambda hp: losses.ReverseKL()),
-                with_kd(),
-            ),
+            ("reverse KL", self.token_level(lambda hp: losses.ReverseKL()), with_kd()),
             (
                 "generalized JSD",
                 self.token_level(lambda hp: losses.GeneralizedJSD(hp.get("beta"))),
@@ -631,15 +627,12 @@ def main(argv):
     samples = ["teacher: " + teacher_samples["samples"][0]] + [
         f"{name}: " + study.runs[f"{name} / 0"]["samples"][0] for name in names
     ]
-    curves = {
-        name: {
-            "val perplexity": np.mean(
-                [study.runs[f"{name} / {s}"]["val_perplexity"] for s in range(study.seeds)],
-                axis=0,
-            ).tolist()
-        }
-        for name in names
-    }
+
+    def curve(name):
+        runs_ = [study.runs[f"{name} / {s}"] for s in range(study.seeds)]
+        return np.mean([r["val_perplexity"] for r in runs_], axis=0).tolist()
+
+    curves = {name: {"val perplexity": curve(name)} for name in names}
     from kd_keras.apps import plots
 
     out = pathlib.Path(FLAGS.output_dir)
