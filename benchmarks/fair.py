@@ -85,11 +85,11 @@ def define_flags(settings, idx_dir=FASHION_MNIST, dataset="Fashion-MNIST"):
     )
 
 
-def temperature_and_weight(hp):
+def temperature_and_weight(hp, temperatures=TEMPERATURES, weights=WEIGHTS):
     """The KD settings every distilling method tunes: T and λ."""
     return (
-        hp.Choice("temperature", TEMPERATURES),
-        hp.Choice("distillation_weight", WEIGHTS),
+        hp.Choice("temperature", temperatures),
+        hp.Choice("distillation_weight", weights),
     )
 
 
@@ -125,7 +125,7 @@ class Data:
     """
 
     KEEP = 3  # Transfer sets with cached logits kept at once (memory).
-    # What the searches maximise or minimise, and how `score` computes it.
+    # What the searches maximise or minimise; `score` computes it.
     objective = OBJECTIVE
 
     def __init__(self, idx_dir, train_examples, tune_examples, batch_size=128):
@@ -176,7 +176,8 @@ class Data:
         errors, examples = training.test_errors(model, self.batches(split))
         return 1.0 - errors / examples
 
-    score = accuracy
+    def score(self, model, split):
+        return self.accuracy(model, split)
 
 
 def _trained(result):
@@ -224,12 +225,13 @@ def _settings_text(values):
     )
 
 
-def paired_difference(accuracies, baseline):
-    """(mean, low, high): the mean paired difference in percentage points and
-    its 95% t interval (low = high = mean for a single pair)."""
+def paired_difference(accuracies, baseline, scale=100.0):
+    """(mean, low, high): the mean paired difference, times `scale`
+    (percentage points of accuracies given as fractions), and its 95% t
+    interval (low = high = mean for a single pair)."""
     from scipy import stats
 
-    differences = 100.0 * (np.asarray(accuracies) - np.asarray(baseline))
+    differences = scale * (np.asarray(accuracies) - np.asarray(baseline))
     mean = float(differences.mean())
     if len(differences) < 2:
         return mean, mean, mean
@@ -491,10 +493,10 @@ class Study:
         return out
 
 
-def warm_up_adam(epochs, examples, batch_size=128, peak=1e-3):
+def warm_up_adam(epochs, examples, batch_size=128, peak=1e-3, **options):
     """Adam whose rate rises linearly over the first epoch, then follows a
     cosine to 0: without the warm-up, the depth-10 plain CNN diverged in one
-    seed of three on MNIST."""
+    seed of three on MNIST. `options` go to Adam (e.g. `clipnorm`)."""
     steps = math.ceil(examples / batch_size)
     return keras.optimizers.Adam(
         keras.optimizers.schedules.CosineDecay(
@@ -502,7 +504,8 @@ def warm_up_adam(epochs, examples, batch_size=128, peak=1e-3):
             decay_steps=max(1, (epochs - 1) * steps),
             warmup_target=peak,
             warmup_steps=steps,
-        )
+        ),
+        **options,
     )
 
 

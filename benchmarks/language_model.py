@@ -85,18 +85,30 @@ SETTINGS = {
         "train_windows": 2048,
         "tune_windows": 1024,
         "epochs": 3,
-        "val_windows": None,
+        "val_windows": 1024,
         "test_windows": None,
         "samples": 64,
         "refresh_every": 16,
         "trials": 3,
         "seeds": 3,
-        "more_seeds": 5,
+        # The harness's 5 seeds for close calls would not fit in 60 minutes.
+        "more_seeds": 3,
     },
 }
 TEMPERATURES = [1.0, 2.0, 4.0]
 WEIGHTS = [0.25, 0.5, 0.75, 1.0]
 PEAK_RATE = 2e-3
+# Recorded with each mode's settings, so that a work folder made with other
+# values is refused rather than reused.
+CONSTANTS = {
+    "length": LENGTH,
+    "batch": BATCH,
+    "prompt": PROMPT,
+    "pieces": shakespeare.PIECES,
+    "peak_rate": PEAK_RATE,
+    "temperatures": TEMPERATURES,
+    "weights": WEIGHTS,
+}
 
 
 def gpt2(size, seed=0):
@@ -133,19 +145,22 @@ class Text:
     `train`: `train_windows` windows drawn at random (seed 0) from the
     training plays; `tune`: the first `tune_windows` of them; `teacher`:
     the teacher's training windows (all, or the first `teacher_windows` of
-    the same draw); `val` and `test`: the validation and test works' windows (the first `val_windows` and
-    `test_windows`, or all); `curve`: the first 256 of `val`.
+    the same draw); `val` and `test`: the validation and test works'
+    windows (the first `val_windows` and `test_windows`, or all); `curve`:
+    the first 256 of `val`.
     """
 
     objective = keras_tuner.Objective("val_log_perplexity", "min")
 
     def __init__(self, settings, folder, workdir):
-        cached = pathlib.Path(workdir) / "tokens.npz"
+        cached = pathlib.Path(workdir) / f"tokens-{shakespeare.PIECES}.npz"
         if not cached.exists():
             parts = shakespeare.split(folder)
             tokenizer = shakespeare.tokenizer(parts["train"])
             ids = {k: shakespeare.token_ids(tokenizer, v) for k, v in parts.items()}
-            np.savez(cached, proto=np.frombuffer(tokenizer.proto, "uint8"), **ids)
+            partial = cached.with_suffix(".partial.npz")
+            np.savez(partial, proto=np.frombuffer(tokenizer.proto, "uint8"), **ids)
+            partial.replace(cached)
         with np.load(cached) as stored:
             import keras_hub
 
@@ -209,19 +224,6 @@ class Run:
     one_off: float = 0.0
 
 
-def optimizer(epochs, steps):
-    """Adam warming up over the first epoch, then a cosine to 0."""
-    return keras.optimizers.Adam(
-        keras.optimizers.schedules.CosineDecay(
-            0.0,
-            decay_steps=max(1, (epochs - 1) * steps),
-            warmup_target=PEAK_RATE,
-            warmup_steps=steps,
-        ),
-        clipnorm=1.0,
-    )
-
-
 def label_loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -237,18 +239,11 @@ def sampler(name, seed=0):
     return keras_hub.samplers.RandomSampler(seed=seed)  # "random": T = 1.
 
 
-def temperature_and_weight(hp):
-    return (
-        hp.Choice("temperature", TEMPERATURES),
-        hp.Choice("distillation_weight", WEIGHTS),
-    )
-
-
 def with_kd(*extra):
     """A search space: T and λ, then `extra(hp)` declarations."""
 
     def space(hp):
-        temperature_and_weight(hp)
+        fair.temperature_and_weight(hp, TEMPERATURES, WEIGHTS)
         for declare in extra:
             declare(hp)
 
@@ -264,32 +259,43 @@ class Methods:
         self.study, self.data, self.teacher = study, study.data, teacher
         self.settings, self.epochs = settings, settings["epochs"]
 
-    def steps(self, split):
-        return -(-len(self.data.windows[split]) // BATCH)
+    def optimizer(self, split):
+        """Adam warming up over the first epoch, then a cosine to 0."""
+        windows = len(self.data.windows[split])
+        return fair.warm_up_adam(self.epochs, windows, BATCH, PEAK_RATE, clipnorm=1.0)
 
     def student(self, seed):
         return gpt2(self.settings["student"], seed=seed)
 
-    def shuffled(self, arrays, seed):
-        x, y, w = arrays
-        order = np.random.default_rng(seed).permutation(len(y))
-        return {
-            "x": {k: v[order] for k, v in x.items()},
-            "y": y[order],
-            "sample_weight": w[order],
-            "batch_size": BATCH,
-            "shuffle": True,
-        }
+    def batches(self, arrays, split, seed):
+        """`fit`'s arguments for `(x, y, sample_weight)` in batches whose
+        order the seed fixes alike for every method (reshuffled every
+        epoch): `OnPolicyData` without the student's share."""
+        data = language.OnPolicyData(
+            *arrays,
+            prompts=self.data.prompts(split),
+            fraction=0.0,
+            batch_size=BATCH,
+            seed=seed,
+        )
+        return {"x": data}
 
     def distiller(self, teacher, student, split, **options):
         distiller = kd_keras.Distiller(teacher, student, **options)
-        distiller.compile(optimizer(self.epochs, self.steps(split)))
+        distiller.compile(self.optimizer(split))
         return distiller
+
+    def on_labels(self, student, split):
+        """The student as a plain functional model sharing its weights, to
+        train on labels: KerasHub's own `fit` takes no `PyDataset`."""
+        plain = keras.Model(student.inputs, student.outputs)
+        plain.compile(self.optimizer(split), label_loss())
+        return plain
 
     def scratch(self, hp, split, seed):
         student = self.student(seed)
-        student.compile(optimizer(self.epochs, self.steps(split)), label_loss())
-        return Run(student, student, self.shuffled(self.data.arrays[split], seed))
+        fit = self.batches(self.data.arrays[split], split, seed)
+        return Run(self.on_labels(student, split), student, fit)
 
     def token_level(self, loss=lambda hp: None, *, teacher=None, callbacks=None):
         """Distillation on the data with `loss(hp)` (None: forward KL)."""
@@ -307,7 +313,7 @@ class Methods:
             return Run(
                 distiller,
                 student,
-                self.shuffled(self.data.arrays[split], seed),
+                self.batches(self.data.arrays[split], split, seed),
                 callbacks(hp) if callbacks else [],
             )
 
@@ -319,19 +325,20 @@ class Methods:
         kept in the work folder; and the seconds that took."""
         start = time.perf_counter()
 
+        if "forward KL" not in self.study.chosen:
+            raise RuntimeError('Tune "forward KL" before the assistant path.')
+        chosen = self.study.chosen["forward KL"]
+
         def build():
-            hp = keras_tuner.HyperParameters()
-            for name, value in self.study.chosen["forward KL"].items():
-                hp.Fixed(name, value)
             assistant = gpt2(self.settings["assistant"], seed=0)
             distiller = self.distiller(
                 self.teacher,
                 assistant,
                 split,
-                temperature=hp.get("temperature"),
-                distillation_weight=hp.get("distillation_weight"),
+                temperature=chosen["temperature"],
+                distillation_weight=chosen["distillation_weight"],
             )
-            fit = self.shuffled(self.data.arrays[split], 0)
+            fit = self.batches(self.data.arrays[split], split, 0)
             distiller.fit(**fit, epochs=self.epochs, verbose=0)
             return assistant
 
@@ -358,8 +365,8 @@ class Methods:
             directory=self.study.workdir / "generations" / f"{split}-{name}-{prompt}",
         )
         seconds = time.perf_counter() - start
-        student.compile(optimizer(self.epochs, self.steps(split)), label_loss())
-        return Run(student, student, self.shuffled(generated, seed), one_off=seconds)
+        fit = self.batches(generated, split, seed)
+        return Run(self.on_labels(student, split), student, fit, one_off=seconds)
 
     def on_policy(self, hp, split, seed):
         """GKD's mix: a `student_fraction` of batches are the student's own
@@ -462,35 +469,41 @@ class Methods:
                 callbacks=[*prepared.callbacks, timer, curve],
                 verbose=0,
             )
+            switches = [
+                c.switch_epoch
+                for c in prepared.callbacks
+                if isinstance(c, kd_callbacks.StudentEarlyStop)
+            ]
             return prepared.student, dict(
                 self.samples(prepared.student, seed),
                 val_perplexity=curve.values,
                 epoch_seconds=timer.seconds,
+                switch_epoch=switches[0] if switches else None,
                 one_off_seconds=prepared.one_off,
             )
 
         return train
 
-    def continuations(self, model, seed):
-        """The model's top-k continuations of the first test windows'
-        first tokens, as `(x, y, sample_weight)` (weights: generated
-        tokens)."""
+    def prompts(self):
+        """The first tokens of test windows spread evenly over the test
+        works (not only the first play's title and cast list)."""
         prompts = self.data.prompts("test")
-        return language.teacher_generations(
-            model,
-            {k: v[: self.settings["samples"]] for k, v in prompts.items()},
-            sampler=sampler("top_k", seed),
-            batch_size=self.settings["samples"],
-        )
+        count = self.settings["samples"]
+        rows = np.linspace(0, len(prompts["token_ids"]) - 1, count).astype(int)
+        return {k: v[rows] for k, v in prompts.items()}
 
     def samples(self, model, seed, show=3):
-        """The teacher's mean NLL of the model's continuations, and a few
-        of them as text."""
-        x, y, w = self.continuations(model, seed)
+        """The teacher's mean NLL of the model's top-10-sampled
+        continuations of the test prompts, and a few of them as text."""
+        prompts = self.prompts()
+        ids, mask = prompts["token_ids"], prompts["padding_mask"]
+        x, y, w = language.teacher_generations(
+            model, prompts, sampler=sampler("top_k", seed), batch_size=len(ids)
+        )
         return {
             "teacher_nll_of_samples": mean_nll(self.teacher, x, y, w),
             "samples": [
-                self.data.text(y[i][w[i] == 0]) + " ‖ " + self.data.text(y[i][w[i] > 0])
+                self.data.text(ids[i][mask[i]]) + " ‖ " + self.data.text(y[i][w[i] > 0])
                 for i in range(show)
             ],
         }
@@ -501,6 +514,7 @@ def train_teacher(study, settings):
     validation works (the best epoch's weights), kept in the work folder."""
 
     def build():
+        start = time.perf_counter()
         data = study.data
         model = gpt2(settings["teacher"], seed=0)
         x, y, w = data.arrays["teacher"]
@@ -530,7 +544,10 @@ def train_teacher(study, settings):
             ],
             verbose=2,
         )
-        store.write_json(study.workdir / "teacher_history.json", history.history)
+        store.write_json(
+            study.workdir / "teacher_history.json",
+            dict(history.history, seconds=time.perf_counter() - start),
+        )
         return model
 
     return study.model("teacher", build)
@@ -538,17 +555,23 @@ def train_teacher(study, settings):
 
 def epoch_costs(study, names):
     """Seconds of an epoch of each method's final runs: the minimum over
-    its seeds' epochs after the first (which traces the step). The harness
-    runs seed by seed, each seed's methods in turn, so these epochs
-    interleave across methods (a stall only ever adds time)."""
-    return {
-        name: min(
+    its seeds' epochs after the first (which traces the step) and but the
+    epoch where `StudentEarlyStop` switched (which traces the step without
+    the teacher). The harness runs seed by seed, each seed's methods in
+    turn, so these epochs interleave across methods (a stall only ever
+    adds time)."""
+
+    def timed(name, switches=True):
+        runs = [study.runs[f"{name} / {seed}"] for seed in range(study.seeds)]
+        return [
             seconds
-            for seed in range(study.seeds)
-            for seconds in study.runs[f"{name} / {seed}"]["epoch_seconds"][1:]
-        )
-        for name in names
-    }
+            for run in runs
+            for epoch, seconds in enumerate(run["epoch_seconds"])
+            if epoch and (switches or epoch != run.get("switch_epoch"))
+        ]
+
+    # With 2 epochs (--quick) the switch's epoch is the only one left.
+    return {name: min(timed(name, False) or timed(name)) for name in names}
 
 
 def spread(values, digits=1):
@@ -567,7 +590,7 @@ def table(study, names, test, teacher_nll, costs, tokens_per_epoch):
         runs = [study.runs[f"{name} / {s}"] for s in range(seeds)]
         closed = 100 * (scratch - nll_) / (scratch - teacher_nll)
         # In nats of log-perplexity, scratch's minus the method's.
-        difference = fair.paired_difference(-nll_ / 100, -scratch / 100)
+        difference = fair.paired_difference(scratch, nll_, scale=1.0)
         rows.append(
             {
                 "method": name,
@@ -584,7 +607,7 @@ def table(study, names, test, teacher_nll, costs, tokens_per_epoch):
                 # Made by the first run, then read from the work folder.
                 "one_off_s": f"{max(r['one_off_seconds'] for r in runs):.0f}",
                 "chosen_on_validation": fair._settings_text(study.chosen.get(name, {})),
-                "per_seed": [round(float(v), 4) for v in nll_],
+                "per_seed_test_nll": [round(float(v), 4) for v in nll_],
             }
         )
     return rows
@@ -593,7 +616,7 @@ def table(study, names, test, teacher_nll, costs, tokens_per_epoch):
 def main(argv):
     del argv
     mode = "quick" if FLAGS.quick else "full"
-    settings = dict(SETTINGS[mode])
+    settings = dict(SETTINGS[mode], **CONSTANTS)
     if FLAGS.trials is not None:
         settings["trials"] = FLAGS.trials
     workdir = pathlib.Path(
@@ -616,10 +639,14 @@ def main(argv):
     rows = table(study, names, test, teacher_nll, costs, tokens_per_epoch)
 
     teacher_samples = methods.samples(teacher, 0)
+    trained = store.read_json(study.workdir / "teacher_history.json")
     reference = [
         f"- teacher ({teacher.count_params():,} parameters): test perplexity "
         f"{math.exp(teacher_nll):.1f}; teacher NLL of its own samples "
-        f"{teacher_samples['teacher_nll_of_samples']:.2f}",
+        f"{teacher_samples['teacher_nll_of_samples']:.2f}; trained "
+        f"{len(trained['val_loss'])} epoch(s) (validation perplexity "
+        + ", ".join(f"{math.exp(v):.1f}" for v in trained["val_loss"])
+        + f") in {trained['seconds'] / 60:.1f} min",
         f"- assistant ({assistant.count_params():,}): test perplexity "
         f"{math.exp(data.score(assistant, 'test')):.1f}",
         f"- student: {methods.student(0).count_params():,} parameters",
@@ -643,12 +670,18 @@ def main(argv):
         title="Validation perplexity per epoch (mean over seeds)",
     )
     elapsed = time.perf_counter() - started
-    columns = [k for k in rows[0] if k != "per_seed"]
+    columns = [k for k in rows[0] if k != "per_seed_test_nll"]
     markdown = "\n".join(
         [
             common.markdown_table(
-                [dict(r, per_seed=" / ".join(map(str, r["per_seed"]))) for r in rows],
-                [*columns, "per_seed"],
+                [
+                    dict(
+                        r,
+                        per_seed_test_nll=" / ".join(map(str, r["per_seed_test_nll"])),
+                    )
+                    for r in rows
+                ],
+                [*columns, "per_seed_test_nll"],
             ),
             "",
             *reference,
@@ -658,9 +691,13 @@ def main(argv):
             f"{len(data.windows['teacher']) * LENGTH:,}",
             f"- {settings['trials']} trials per method on "
             f"{len(data.windows['tune']) * LENGTH:,} tokens, scored on "
-            f"{len(data.windows['val']) * LENGTH:,} validation tokens; "
-            "epoch cost: the minimum over the final runs' epochs after the "
-            f"first, interleaved across methods; run time {elapsed / 60:.1f} min",
+            f"{len(data.windows['val']) * LENGTH:,} validation tokens",
+            "- epoch cost: the minimum over the final runs' epochs after the "
+            "first, interleaved across methods (student early stop: but the "
+            "epoch of its switch, which traces the step anew; after the "
+            "switch its epochs train without the teacher); run time "
+            f"{elapsed / 60:.1f} min, the teacher's training included if "
+            "this run trained it",
             "",
             "Samples (prompt: a test window's first 16 tokens; top-10 sampling):",
             "",
