@@ -620,6 +620,20 @@ def table(study, names, test, teacher_nll, costs, tokens_per_epoch):
     return rows
 
 
+def plot_curves(curves, path):
+    """Validation perplexity per epoch, on a log scale (a method far off
+    would flatten the others)."""
+    from kd_keras.apps import plots
+
+    figure = plots.plot_history(
+        curves, metric="val perplexity", title="Validation perplexity per epoch"
+    )
+    figure.axes[0].set_yscale("log")
+    figure.axes[0].set_ylabel("val perplexity (mean over seeds, log scale)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
 def same_settings(study, runs, mode):
     """The token-level losses at forward KL's chosen T and λ (their own
     parameter at its middle value), over the table's seeds, next to forward
@@ -707,15 +721,8 @@ def main(argv):
         return np.mean([r["val_perplexity"] for r in runs_], axis=0).tolist()
 
     curves = {name: {"val perplexity": curve(name)} for name in names}
-    from kd_keras.apps import plots
-
     out = pathlib.Path(FLAGS.output_dir)
-    plots.plot_history(
-        curves,
-        metric="val perplexity",
-        path=out / f"language_model_{mode}.png",
-        title="Validation perplexity per epoch (mean over seeds)",
-    )
+    plot_curves(curves, out / f"language_model_{mode}.png")
     elapsed = time.perf_counter() - started
     columns = [k for k in rows[0] if k != "per_seed_test_nll"]
     markdown = "\n".join(
