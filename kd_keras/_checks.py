@@ -19,6 +19,19 @@ def check_positive_int(value, name):
         )
 
 
+def check_share(value, name, high_inclusive=True):
+    """`value` as a float; raises unless it is a number in [0, 1] (or
+    [0, 1) without `high_inclusive`)."""
+    high = "1]" if high_inclusive else "1)"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not (0 <= value <= 1 if high_inclusive else 0 <= value < 1)
+    ):
+        raise ValueError(f"Expected `{name}` in [0, {high}. Received: {name}={value!r}")
+    return float(value)
+
+
 def check_keras_model(model, role):
     """Raises unless `model` is a built `keras.Model`."""
     if not isinstance(model, keras.Model):

@@ -35,15 +35,22 @@ def unique_token():
     return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
-def write_json(path, payload):
-    """Writes JSON so that a reader never sees half a file, even when
-    several processes write the same path (each through its own temporary
-    file)."""
+def write_whole(path, write):
+    """Calls `write(handle)` on a temporary file beside `path`, then moves
+    it onto `path`: a reader never sees half a file, even when several
+    processes write the same path (each through its own temporary file)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{path.name}.{unique_token()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, default=_builtin) + "\n")
+    with open(temporary, "wb") as handle:
+        write(handle)
     os.replace(temporary, path)
+
+
+def write_json(path, payload):
+    """Writes JSON whole (see `write_whole`)."""
+    text = json.dumps(payload, indent=2, default=_builtin) + "\n"
+    write_whole(path, lambda handle: handle.write(text.encode()))
 
 
 def as_json(payload):

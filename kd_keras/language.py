@@ -14,7 +14,6 @@ only, so that the prompt itself is not learned again.
 import contextlib
 import hashlib
 import numbers
-import pathlib
 import threading
 
 import keras
@@ -226,10 +225,12 @@ def _teacher_generations(teacher, ids, mask, stop_token_ids, batch_size, directo
 
 def _save(path, generated):
     """Writes a batch's generations whole or not at all."""
-    temporary = pathlib.Path(f"{path}.{_io.unique_token()}.tmp")
-    with open(temporary, "wb") as handle:
-        np.savez(handle, token_ids=generated[0], padding_mask=generated[1])
-    temporary.replace(path)
+    _io.write_whole(
+        path,
+        lambda handle: np.savez(
+            handle, token_ids=generated[0], padding_mask=generated[1]
+        ),
+    )
 
 
 class OnPolicyData(keras.utils.PyDataset):
@@ -290,10 +291,6 @@ class OnPolicyData(keras.utils.PyDataset):
                 "`use_multiprocessing=False` (threads, `workers=N`, share it)."
             )
         super().__init__(**kwargs)
-        if isinstance(fraction, bool) or not (
-            isinstance(fraction, numbers.Real) and 0.0 <= fraction <= 1.0
-        ):
-            raise ValueError(f"Expected `fraction` in [0, 1]. Received: {fraction!r}")
         _checks.check_positive_int(batch_size, "batch_size")
         _checks.check_positive_int(buffer_size, "buffer_size")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
@@ -329,7 +326,8 @@ class OnPolicyData(keras.utils.PyDataset):
                 f"data's inputs {length}: pad the prompts to {length + 1} "
                 "tokens, so that their continuations train like the data."
             )
-        self.fraction, self.batch_size = float(fraction), batch_size
+        self.fraction = _checks.check_share(fraction, "fraction")
+        self.batch_size = batch_size
         self.buffer_size, self.seed = buffer_size, int(seed)
         self.buffer = None  # (x, y, sample_weight) of the continuations.
         self.refreshes, self.epoch = 0, 0

@@ -14,6 +14,7 @@ import keras
 from keras import ops
 
 from kd_keras import _backend
+from kd_keras import _checks
 from kd_keras import _features
 from kd_keras import _keras_internals
 
@@ -600,17 +601,6 @@ def _log_mixture(log_a, log_b, share):
     return ops.logaddexp(log_a + math.log(share), log_b + math.log1p(-share))
 
 
-def _check_share(value, name, high_inclusive=True):
-    high = "1]" if high_inclusive else "1)"
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not (0 <= value <= 1 if high_inclusive else 0 <= value < 1)
-    ):
-        raise ValueError(f"Expected `{name}` in [0, {high}. Received: {name}={value!r}")
-    return float(value)
-
-
 class _DivergenceLoss(LogitLoss):
     """A divergence of P = softmax(t/T) and Q = softmax(s/T) at every
     position, times T² as `SoftTargets` is (so that its gradient keeps its
@@ -660,7 +650,7 @@ class GeneralizedJSD(_DivergenceLoss):
 
     def __init__(self, beta=0.5, temperature=None, name=None):
         super().__init__(temperature=temperature, name=name)
-        self.beta = _check_share(beta, "beta")
+        self.beta = _checks.check_share(beta, "beta")
 
     def divergence(self, log_p, log_q):
         if self.beta == 0.0:
@@ -689,7 +679,7 @@ class SkewKL(_DivergenceLoss):
 
     def __init__(self, alpha=0.1, temperature=None, name=None):
         super().__init__(temperature=temperature, name=name)
-        self.alpha = _check_share(alpha, "alpha", high_inclusive=False)
+        self.alpha = _checks.check_share(alpha, "alpha", high_inclusive=False)
 
     def divergence(self, log_p, log_q):
         if self.alpha == 0.0:
