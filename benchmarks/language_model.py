@@ -41,6 +41,7 @@ from kd_keras import callbacks as kd_callbacks
 from kd_keras import language
 from kd_keras import losses
 from kd_keras import store
+from kd_keras import training
 
 FLAGS = flags.FLAGS
 common.define_backend_flag()
@@ -231,10 +232,6 @@ class Run:
     one_off: float = 0.0
 
 
-def label_loss():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
 def sampler(name, seed=0):
     """A KerasHub sampler by name; the random ones seeded."""
     import keras_hub
@@ -296,7 +293,7 @@ class Methods:
         """The student as a plain functional model sharing its weights, to
         train on labels: KerasHub's own `fit` takes no `PyDataset`."""
         plain = keras.Model(student.inputs, student.outputs)
-        plain.compile(self.optimizer(split), label_loss())
+        plain.compile(self.optimizer(split), training.label_loss())
         return plain
 
     def scratch(self, hp, split, seed):
@@ -537,7 +534,7 @@ def train_teacher(study, settings):
                 ),
                 clipnorm=1.0,
             ),
-            label_loss(),
+            training.label_loss(),
         )
         history = model.fit(
             x,

@@ -25,6 +25,7 @@ import shakespeare
 
 from kd_keras import _logit_files
 from kd_keras import losses
+from kd_keras import training
 
 FLAGS = flags.FLAGS
 common.define_backend_flag()
@@ -47,10 +48,7 @@ LOSSES = {
 
 
 def trained(model, x, y, steps, batch=32):
-    model.compile(
-        keras.optimizers.Adam(1e-3),
-        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    model.compile(keras.optimizers.Adam(1e-3), training.label_loss())
     epochs = max(1, steps * batch // len(y))
     count = min(len(y), steps * batch)
     model.fit(
